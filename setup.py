@@ -1,0 +1,155 @@
+"""Build script: the Python packages always, the CUDA extension `uniformerv2_kernels._C` when it can.
+
+The extension is built when torch is a CUDA build and an nvcc is found; otherwise the package installs
+without it and the Triton / reference backends are used. `UNIFORMERV2_BUILD_CUDA=0` skips it,
+`UNIFORMERV2_BUILD_CUDA=1` requires it (the build fails loudly if it cannot be made).
+
+Install with `pip install --no-build-isolation -e .` so that the build sees the environment's torch.
+"""
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"  # A100 and H100 (9.0a enables wgmma/TMA code paths)
+
+
+def log(msg):
+    print(f"[uniformerv2-kernels setup] {msg}", file=sys.stderr)
+
+
+def build_mode():
+    value = os.environ.get("UNIFORMERV2_BUILD_CUDA", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    if value in ("1", "true", "yes", "on"):
+        return "force"
+    return "auto"
+
+
+def real_nvcc(path):
+    """Follow symlinks and wrapper scripts (`exec /usr/local/cuda-X/bin/nvcc "$@"`) to the real nvcc."""
+    path = os.path.realpath(path)
+    for _ in range(5):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            return None
+        if not head.startswith(b"#!"):
+            return path  # a binary: the real compiler
+        match = re.search(rb"(/[^\s\"']+/bin/nvcc)\b", head)
+        if not match:
+            return None
+        target = os.path.realpath(match.group(1).decode())
+        if target == path or not os.path.exists(target):
+            return None
+        path = target
+    return None
+
+
+def find_cuda_home():
+    """CUDA_HOME, else the toolkit behind the nvcc on PATH, else /usr/local/cuda."""
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(env)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    candidates = []
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(on_path)
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for candidate in candidates:
+        nvcc = real_nvcc(candidate) if os.path.exists(candidate) else None
+        if nvcc:
+            return os.path.dirname(os.path.dirname(nvcc))
+    return None
+
+
+def pip_cuda_include_dirs():
+    """Headers torch needs beyond the toolkit (cuBLAS, cuSPARSE, ...) ship in the pip `nvidia` packages."""
+    dirs = []
+    for site in sys.path:
+        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+            for d in sorted(glob.glob(os.path.join(site, pattern))):
+                if os.path.isdir(d) and d not in dirs:
+                    dirs.append(d)
+    return dirs
+
+
+def max_jobs():
+    """nvcc on torch headers takes ~2 GiB per job: cap parallel jobs by memory and cores."""
+    if "MAX_JOBS" in os.environ:
+        return os.environ["MAX_JOBS"]
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
+        by_memory = max(1, kb // (3 * 1024 * 1024))
+    except (OSError, StopIteration, ValueError):
+        by_memory = 1
+    return str(max(1, min(os.cpu_count() or 1, by_memory)))
+
+
+def cuda_extension():
+    """Returns (ext_modules, cmdclass) for the CUDA extension, or ([], {}) when it is not built."""
+    mode = build_mode()
+    if mode == "off":
+        log("UNIFORMERV2_BUILD_CUDA=0: not building the CUDA extension")
+        return [], {}
+
+    def skip(reason):
+        if mode == "force":
+            raise RuntimeError(f"UNIFORMERV2_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        log(f"not building the CUDA extension: {reason}")
+        return [], {}
+
+    try:
+        import torch
+    except ImportError:
+        return skip("torch is not importable in the build environment (use --no-build-isolation)")
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is a CPU-only build")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return skip("no nvcc found (set CUDA_HOME)")
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ["MAX_JOBS"] = max_jobs()
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return skip("no sources in csrc/")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    log(f"building the CUDA extension with {cuda_home} for archs {archs}, MAX_JOBS={os.environ['MAX_JOBS']}")
+    write_build_info(torch, cuda_home, archs)
+    ext = CUDAExtension(
+        name="uniformerv2_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + pip_cuda_include_dirs(),
+        extra_compile_args={
+            "cxx": ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+def write_build_info(torch, cuda_home, archs):
+    path = os.path.join(ROOT, "uniformerv2_kernels", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py when the CUDA extension is built. Do not edit.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"CUDA_VERSION = {torch.version.cuda!r}\n")
+        f.write(f"CUDA_HOME = {cuda_home!r}\n")
+        f.write(f"ARCH_LIST = {archs!r}\n")
+
+
+ext_modules, cmdclass = cuda_extension()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

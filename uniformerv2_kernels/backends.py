@@ -1,0 +1,191 @@
+"""Which kernel backends exist here, and which one an op call runs on.
+
+Backends, in order of preference:
+- ``cuda``: the compiled extension ``uniformerv2_kernels._C`` (ops in ``torch.ops.uniformerv2_cuda``),
+  for CUDA tensors, when it was built for the running torch.
+- ``triton``: the Triton kernels, for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``reference``: the pure-PyTorch reference; runs everywhere.
+
+Selection for one call: the per-call ``backend=`` argument, else the ``UNIFORMERV2_BACKEND``
+environment variable, else the first backend with no reason not to run. Asking for a backend that cannot
+run raises :class:`BackendUnavailableError` listing every backend's reasons.
+
+An op tells :func:`select` which backends it implements and gives op-specific reasons (dtype, shape
+limits) through ``extra_reasons``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+ENV_BACKEND = "UNIFORMERV2_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message lists every backend's reasons."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension() -> tuple[object | None, str | None]:
+    """Imports the compiled extension once; returns (module, None) or (None, why not)."""
+    try:
+        module = importlib.import_module("uniformerv2_kernels._C")
+    except ModuleNotFoundError:
+        return None, "the CUDA extension is not built (install with nvcc and a CUDA build of torch)"
+    except (ImportError, OSError) as exc:
+        built_for = build_info().get("TORCH_VERSION")
+        hint = f" (built for torch {built_for}, running {torch.__version__})" if built_for else ""
+        return None, f"the CUDA extension does not load{hint}: {exc}"
+    built_for = build_info().get("TORCH_VERSION")
+    if built_for and built_for != torch.__version__:
+        return None, f"the CUDA extension was built for torch {built_for}, running {torch.__version__}"
+    return module, None
+
+
+def build_info() -> dict:
+    """What setup.py recorded when it built the extension (torch version, CUDA, archs), or {}."""
+    try:
+        info = importlib.import_module("uniformerv2_kernels._build_info")
+    except ImportError:
+        return {}
+    return {k: v for k, v in vars(info).items() if k.isupper()}
+
+
+def cuda_extension_error() -> str | None:
+    return _load_extension()[1]
+
+
+def has_cuda_op(name: str) -> bool:
+    """True when the extension loaded and registers ``torch.ops.uniformerv2_cuda.<name>``."""
+    if _load_extension()[0] is None:
+        return False
+    try:
+        getattr(torch.ops.uniformerv2_cuda, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _devices(tensors: Iterable[torch.Tensor]) -> set[str]:
+    return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def generic_reasons(backend: str, tensors: Sequence[torch.Tensor], cuda_ops: Sequence[str] = ()) -> list[str]:
+    """Reasons, independent of the op's math, why ``backend`` cannot run on these tensors."""
+    devices = _devices(tensors)
+    reasons: list[str] = []
+    if backend == "cuda":
+        err = cuda_extension_error()
+        if err:
+            reasons.append(err)
+        elif not cuda_ops:
+            reasons.append("this op has no CUDA C++ kernel")
+        else:
+            missing = [op for op in cuda_ops if not has_cuda_op(op)]
+            if missing:
+                reasons.append(f"the built extension lacks {', '.join(missing)} (rebuild it)")
+        if devices != {"cuda"}:
+            reasons.append(f"inputs are on {sorted(devices) or 'no device'}, the CUDA kernels need CUDA tensors")
+    elif backend == "triton":
+        err = _triton_import_error()
+        if err:
+            reasons.append(err)
+        if devices - {"cuda", "cpu"}:
+            reasons.append(f"inputs are on {sorted(devices)}, Triton runs on CUDA (or CPU when interpreted)")
+        elif "cpu" in devices and not triton_interpret():
+            reasons.append("inputs are on the CPU and TRITON_INTERPRET is not set")
+        if len(devices) > 1:
+            reasons.append(f"inputs are on several devices: {sorted(devices)}")
+    elif backend != "reference":
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return reasons
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The per-call choice, else the environment's; None or 'auto' means automatic."""
+    choice = backend if backend is not None else os.environ.get(ENV_BACKEND)
+    if choice is None:
+        return None
+    choice = choice.strip().lower()
+    if choice in ("", "auto"):
+        return None
+    if choice not in BACKENDS:
+        source = "backend" if backend is not None else ENV_BACKEND
+        raise ValueError(f"{source}={choice!r} is not a backend; expected one of {BACKENDS} or 'auto'")
+    return choice
+
+
+def reasons_by_backend(
+    tensors: Sequence[torch.Tensor],
+    implemented: Sequence[str] = BACKENDS,
+    cuda_ops: Sequence[str] = (),
+    extra_reasons: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, list[str]]:
+    extra_reasons = extra_reasons or {}
+    table = {}
+    for name in BACKENDS:
+        if name not in implemented:
+            table[name] = ["this op has no such backend"]
+            continue
+        table[name] = generic_reasons(name, tensors, cuda_ops) + list(extra_reasons.get(name, ()))
+    return table
+
+
+def select(
+    op: str,
+    tensors: Sequence[torch.Tensor],
+    backend: str | None = None,
+    implemented: Sequence[str] = BACKENDS,
+    cuda_ops: Sequence[str] = (),
+    extra_reasons: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """Chooses the backend for one call of ``op``; see the module docstring for the rules."""
+    wanted = requested_backend(backend)
+    table = reasons_by_backend(tensors, implemented, cuda_ops, extra_reasons)
+    if wanted is None:
+        for name in BACKENDS:
+            if not table[name]:
+                return name
+        wanted = "reference"  # never reached: the reference has no generic reasons
+    if table[wanted]:
+        lines = [f"{op}: backend {wanted!r} cannot run this call."]
+        for name in BACKENDS:
+            lines.append(f"  {name}: " + ("; ".join(table[name]) if table[name] else "available"))
+        raise BackendUnavailableError("\n".join(lines))
+    return wanted
+
+
+def status() -> dict[str, list[str]]:
+    """Global availability of each backend on this machine (reasons it cannot run; empty = available)."""
+    table: dict[str, list[str]] = {"cuda": [], "triton": [], "reference": []}
+    err = cuda_extension_error()
+    if err:
+        table["cuda"].append(err)
+    if not torch.cuda.is_available():
+        table["cuda"].append("no CUDA device")
+    err = _triton_import_error()
+    if err:
+        table["triton"].append(err)
+    elif not torch.cuda.is_available() and not triton_interpret():
+        table["triton"].append("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
+    return table
