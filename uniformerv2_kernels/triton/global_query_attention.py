@@ -1,0 +1,362 @@
+"""Triton kernels for the global UniBlock op: DPE + ln_3 + folded one-query cross-attention.
+
+Math (DESIGN.md section 3; see ``reference/global_query_attention.py`` for the formulas and names).
+Per video n the S = T*L tokens are the keys; token j = l*T + t lives at row ``l*(N*T) + n*T + t`` of
+x (L, N*T, C), so a token tile covers a few runs of T contiguous rows.
+
+Forward (``forward``):
+  1. torch (O(N*C^2)): q = query W_q^T + b_q, u_h = gamma * W_k,h^T q_h / sqrt(d).
+  2. ``_gqa_forward_partial_kernel``, grid (N, splits): each program takes a contiguous range of the
+     video's tokens; per tile of BLOCK_S tokens it computes the DPE on the fly (27 taps, zero padding,
+     class tokens untouched), the LayerNorm statistics, xhat, the H scores u_h . xhat_j (one small dot),
+     an online softmax in base 2, and acc_h += p_h^T xhat. It writes (max, sum, acc) per (video, split,
+     head): flash-decoding partials.
+  3. torch: merge of the partials in a fixed order (deterministic), giving z_h = sum_j a_h(j) xhat_j and
+     lse_h; then out_h = W_v,h (gamma * z_h + beta) + b_v,h.
+  Saved for backward: z (N, H, C) fp32 and lse (N, H) fp32 (natural log), besides the inputs.
+
+Backward (``backward``):
+  1. torch: p_h = W_v,h^T dout_h, dz_h = gamma * p_h, D_h = dz_h . z_h, and the value-path gradients.
+  2. ``_gqa_backward_tokens_kernel``, grid (N, splits): recomputes xhat per tile (DPE + LN), a_h(j) from
+     the saved lse, ds_h(j) = a_h(j) (dz_h . xhat_j - D_h), dxhat_j = sum_h a_h(j) dz_h + ds_h(j) u_h, the
+     LayerNorm backward to dy_j (written to an fp32 buffer, layout of x), and partial
+     du_h = sum_j ds_h(j) xhat_j per program (summed afterwards in a fixed order).
+  3. ``_gqa_backward_dpe_kernel``, grid (N, splits, C blocks): channel-separable DPE backward.
+     dx_i = dy_i + sum_k w_k dy_{i - off_k} (patch tokens), and, from the same loads,
+     dw_k = sum_i x_i dy_{i - off_k}, db = sum over patch tokens of dy; per-program partials.
+  4. torch: the query-path gradients from du (gamma, W_q, W_k, b_q, query).
+No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpret
+from ..reference import global_query_attention as _ref
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _normalized_tile(
+    x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, W, eps,
+):
+    """DPE (on the fly) + LayerNorm without affine for one tile of tokens.
+
+    Returns (xhat, rstd): xhat [BLOCK_S, BLOCK_C] fp32, zero outside (valid tokens) x (c < C).
+    """
+    l = tok // T
+    t = tok % T
+    is_patch = (l >= 1) & tok_mask
+    p = l - 1
+    hh = p // W
+    ww = p % W
+    center = (l * NT + n * T + t).to(tl.int64)
+    cmask2 = c_mask[None, :]
+    y = tl.load(x_ptr + center[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
+    y = y.to(tl.float32)
+    for k in tl.static_range(27):
+        dt_ = k // 9 - 1
+        dh_ = (k // 3) % 3 - 1
+        dw_ = k % 3 - 1
+        tt = t + dt_
+        h2 = hh + dh_
+        w2 = ww + dw_
+        ok = is_patch & (tt >= 0) & (tt < T) & (h2 >= 0) & (h2 < W) & (w2 >= 0) & (w2 < W)
+        row = ((1 + h2 * W + w2) * NT + n * T + tt).to(tl.int64)
+        v = tl.load(x_ptr + row[:, None] * C + offs_c[None, :], mask=ok[:, None] & cmask2, other=0.0)
+        wk = tl.load(dpe_w_ptr + k * C + offs_c, mask=c_mask, other=0.0)
+        y += v.to(tl.float32) * wk[None, :]
+    bias = tl.load(dpe_b_ptr + offs_c, mask=c_mask, other=0.0)
+    y += tl.where(is_patch[:, None], bias[None, :], 0.0)
+    mean = tl.sum(y, axis=1) / C
+    diff = tl.where(cmask2, y - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xhat = diff * rstd[:, None]
+    xhat = tl.where(tok_mask[:, None], xhat, 0.0)
+    return xhat, rstd
+
+
+@triton.jit
+def _gqa_forward_partial_kernel(
+    x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
+    T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    hc_mask = h_mask[:, None] & c_mask[None, :]
+    u_offs = (n * H + offs_h).to(tl.int64)[:, None] * C + offs_c[None, :]
+
+    m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    start = split * tokens_per_split
+    for s0 in range(start, start + tokens_per_split, BLOCK_S):
+        tok = s0 + tl.arange(0, BLOCK_S)
+        tok_mask = tok < S
+        xhat, rstd = _normalized_tile(x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
+                                      T, NT, C, W, eps)
+        u = tl.load(u_ptr + u_offs, mask=hc_mask, other=0.0)
+        s = tl.dot(xhat, tl.trans(u), input_precision=DOT_PRECISION) * LOG2E  # [BLOCK_S, BLOCK_H]
+        s = tl.where(tok_mask[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), xhat, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    part = (n * num_splits + split).to(tl.int64)
+    tl.store(m_ptr + part * H + offs_h, m_i, mask=h_mask)
+    tl.store(l_ptr + part * H + offs_h, l_i, mask=h_mask)
+    acc_offs = (part * H + offs_h).to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(acc_ptr + acc_offs, acc, mask=hc_mask)
+
+
+@triton.jit
+def _gqa_backward_tokens_kernel(
+    x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, du_ptr,
+    T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    hc_mask = h_mask[:, None] & c_mask[None, :]
+    hc_offs = (n * H + offs_h).to(tl.int64)[:, None] * C + offs_c[None, :]
+    lse2 = tl.load(lse2_ptr + n * H + offs_h, mask=h_mask, other=0.0)
+    D = tl.load(D_ptr + n * H + offs_h, mask=h_mask, other=0.0)
+
+    du = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    start = split * tokens_per_split
+    for s0 in range(start, start + tokens_per_split, BLOCK_S):
+        tok = s0 + tl.arange(0, BLOCK_S)
+        tok_mask = tok < S
+        xhat, rstd = _normalized_tile(x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
+                                      T, NT, C, W, eps)
+        u = tl.load(u_ptr + hc_offs, mask=hc_mask, other=0.0)
+        dz = tl.load(dz_ptr + hc_offs, mask=hc_mask, other=0.0)
+        s2 = tl.dot(xhat, tl.trans(u), input_precision=DOT_PRECISION) * LOG2E  # [BLOCK_S, BLOCK_H]
+        valid = tok_mask[:, None] & h_mask[None, :]
+        a = tl.where(valid, tl.exp2(s2 - lse2[None, :]), 0.0)
+        g = tl.dot(xhat, tl.trans(dz), input_precision=DOT_PRECISION)
+        ds = a * (g - D[None, :])
+        dxhat = tl.dot(a, dz, input_precision=DOT_PRECISION) + tl.dot(ds, u, input_precision=DOT_PRECISION)
+        du += tl.dot(tl.trans(ds), xhat, input_precision=DOT_PRECISION)
+        # LayerNorm backward (no affine: gamma is folded into u and dz).
+        mean_g = tl.sum(dxhat, axis=1) / C
+        mean_gx = tl.sum(dxhat * xhat, axis=1) / C
+        dy = rstd[:, None] * (dxhat - mean_g[:, None] - xhat * mean_gx[:, None])
+        l = tok // T
+        t = tok % T
+        center = (l * NT + n * T + t).to(tl.int64)
+        tl.store(dy_ptr + center[:, None] * C + offs_c[None, :], dy, mask=tok_mask[:, None] & c_mask[None, :])
+
+    part = (n * num_splits + split).to(tl.int64)
+    du_offs = (part * H + offs_h).to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(du_ptr + du_offs, du, mask=hc_mask)
+
+
+@triton.jit
+def _gqa_backward_dpe_kernel(
+    x_ptr, dy_ptr, dpe_w_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+    T, NT, C, W, S, tokens_per_split, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    cb = tl.program_id(2)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    cmask2 = c_mask[None, :]
+    taps = tl.arange(0, 32)
+    acc_w = tl.zeros([32, BLOCK_C], tl.float32)
+    acc_b = tl.zeros([BLOCK_C], tl.float32)
+    start = split * tokens_per_split
+    for s0 in range(start, start + tokens_per_split, BLOCK_S):
+        tok = s0 + tl.arange(0, BLOCK_S)
+        tok_mask = tok < S
+        l = tok // T
+        t = tok % T
+        is_patch = (l >= 1) & tok_mask
+        p = l - 1
+        hh = p // W
+        ww = p % W
+        center = (l * NT + n * T + t).to(tl.int64)
+        c_offs = center[:, None] * C + offs_c[None, :]
+        dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
+        xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)
+        acc_b += tl.sum(tl.where(is_patch[:, None], dyc, 0.0), axis=0)
+        dx = dyc
+        for k in tl.static_range(27):
+            # y_j += w_k x_{j + off_k}  =>  dx_i += w_k dy_{i - off_k},  dw_k += x_i dy_{i - off_k}
+            tt = t - (k // 9 - 1)
+            h2 = hh - ((k // 3) % 3 - 1)
+            w2 = ww - (k % 3 - 1)
+            ok = is_patch & (tt >= 0) & (tt < T) & (h2 >= 0) & (h2 < W) & (w2 >= 0) & (w2 < W)
+            row = ((1 + h2 * W + w2) * NT + n * T + tt).to(tl.int64)
+            dyn = tl.load(dy_ptr + row[:, None] * C + offs_c[None, :], mask=ok[:, None] & cmask2, other=0.0)
+            wk = tl.load(dpe_w_ptr + k * C + offs_c, mask=c_mask, other=0.0)
+            dx += wk[None, :] * dyn
+            contrib = tl.sum(xc * dyn, axis=0)
+            acc_w = tl.where(taps[:, None] == k, acc_w + contrib[None, :], acc_w)
+        tl.store(dx_ptr + c_offs, dx.to(dx_ptr.dtype.element_ty), mask=tok_mask[:, None] & cmask2)
+
+    part = (n * num_splits + split).to(tl.int64)
+    w_offs = (part * 27 + taps).to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(dw_part_ptr + w_offs, acc_w, mask=(taps[:, None] < 27) & cmask2)
+    tl.store(db_part_ptr + part * C + offs_c, acc_b, mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 dots (the 1e-5 rule); fp16/bf16 inputs use tf32, still more precise
+    # than their storage format.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _token_splits(S: int, N: int, block_s: int, num_splits: int | None, device: torch.device) -> tuple[int, int]:
+    """(tokens_per_split, splits): tokens_per_split is a multiple of block_s and every split is non-empty."""
+    if num_splits is None:
+        if device.type == "cuda" and not triton_interpret():
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            num_splits = max(1, (2 * sms + N - 1) // N)
+        else:
+            num_splits = 1
+    tiles = triton.cdiv(S, block_s)
+    num_splits = max(1, min(num_splits, tiles))
+    tokens_per_split = triton.cdiv(tiles, num_splits) * block_s
+    return tokens_per_split, triton.cdiv(S, tokens_per_split)
+
+
+def _common(x, T, dpe_weight, dpe_bias, num_heads, block_s):
+    L, NT, C = x.shape
+    N = NT // T
+    W = int(round((L - 1) ** 0.5))
+    H = num_heads
+    BLOCK_C = triton.next_power_of_2(C)
+    BLOCK_H = max(16, triton.next_power_of_2(H))
+    if block_s is None:
+        block_s = 64 if triton_interpret() else 16
+    num_warps = 4 if BLOCK_C <= 256 else (8 if BLOCK_C <= 512 else 16)
+    x = x.contiguous()
+    dpe_w = dpe_weight.reshape(C, 27).t().float().contiguous()  # (27, C), tap k = kt*9 + kh*3 + kw
+    dpe_b = dpe_bias.float().contiguous()
+    return x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, block_s, num_warps, dpe_w, dpe_b
+
+
+def forward(
+    x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads,
+    eps=1e-5, *, num_splits=None, block_s=None,
+):
+    """Returns (out (1, N, C) in x.dtype, z (N, H, C) fp32, lse (N, H) fp32)."""
+    x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, block_s, num_warps, dpe_w, dpe_b = _common(
+        x, T, dpe_weight, dpe_bias, num_heads, block_s
+    )
+    S = T * L
+    f32 = torch.float32
+    _, _, u = _ref.folded_query(query.to(f32), in_proj_weight.to(f32), in_proj_bias.to(f32), ln_weight.to(f32), H)
+    u = u.contiguous()
+    tokens_per_split, splits = _token_splits(S, N, block_s, num_splits, x.device)
+    m = torch.empty((N, splits, H), device=x.device, dtype=f32)
+    lsum = torch.empty((N, splits, H), device=x.device, dtype=f32)
+    acc = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
+    _gqa_forward_partial_kernel[(N, splits)](
+        x, dpe_w, dpe_b, u, m, lsum, acc,
+        T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
+        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=num_warps,
+    )
+    # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
+    m_max = m.amax(dim=1, keepdim=True)  # (N, 1, H)
+    scale = torch.exp2(m - m_max)  # (N, splits, H)
+    total = (scale * lsum).sum(dim=1)  # (N, H)
+    z = (scale.unsqueeze(-1) * acc).sum(dim=1) / total.unsqueeze(-1)  # (N, H, C)
+    lse = (m_max.squeeze(1) + torch.log2(total)) * LN2
+    out = _ref.project_values(z, ln_weight.to(f32), ln_bias.to(f32), in_proj_weight.to(f32), in_proj_bias.to(f32), H)
+    return out.to(x.dtype), z, lse
+
+
+def backward(
+    grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
+    num_heads, eps=1e-5, *, num_splits=None, block_s=None, dpe_block_c=None,
+):
+    """Gradients for (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias)."""
+    x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, block_s, num_warps, dpe_w, dpe_b = _common(
+        x, T, dpe_weight, dpe_bias, num_heads, block_s
+    )
+    S = T * L
+    f32 = torch.float32
+    z = z.to(f32).contiguous()
+    algebra = _ref.small_backward_algebra(grad_out, query, ln_weight, ln_bias, in_proj_weight, in_proj_bias, z, H)
+    u = algebra["u"].contiguous()
+    dz = algebra["dz"].contiguous()
+    D = algebra["D"].contiguous()
+    lse2 = (lse.to(f32) * LOG2E).contiguous()
+
+    tokens_per_split, splits = _token_splits(S, N, block_s, num_splits, x.device)
+    dy = torch.empty((L, NT, C), device=x.device, dtype=f32)
+    du_part = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
+    _gqa_backward_tokens_kernel[(N, splits)](
+        x, dpe_w, dpe_b, u, dz, lse2, D, dy, du_part,
+        T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
+        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=num_warps,
+    )
+    du = du_part.sum(dim=1)
+
+    # DPE backward: channel blocks are independent.
+    if dpe_block_c is None:
+        dpe_block_c = BLOCK_C if triton_interpret() else min(64, BLOCK_C)
+    dpe_block_s = block_s if triton_interpret() else 32
+    c_blocks = triton.cdiv(C, dpe_block_c)
+    dpe_splits = num_splits
+    if dpe_splits is None and x.device.type == "cuda" and not triton_interpret():
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        dpe_splits = max(1, (4 * sms + N * c_blocks - 1) // (N * c_blocks))
+    dpe_tokens_per_split, dpe_splits = _token_splits(S, N, dpe_block_s, dpe_splits, x.device)
+    dx = torch.empty_like(x)
+    dw_part = torch.empty((N * dpe_splits, 27, C), device=x.device, dtype=f32)
+    db_part = torch.empty((N * dpe_splits, C), device=x.device, dtype=f32)
+    _gqa_backward_dpe_kernel[(N, dpe_splits, c_blocks)](
+        x, dy, dpe_w, dx, dw_part, db_part,
+        T, NT, C, W, S, dpe_tokens_per_split, dpe_splits,
+        BLOCK_S=dpe_block_s, BLOCK_C=dpe_block_c, num_warps=4,
+    )
+    grad_dpe_w = dw_part.sum(dim=0).t().reshape(C, 1, 3, 3, 3)
+    grad_dpe_b = db_part.sum(dim=0)
+
+    g_scores, grad_query, grad_w_q, grad_w_k, grad_b_q = _ref.finish_query_gradients(
+        du, algebra, query, ln_weight, in_proj_weight, H
+    )
+    grad_ln_weight = algebra["grad_ln_weight_values"] + g_scores
+    grad_in_w = torch.cat([grad_w_q, grad_w_k, algebra["grad_w_v"]], dim=0)
+    grad_in_b = torch.cat([grad_b_q, torch.zeros_like(grad_b_q), algebra["grad_b_v"]], dim=0)
+    return (
+        dx,
+        grad_dpe_w.to(dpe_weight.dtype),
+        grad_dpe_b.to(dpe_bias.dtype),
+        grad_ln_weight.to(ln_weight.dtype),
+        algebra["grad_ln_bias"].to(ln_bias.dtype),
+        grad_query.to(query.dtype),
+        grad_in_w.to(in_proj_weight.dtype),
+        grad_in_b.to(in_proj_bias.dtype),
+    )
