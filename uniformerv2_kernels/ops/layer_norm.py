@@ -1,0 +1,128 @@
+"""Fused CLIP LayerNorm: ``F.layer_norm(x.float(), (C,), weight, bias, eps).to(x.dtype)`` in one pass.
+
+Public API: :func:`clip_layer_norm`. Registered as ``torch.ops.uniformerv2.clip_layer_norm_fwd`` /
+``clip_layer_norm_bwd`` (custom ops with fake kernels and autograd), so ``torch.compile(fullgraph=True)``
+traces through it. The forward saves fp32 per-row mean and rstd; the backward computes grad_x in one pass
+and the weight/bias gradients through per-program partial sums reduced in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..checks import FLOAT_DTYPES, check_same, check_tensor
+from ..reference import layer_norm as reference
+
+OP_NAME = "clip_layer_norm"
+IMPLEMENTED = ("triton", "reference")  # "cuda" joins when csrc/ has the kernel
+CUDA_OPS: tuple[str, ...] = ()
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton():
+    from ..triton import layer_norm as triton_layer_norm  # imported lazily: needs TRITON_INTERPRET set first
+
+    return triton_layer_norm
+
+
+def triton_reasons(x: torch.Tensor) -> list[str]:
+    reasons = []
+    if x.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not supported by the Triton kernel (fp32/fp16/bf16)")
+    if x.shape[-1] > 8192:
+        reasons.append(f"C = {x.shape[-1]} > 8192 does not fit the one-pass Triton kernel")
+    return reasons
+
+
+@torch.library.custom_op("uniformerv2::clip_layer_norm_fwd", mutates_args=())
+def _clip_layer_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton().forward(x, weight, bias, eps)
+    if backend == "cuda":
+        return tuple(torch.ops.uniformerv2_cuda.clip_layer_norm_fwd(x, weight, bias, eps))
+    y, mean, rstd = reference.forward(x, weight, bias, eps)
+    return y, mean.float(), rstd.float()
+
+
+@_clip_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, backend):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return torch.empty_like(x), stats, stats.clone()
+
+
+@torch.library.custom_op("uniformerv2::clip_layer_norm_bwd", mutates_args=())
+def _clip_layer_norm_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_y = grad_y.contiguous()
+    if backend == "triton":
+        return _triton().backward(grad_y, x, weight, mean, rstd, weight.dtype, bias.dtype)
+    if backend == "cuda":
+        return tuple(torch.ops.uniformerv2_cuda.clip_layer_norm_bwd(grad_y, x, weight, bias, mean, rstd))
+    return reference.backward(grad_y, x, weight, bias, eps)
+
+
+@_clip_layer_norm_bwd.register_fake
+def _(grad_y, x, weight, bias, mean, rstd, eps, backend):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.eps = eps
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _clip_layer_norm_bwd(grad_y, x, weight, bias, mean, rstd, ctx.eps, ctx.backend)
+    return dx, dw, db, None, None
+
+
+_clip_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str | None = None) -> str:
+    return backends.select(
+        OP_NAME, (x, weight, bias), backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
+        extra_reasons={"triton": triton_reasons(x)},
+    )
+
+
+def check_inputs(x, weight, bias, eps) -> None:
+    check_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension C, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    check_tensor("weight", weight, shape=(C,), dtypes=FLOAT_DTYPES)
+    check_tensor("bias", bias, shape=(C,), dtypes=FLOAT_DTYPES)
+    check_same([("x", x), ("weight", weight), ("bias", bias)], dtype=False)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+def clip_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, backend: str | None = None
+) -> torch.Tensor:
+    """CLIP LayerNorm over the last dimension: computed in fp32, returned in x.dtype.
+
+    Equals ``F.layer_norm(x.float(), (C,), weight, bias, eps).to(x.dtype)``; weight/bias (C,) may have a
+    different float dtype than x (their gradients come back in their own dtype).
+    """
+    check_inputs(x, weight, bias, eps)
+    name = select_backend(x, weight, bias, backend)
+    y, _, _ = _clip_layer_norm_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps), name)
+    return y
