@@ -1,0 +1,550 @@
+"""Video data: list files, PyAV decoding, TSN segment sampling, train/test transforms.
+
+Decoder choice: PyAV (``av``). Its wheels bundle FFmpeg, so it decodes (and, for the tests, encodes)
+h264/mpeg4 with no system libraries; torchcodec needs the system FFmpeg shared libraries, and decord has
+been unmaintained since 2022.
+
+Frame sampling follows the official UniFormerV2 "sparse" (TSN) sampling:
+
+- train: the video's frames 0..n-1 are cut into ``T`` segments of ``seg = (n - 1) / T`` frames; from
+  segment i a random frame in ``[round(seg * i), round(seg * (i + 1))]`` (both ends included) is taken;
+- test: clip ``k`` of ``K`` takes frame ``round(seg * i) + int(seg / (K + 1) * (k + 1))`` from segment i,
+  so the K clips sit at fixed, evenly spread offsets inside every segment.
+
+Indices are clamped to ``n - 1``. Pixels are scaled to [0, 1] and normalised with mean 0.45, std 0.225.
+
+Every sample is a dict ``{"video", "label", "index", "failed"}``; ``collate_videos`` stacks them. A video
+that cannot be opened or decoded is never fatal: in training the sample is replaced by another video
+(chosen deterministically), in testing it is dropped; either way its path and error travel in "failed"
+so the caller can report each bad file once (see ``FailureReporter``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("uniformerv2")
+
+MEAN = 0.45
+STD = 0.225
+
+
+# ----------------------------------------------------------------------------------------------------
+# list files
+
+
+def read_video_list(list_file: str, root: str | None = None) -> list[tuple[str, int]]:
+    """Read a ``path label`` list (one video per line; a comma also separates, as in some csv lists).
+
+    Paths are taken relative to ``root`` (default: the list file's folder) unless absolute. Blank lines
+    and lines starting with '#' are ignored. The label is the LAST field, so paths may contain spaces.
+    """
+    if root is None:
+        root = os.path.dirname(os.path.abspath(list_file))
+    items = []
+    with open(list_file) as fh:
+        for line_no, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "," in line and not re.search(r"\s", line):
+                parts = line.rsplit(",", 1)
+            else:
+                parts = line.rsplit(None, 1)
+            if len(parts) < 2:
+                raise ValueError(f"{list_file}:{line_no}: expected 'path label', got {line!r}")
+            path, label = parts
+            try:
+                label_int = int(label)
+            except ValueError:
+                raise ValueError(f"{list_file}:{line_no}: label {label!r} is not an integer") from None
+            items.append((path if os.path.isabs(path) else os.path.join(root, path), label_int))
+    if not items:
+        raise ValueError(f"{list_file}: no videos listed")
+    return items
+
+
+def read_labels(path: str) -> list[str]:
+    """Class names: one per line (line i is class i), or 'index name' lines, or a JSON list/dict."""
+    if path.endswith(".json"):
+        import json
+
+        with open(path) as fh:
+            data = json.load(fh)
+        if isinstance(data, dict):
+            return [data[k] for k in sorted(data, key=lambda k: int(k))] if all(
+                str(k).isdigit() for k in data
+            ) else [k for k, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
+        return [str(x) for x in data]
+    with open(path) as fh:
+        lines = [ln.rstrip("\n") for ln in fh if ln.strip()]
+    if lines and all(re.match(r"^\d+[\s,]+\S", ln) for ln in lines):
+        pairs = [re.split(r"[\s,]+", ln.strip(), maxsplit=1) for ln in lines]
+        if sorted(int(i) for i, _ in pairs) == list(range(len(pairs))):
+            names = [""] * len(pairs)
+            for i, name in pairs:
+                names[int(i)] = name.strip()
+            return names
+    return [ln.strip() for ln in lines]
+
+
+# ----------------------------------------------------------------------------------------------------
+# frame sampling
+
+
+def segment_indices(num_video_frames: int, num_frames: int, clip_index: int = -1, num_clips: int = 1,
+                    rng: np.random.Generator | None = None) -> list[int]:
+    """Official sparse (TSN) sampling; ``clip_index=-1`` is the random training draw (needs ``rng``)."""
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if clip_index >= num_clips:
+        raise ValueError(f"clip_index {clip_index} out of range for num_clips={num_clips}")
+    seg = max(0.0, float(num_video_frames - 1) / num_frames)
+    last = num_video_frames - 1
+    out = []
+    for i in range(num_frames):
+        start = int(np.round(seg * i))
+        if clip_index < 0:
+            end = int(np.round(seg * (i + 1)))
+            idx = int(rng.integers(start, end + 1))
+        else:
+            idx = start + int(seg / (num_clips + 1) * (clip_index + 1))
+        out.append(min(idx, last))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# decoding
+
+
+class VideoDecodeError(RuntimeError):
+    pass
+
+
+def _open(path):
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as exc:  # noqa: BLE001 - any FFmpeg/IO error means "unreadable"
+        raise VideoDecodeError(f"cannot open: {type(exc).__name__}: {exc}") from exc
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError("no video stream")
+    return container
+
+
+def count_frames(path: str) -> int:
+    """Number of decodable frames (decodes the stream when the header does not say)."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        if stream.frames and stream.frames > 0:
+            return int(stream.frames)
+        return sum(1 for _ in container.decode(stream))
+    except VideoDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise VideoDecodeError(f"decode failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        container.close()
+
+
+def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
+    """Decode the frames that ``index_fn(num_frames) -> list[int]`` asks for.
+
+    Returns (frames uint8 (K, H, W, 3) in the order of the unique sorted indices, the indices as
+    requested mapped into rows of that tensor). Decodes sequentially up to the largest index (what
+    FFmpeg does anyway for sparse sampling of short clips). If the header's frame count was too high,
+    missing indices fall back to the last decoded frame.
+    """
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        n = int(stream.frames or 0)
+        decoded = None
+        if n <= 0:  # unknown length: decode everything once
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            n = len(decoded)
+            if n == 0:
+                raise VideoDecodeError("no frames decoded")
+        wanted = index_fn(n)
+        unique = sorted(set(wanted))
+        if decoded is None:
+            want = set(unique)
+            got: dict[int, np.ndarray] = {}
+            last_frame, last_i = None, -1
+            for i, frame in enumerate(container.decode(stream)):
+                if i in want:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                last_frame, last_i = frame, i
+                if i >= unique[-1]:
+                    break
+            if last_frame is None:
+                raise VideoDecodeError("no frames decoded")
+            missing = [i for i in unique if i not in got]
+            if missing:  # the header overestimated the length: repeat the last decoded frame
+                fallback = got[last_i] if last_i in got else last_frame.to_ndarray(format="rgb24")
+                for i in missing:
+                    got[i] = fallback
+            arrays = [got[i] for i in unique]
+        else:
+            arrays = [decoded[i] for i in unique]
+    except VideoDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt stream, bad packet, ...
+        raise VideoDecodeError(f"decode failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        container.close()
+    frames = torch.from_numpy(np.stack(arrays))
+    row = {i: r for r, i in enumerate(unique)}
+    return frames, [row[i] for i in wanted]
+
+
+# ----------------------------------------------------------------------------------------------------
+# transforms (all work on float (T, 3, H, W) in [0, 255]; the same parameters for every frame)
+
+
+def to_float_frames(frames_uint8: torch.Tensor) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32 in [0, 255]."""
+    return frames_uint8.permute(0, 3, 1, 2).float()
+
+
+def normalize(frames: torch.Tensor) -> torch.Tensor:
+    """(T, 3, H, W) float in [0, 255] -> (3, T, H, W) normalised with 0.45 / 0.225."""
+    return ((frames / 255.0 - MEAN) / STD).permute(1, 0, 2, 3).contiguous()
+
+
+def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_short_side(frames: torch.Tensor, short_side: int) -> torch.Tensor:
+    h, w = frames.shape[-2:]
+    if min(h, w) == short_side:
+        return frames
+    if h <= w:
+        size = (short_side, max(short_side, int(round(w * short_side / h))))
+    else:
+        size = (max(short_side, int(round(h * short_side / w))), short_side)
+    return _resize(frames, size)
+
+
+def uniform_crop(frames: torch.Tensor, size: int, position: int) -> torch.Tensor:
+    """Crop ``size`` x ``size``: position 0/1/2 = left/centre/right (top/middle/bottom if taller)."""
+    h, w = frames.shape[-2:]
+    if h < size or w < size:
+        frames = resize_short_side(frames, size)
+        h, w = frames.shape[-2:]
+    y = (h - size) // 2
+    x = (w - size) // 2
+    if w >= h:
+        x = {0: 0, 1: x, 2: w - size}[position]
+    else:
+        y = {0: 0, 1: y, 2: h - size}[position]
+    return frames[..., y:y + size, x:x + size]
+
+
+def random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Inception-style crop (area fraction in ``scale``, log-uniform aspect in ``ratio``), resized."""
+    h, w = frames.shape[-2:]
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_r))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y = int(rng.integers(0, h - ch + 1))
+            x = int(rng.integers(0, w - cw + 1))
+            break
+    else:  # fall back to a centre crop with the ratio clamped
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, int(round(w / ratio[0]))
+        elif in_ratio > ratio[1]:
+            ch, cw = h, int(round(h * ratio[1]))
+        else:
+            cw, ch = w, h
+        y, x = (h - ch) // 2, (w - cw) // 2
+    return _resize(frames[..., y:y + ch, x:x + cw], (size, size))
+
+
+# --- RandAugment (timm-style spec "rand-m7-n4-mstd0.5-inc1"), same ops/params for every frame ---
+
+_FILL = MEAN * 255.0
+
+
+def _blend(a, b, factor):
+    return (b + (a - b) * factor).clamp(0, 255)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _affine(x, theta):
+    t = torch.tensor(theta, dtype=x.dtype).view(1, 2, 3).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(t, list(x.shape), align_corners=False)
+    return F.grid_sample(x - _FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + _FILL
+
+
+def _equalize(x):
+    out = torch.empty_like(x)
+    xi = x.round().clamp(0, 255).long()
+    for t in range(x.shape[0]):
+        for c in range(3):
+            ch = xi[t, c]
+            hist = torch.bincount(ch.flatten(), minlength=256).float()
+            nz = hist[hist > 0]
+            step = (hist.sum() - nz[-1]) / 255 if nz.numel() else 0
+            if nz.numel() <= 1 or step == 0:
+                out[t, c] = x[t, c]
+                continue
+            lut = ((torch.cumsum(hist, 0) - hist + step / 2) / step).floor().clamp(0, 255)
+            out[t, c] = lut[ch]
+    return out
+
+
+def _autocontrast(x):
+    lo = x.amin(dim=(0, 2, 3), keepdim=True)
+    hi = x.amax(dim=(0, 2, 3), keepdim=True)
+    scale = torch.where(hi > lo, 255.0 / (hi - lo).clamp_min(1e-6), torch.ones_like(hi))
+    return torch.where(hi > lo, (x - lo) * scale, x).clamp(0, 255)
+
+
+def _sharpness(x, factor):
+    k = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype) / 13.0
+    k = k.view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    return _blend(x, blurred, factor)
+
+
+def _sign(rng):
+    return 1.0 if rng.random() < 0.5 else -1.0
+
+
+_RA_OPS = {
+    "AutoContrast": lambda x, m, r: _autocontrast(x),
+    "Equalize": lambda x, m, r: _equalize(x),
+    "Invert": lambda x, m, r: 255.0 - x,
+    "Rotate": lambda x, m, r: _affine(x, _rot(30.0 * m * _sign(r))),
+    "PosterizeIncreasing": lambda x, m, r: _posterize(x, 4 - int(4 * m)),
+    "SolarizeIncreasing": lambda x, m, r: torch.where(x >= 256 - 256 * m, 255.0 - x, x),
+    "SolarizeAdd": lambda x, m, r: torch.where(x < 128, (x + int(110 * m)).clamp(max=255), x),
+    "ColorIncreasing": lambda x, m, r: _blend(x, _gray(x), 1.0 + 0.9 * m * _sign(r)),
+    "ContrastIncreasing": lambda x, m, r: _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True),
+                                                 1.0 + 0.9 * m * _sign(r)),
+    "BrightnessIncreasing": lambda x, m, r: _blend(x, torch.zeros_like(x), 1.0 + 0.9 * m * _sign(r)),
+    "SharpnessIncreasing": lambda x, m, r: _sharpness(x, 1.0 + 0.9 * m * _sign(r)),
+    "ShearX": lambda x, m, r: _affine(x, [[1, 0.3 * m * _sign(r), 0], [0, 1, 0]]),
+    "ShearY": lambda x, m, r: _affine(x, [[1, 0, 0], [0.3 * m * _sign(r), 1, 0]]),
+    "TranslateXRel": lambda x, m, r: _affine(x, [[1, 0, 0.9 * m * _sign(r)], [0, 1, 0]]),
+    "TranslateYRel": lambda x, m, r: _affine(x, [[1, 0, 0], [0, 1, 0.9 * m * _sign(r)]]),
+}
+
+
+def _rot(deg):
+    a = math.radians(deg)
+    return [[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]]
+
+
+def _posterize(x, bits):
+    bits = max(0, min(8, bits))
+    shift = 8 - bits
+    return ((x.round().clamp(0, 255).long() >> shift) << shift).float()
+
+
+@dataclass
+class RandAugment:
+    """``num_ops`` random ops (with replacement), each applied with probability ``prob``; magnitude
+    ``m`` out of 10 with Gaussian noise ``std`` (clipped to [0, 10]). Translations are relative to the
+    image size (0.45 at m=10: the affine grid spans 2, hence the 0.9 above)."""
+
+    magnitude: float = 7.0
+    num_ops: int = 2
+    std: float = 0.5
+    prob: float = 0.5
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "RandAugment":
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"randaugment spec must start with 'rand-', got {spec!r}")
+        kw = {}
+        for p in parts[1:]:
+            key, val = re.match(r"([a-z]+)([\d.]+)$", p).groups()
+            if key == "m":
+                kw["magnitude"] = float(val)
+            elif key == "n":
+                kw["num_ops"] = int(val)
+            elif key == "mstd":
+                kw["std"] = float(val)
+            elif key == "p":
+                kw["prob"] = float(val)
+            elif key == "inc":
+                if int(val) != 1:
+                    raise ValueError("only the increasing op set (inc1) is implemented")
+            else:
+                raise ValueError(f"unknown randaugment field {p!r} in {spec!r}")
+        return cls(**kw)
+
+    def __call__(self, frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        names = list(_RA_OPS)
+        for k in rng.integers(0, len(names), size=self.num_ops):
+            if rng.random() > self.prob:
+                continue
+            m = self.magnitude if self.std <= 0 else rng.normal(self.magnitude, self.std)
+            m = float(np.clip(m, 0.0, 10.0)) / 10.0
+            frames = _RA_OPS[names[k]](frames, m, rng)
+        return frames
+
+
+@dataclass
+class TrainTransform:
+    crop_size: int
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    flip: bool = True
+    randaugment: str | None = None
+
+    def __call__(self, frames_uint8: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        x = to_float_frames(frames_uint8)
+        if self.randaugment:
+            x = RandAugment.from_spec(self.randaugment)(x, rng)
+        x = random_resized_crop(x, self.crop_size, rng, tuple(self.scale), tuple(self.ratio))
+        if self.flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return normalize(x)
+
+
+@dataclass
+class TestTransform:
+    crop_size: int
+    short_side: int | None = None  # default: crop_size (as in the official test)
+    num_crops: int = 1
+
+    def __call__(self, frames_uint8: torch.Tensor) -> list[torch.Tensor]:
+        if self.num_crops not in (1, 3):
+            raise ValueError(f"num_crops must be 1 or 3, got {self.num_crops}")
+        x = resize_short_side(to_float_frames(frames_uint8), self.short_side or self.crop_size)
+        positions = [1] if self.num_crops == 1 else [0, 1, 2]
+        return [normalize(uniform_crop(x, self.crop_size, p)) for p in positions]
+
+
+def load_test_views(path: str, num_frames: int, num_clips: int, transform: TestTransform) -> torch.Tensor:
+    """All test views of one video: (num_clips * num_crops, 3, T, S, S), clip-major."""
+
+    def index_fn(n):
+        out = []
+        for k in range(num_clips):
+            out += segment_indices(n, num_frames, k, num_clips)
+        return out
+
+    frames, rows_all = decode_video(path, index_fn)
+    views = []
+    for k in range(num_clips):
+        views += transform(frames[rows_all[k * num_frames:(k + 1) * num_frames]])
+    return torch.stack(views)
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+
+
+class VideoListDataset(torch.utils.data.Dataset):
+    """Videos from a ``path label`` list file.
+
+    train=True: one randomly sampled, augmented clip per item, (3, T, S, S). The randomness is a pure
+    function of (seed, epoch, index), so results do not depend on worker count, rank or resumption.
+    train=False: all ``num_clips * num_crops`` test views of the video, (V, 3, T, S, S).
+    """
+
+    def __init__(self, list_file: str, num_frames: int = 8, train: bool = True, crop_size: int = 224,
+                 short_side: int | None = None, num_clips: int = 1, num_crops: int = 1,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
+                 randaugment: str | None = None, root: str | None = None, seed: int = 0,
+                 max_retries: int = 10):
+        self.items = read_video_list(list_file, root)
+        self.num_frames = num_frames
+        self.train = train
+        self.num_clips = num_clips
+        self.seed = seed
+        self.epoch = 0
+        self.max_retries = max_retries
+        self.train_transform = TrainTransform(crop_size, tuple(scale), tuple(ratio), flip, randaugment)
+        self.test_transform = TestTransform(crop_size, short_side, num_crops)
+        self._bad: dict[int, str] = {}  # per-process memo of unreadable items
+        self.num_classes = max(label for _, label in self.items) + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, index: int, rng):
+        path, label = self.items[index]
+        if self.train:
+            frames, rows = decode_video(path, lambda n: segment_indices(n, self.num_frames, -1, 1, rng))
+            return self.train_transform(frames[rows], rng), label
+        return load_test_views(path, self.num_frames, self.num_clips, self.test_transform), label
+
+    def __getitem__(self, index: int) -> dict:
+        failed = []
+        tried = index
+        for attempt in range(self.max_retries if self.train else 1):
+            if tried not in self._bad:
+                rng = np.random.default_rng([self.seed, self.epoch, tried, attempt])
+                try:
+                    video, label = self._load(tried, rng)
+                    return {"video": video, "label": label, "index": tried, "failed": failed}
+                except VideoDecodeError as exc:
+                    self._bad[tried] = str(exc)
+            failed.append((self.items[tried][0], self._bad[tried]))
+            # deterministic replacement (a large odd stride visits every index)
+            tried = (tried + 7919 * (attempt + 1)) % len(self.items)
+        if self.train:
+            raise RuntimeError(f"{self.max_retries} videos in a row could not be decoded, starting at "
+                               f"{self.items[index][0]}: {failed[0][1]}")
+        return {"video": None, "label": self.items[index][1], "index": index, "failed": failed}
+
+
+def collate_videos(batch: list[dict]) -> dict:
+    """Stack samples; drop those whose video is None (unreadable, test mode). video is None if empty."""
+    failed = [f for item in batch for f in item["failed"]]
+    good = [item for item in batch if item["video"] is not None]
+    return {
+        "video": torch.stack([b["video"] for b in good]) if good else None,
+        "label": torch.tensor([b["label"] for b in good], dtype=torch.long),
+        "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
+        "failed": failed,
+    }
+
+
+class FailureReporter:
+    """Logs each unreadable video once per process (the samples carry their failures to the caller)."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, failed) -> None:
+        for path, err in failed:
+            if path not in self.seen:
+                self.seen.add(path)
+                logger.warning("skipping unreadable video %s (%s)", path, err)
