@@ -1,0 +1,536 @@
+"""Triton kernels of the local temporal MHRA: BatchNorm3d + 1x1 conv + depthwise temporal conv + 1x1 conv
++ residual, on the native stream layout (L, N*T, C) (DESIGN.md sections 2 and 3).
+
+Notation: the patch rows of the stream, x[1:] viewed as (M, C) with M = (L-1)*N*T, are ordered (position p,
+video n, frame t): row m has frame t = m % T and video n = (m % (N*T)) // T, so the frames of one
+(position, video) are T consecutive rows and the depthwise temporal conv mixes rows m-1, m, m+1.
+
+Forward (per call):
+1. training only: ``_bn_stats_partial_kernel`` + ``_bn_stats_combine_kernel``: per-channel mean and biased
+   variance over the M patch rows (Chan/Welford merges in a fixed order: deterministic, no atomics).
+2. BatchNorm folded into the first 1x1 conv (tiny torch ops on (C', C)):
+   W1' = W1 * (gamma * rstd) per input channel, b1' = b1 + W1 @ (beta - gamma * rstd * mean).
+3. GEMM1 Y1 = X @ W1'^T with cuBLAS (torch.mm): a plain GEMM with nothing to fuse (its bias b1' is added in
+   fp32 inside the next kernel's operand load), so cuBLAS's tuned Hopper kernels are the fastest option.
+4. ``_fused_matmul_kernel`` (Triton) with HAS_MIX: GEMM2 whose A operand is built while loading it:
+   A[m] = w0 * Y1[m-1] + w1 * Y1[m] + w2 * Y1[m+1] + b_dw (each Y1 row plus b1'; zero outside [0, T)),
+   and whose epilogue adds b2, multiplies by the per-video branch scale (drop path) and adds the residual.
+   This is Triton because the fusion saves writing and re-reading the (M, C') operand and the (M, C) branch.
+
+Backward (G = grad of the output's patch rows, D = dropped-path scale per row):
+1. dZ = G @ W2 with cuBLAS (plain GEMM).
+2. ``_temporal_mix_backward_kernel``: dY1 (the transposed temporal conv of D*dZ), Zs = D * Z (recomputed
+   from Y1, for dW2), and per-block column partial sums for db_dw, dw_dw (3 taps) and db1' (second pass
+   ``_sum_partials_kernel``; deterministic). Optionally per-row dot products for the branch-scale grad.
+3. dW2 = G^T @ Zs and P = dY1^T @ X with cuBLAS (K = M reductions into small outputs: cuBLAS's
+   split-K kernels are deterministic and fast); db2 = sum_m D[m] G[m] with ``_scaled_column_sum_kernel``.
+4. The BatchNorm parameters come from P: ds = sum_j W1[j] * (P[j] - db1'[j] * mean), dgamma = ds * rstd,
+   dbeta = W1^T db1', dW1 = P * s + db1' (beta - s * mean)^T.
+5. dX = G + dY1 @ W1' - s * (dbeta + xhat * dgamma) / M (last term in training only): Triton
+   ``_fused_matmul_kernel`` without the mix, with the BatchNorm-backward correction and the residual gradient
+   in its epilogue (one pass over dX).
+
+All kernels: int64 row offsets, every load masked, fp32 arithmetic and accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpret
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_stats_partial_kernel(
+    x_ptr, part_mean_ptr, part_m2_ptr, M, C, rows_per_prog,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial (mean, sum of squared deviations) of rows [pid_r * rows_per_prog, ...) per channel."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    row_start = pid_r.to(tl.int64) * rows_per_prog
+    n_rows = tl.minimum(M - row_start, rows_per_prog)
+    mean_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, rows_per_prog, BLOCK_M):
+        local = r0 + tl.arange(0, BLOCK_M)
+        rmask = local < n_rows
+        rows = row_start + local
+        mask = rmask[:, None] & cmask[None, :]
+        v = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        n_a = tl.minimum(r0, n_rows).to(tl.float32)
+        n_b = tl.sum(rmask.to(tl.float32), axis=0)
+        mean_b = tl.sum(v, axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(mask, v - mean_b[None, :], 0.0)
+        m2_b = tl.sum(d * d, axis=0)
+        frac = n_b / tl.maximum(n_a + n_b, 1.0)
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * frac
+        m2_a = m2_a + m2_b + delta * delta * n_a * frac
+    tl.store(part_mean_ptr + pid_r * C + cols, mean_a, mask=cmask)
+    tl.store(part_m2_ptr + pid_r * C + cols, m2_a, mask=cmask)
+
+
+@triton.jit
+def _bn_stats_combine_kernel(
+    part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, R, M, C, rows_per_prog,
+    BLOCK_C: tl.constexpr,
+):
+    """Merges the R partials in order (Chan et al.); writes mean and biased variance (divisor M)."""
+    pid_c = tl.program_id(0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(0, R):
+        n_a = (r * rows_per_prog).to(tl.float32)
+        n_b = tl.minimum(M - r * rows_per_prog, rows_per_prog).to(tl.float32)
+        mean_b = tl.load(part_mean_ptr + r * C + cols, mask=cmask, other=0.0)
+        m2_b = tl.load(part_m2_ptr + r * C + cols, mask=cmask, other=0.0)
+        frac = n_b / (n_a + n_b)
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * frac
+        m2_a = m2_a + m2_b + delta * delta * n_a * frac
+    tl.store(mean_ptr + cols, mean_a, mask=cmask)
+    tl.store(var_ptr + cols, m2_a / M, mask=cmask)
+
+
+@triton.jit
+def _fused_matmul_kernel(
+    a_ptr, b_ptr, out_ptr, res_ptr, e_ptr,
+    col_bias_ptr, col_coef_ptr, row_scale_ptr, k_bias_ptr, mix_w_ptr, mix_b_ptr,
+    M, N, K, T, NT, stride_bk, stride_bn,
+    HAS_MIX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_E: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out (M, N) = res + row_scale[video] * (A @ B + col_bias) [+ col_coef * E].
+
+    A is a (M, K) row-major; with HAS_MIX it is the temporal mix of the rows of a (plus k_bias) described
+    in the module docstring, computed in fp32 and rounded to B's dtype before the dot. B[k, n] is at
+    b_ptr + k * stride_bk + n * stride_bn. res, E and out are (M, N) row-major.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    if HAS_MIX:
+        t = rows % T
+        has_prev = rmask & (t > 0)
+        has_next = rmask & (t < T - 1)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a_mask = rmask[:, None] & kmask[None, :]
+        a_cur = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
+        if HAS_MIX:
+            kb = tl.load(k_bias_ptr + ks, mask=kmask, other=0.0)[None, :]
+            w0 = tl.load(mix_w_ptr + ks * 3 + 0, mask=kmask, other=0.0)[None, :]
+            w1 = tl.load(mix_w_ptr + ks * 3 + 1, mask=kmask, other=0.0)[None, :]
+            w2 = tl.load(mix_w_ptr + ks * 3 + 2, mask=kmask, other=0.0)[None, :]
+            mb = tl.load(mix_b_ptr + ks, mask=kmask, other=0.0)[None, :]
+            p_mask = has_prev[:, None] & kmask[None, :]
+            n_mask = has_next[:, None] & kmask[None, :]
+            a_prev = tl.load(a_ptr + (rows[:, None] - 1) * K + ks[None, :], mask=p_mask, other=0.0)
+            a_next = tl.load(a_ptr + (rows[:, None] + 1) * K + ks[None, :], mask=n_mask, other=0.0)
+            z = w1 * (a_cur.to(tl.float32) + kb) + mb
+            z += tl.where(p_mask, w0 * (a_prev.to(tl.float32) + kb), 0.0)
+            z += tl.where(n_mask, w2 * (a_next.to(tl.float32) + kb), 0.0)
+            a = z.to(b_ptr.dtype.element_ty)
+        else:
+            a = a_cur
+        b = tl.load(
+            b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+            mask=kmask[:, None] & cmask[None, :], other=0.0,
+        )
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    val = acc + tl.load(col_bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if HAS_ROW_SCALE:
+        scale = tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)
+        val = val * scale[:, None]
+    val += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_E:
+        coef = tl.load(col_coef_ptr + cols, mask=cmask, other=0.0)[None, :]
+        val += coef * tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _temporal_mix_backward_kernel(
+    dz_ptr, y1_ptr, k_bias_ptr, mix_w_ptr, mix_b_ptr, row_scale_ptr,
+    dy1_ptr, zs_ptr, part_ptr, rowdot_ptr,
+    M, K, T, NT, rows_per_prog,
+    HAS_ROW_SCALE: tl.constexpr, NEED_ROWDOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward of the temporal mix on rows [pid_r * rows_per_prog, ...) and channels of block pid_k.
+
+    dz = G @ W2 (unscaled); with D the per-row branch scale, the mix output's gradient is D * dz. Writes
+    dY1[m] = w0 * D dz[m+1] + w1 * D dz[m] + w2 * D dz[m-1] (taps outside the clip dropped), Zs = D * Z
+    with Z the recomputed mix output (rounded like the forward's), partial column sums
+    part[pid_r, 0..4, :] = (sum D dz, sum D dz * Y1[m-1], sum D dz * Y1[m], sum D dz * Y1[m+1], sum dY1),
+    and with NEED_ROWDOT rowdot[pid_k, m] = sum over this channel block of dz[m] * Z[m].
+    """
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    kb = tl.load(k_bias_ptr + ks, mask=kmask, other=0.0)[None, :]
+    w0 = tl.load(mix_w_ptr + ks * 3 + 0, mask=kmask, other=0.0)[None, :]
+    w1 = tl.load(mix_w_ptr + ks * 3 + 1, mask=kmask, other=0.0)[None, :]
+    w2 = tl.load(mix_w_ptr + ks * 3 + 2, mask=kmask, other=0.0)[None, :]
+    mb = tl.load(mix_b_ptr + ks, mask=kmask, other=0.0)[None, :]
+    acc_db = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_w0 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_w1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_w2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_b1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    row_start = pid_r.to(tl.int64) * rows_per_prog
+    n_rows = tl.minimum(M - row_start, rows_per_prog)
+    for r0 in range(0, rows_per_prog, BLOCK_M):
+        local = r0 + tl.arange(0, BLOCK_M)
+        rmask = local < n_rows
+        rows = row_start + local
+        t = rows % T
+        mask = rmask[:, None] & kmask[None, :]
+        p_mask = (rmask & (t > 0))[:, None] & kmask[None, :]
+        n_mask = (rmask & (t < T - 1))[:, None] & kmask[None, :]
+        offs = rows[:, None] * K + ks[None, :]
+        dz_raw = tl.load(dz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz_prev = tl.load(dz_ptr + offs - K, mask=p_mask, other=0.0).to(tl.float32)
+        dz_next = tl.load(dz_ptr + offs + K, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ROW_SCALE:
+            # rows m-1 and m+1, when inside the clip, belong to the same video as row m
+            scale = tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)[:, None]
+            dz = dz_raw * scale
+            dz_prev = dz_prev * scale
+            dz_next = dz_next * scale
+        else:
+            dz = dz_raw
+        y_cur = tl.where(mask, tl.load(y1_ptr + offs, mask=mask, other=0.0).to(tl.float32) + kb, 0.0)
+        y_prev = tl.where(p_mask, tl.load(y1_ptr + offs - K, mask=p_mask, other=0.0).to(tl.float32) + kb, 0.0)
+        y_next = tl.where(n_mask, tl.load(y1_ptr + offs + K, mask=n_mask, other=0.0).to(tl.float32) + kb, 0.0)
+        z = (w0 * y_prev + w1 * y_cur + w2 * y_next + mb).to(zs_ptr.dtype.element_ty).to(tl.float32)
+        dy1 = w0 * dz_next + w1 * dz + w2 * dz_prev
+        tl.store(dy1_ptr + offs, dy1.to(dy1_ptr.dtype.element_ty), mask=mask)
+        if HAS_ROW_SCALE:
+            tl.store(zs_ptr + offs, (z * scale).to(zs_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(zs_ptr + offs, z.to(zs_ptr.dtype.element_ty), mask=mask)
+        acc_db += tl.sum(dz, axis=0)
+        acc_w0 += tl.sum(dz * y_prev, axis=0)
+        acc_w1 += tl.sum(dz * y_cur, axis=0)
+        acc_w2 += tl.sum(dz * y_next, axis=0)
+        acc_b1 += tl.sum(dy1, axis=0)
+        if NEED_ROWDOT:
+            rd = tl.sum(tl.where(mask, dz_raw * z, 0.0), axis=1)
+            tl.store(rowdot_ptr + pid_k.to(tl.int64) * M + rows, rd, mask=rmask)
+    base = part_ptr + pid_r.to(tl.int64) * 5 * K + ks
+    tl.store(base, acc_db, mask=kmask)
+    tl.store(base + K, acc_w0, mask=kmask)
+    tl.store(base + 2 * K, acc_w1, mask=kmask)
+    tl.store(base + 3 * K, acc_w2, mask=kmask)
+    tl.store(base + 4 * K, acc_b1, mask=kmask)
+
+
+@triton.jit
+def _scaled_column_sum_kernel(
+    g_ptr, row_scale_ptr, part_ptr, M, C, T, NT, rows_per_prog,
+    HAS_ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """part[pid_r, c] = sum over rows [pid_r * rows_per_prog, ...) of row_scale[video(m)] * g[m, c]."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    row_start = pid_r.to(tl.int64) * rows_per_prog
+    n_rows = tl.minimum(M - row_start, rows_per_prog)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, rows_per_prog, BLOCK_M):
+        local = r0 + tl.arange(0, BLOCK_M)
+        rmask = local < n_rows
+        rows = row_start + local
+        mask = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_ROW_SCALE:
+            g = g * tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)[:, None]
+        acc += tl.sum(g, axis=0)
+    tl.store(part_ptr + pid_r.to(tl.int64) * C + cols, acc, mask=cmask)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, R, W, BLOCK: tl.constexpr):
+    """out[w] = sum_r part[r, w], summed in order r = 0, 1, ... (deterministic)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < W
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(0, R):
+        acc += tl.load(part_ptr + r * W + cols, mask=cmask, other=0.0)
+    tl.store(out_ptr + cols, acc, mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------------------
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or triton_interpret()
+
+
+def _num_sms(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(t.device).multi_processor_count
+
+
+def _gemm_config(t: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Tile sizes of the fused GEMM. Untuned on hardware (no GPU was available when this was written):
+    128x128 tiles, 8 warps, K steps of 64 (32 for fp32) follow the Triton matmul tutorial's Hopper choices.
+    Under the interpreter, small tiles keep CPU tests fast while still covering several tiles and K steps."""
+    if _interpreting(t):
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _row_split(t: torch.Tensor, M: int, col_blocks: int, block_m: int) -> tuple[int, int]:
+    """(rows per program, number of row programs) for the column-reduction kernels: about 4 programs per
+    SM on a GPU; rows per program is a multiple of block_m."""
+    if _interpreting(t):
+        target = 4
+    else:
+        target = max(1, (4 * _num_sms(t)) // max(col_blocks, 1))
+    row_blocks = triton.cdiv(M, block_m)
+    per_prog = triton.cdiv(row_blocks, min(target, row_blocks)) * block_m
+    return per_prog, triton.cdiv(M, per_prog)
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    """fp32 dots in full precision unless the user allowed tf32 for matmuls (DESIGN 5 tolerances)."""
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output (cuBLAS fp32 accumulation and no rounding of the result to 16 bits)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+
+
+def bn_stats(xp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance (fp32) of xp (M, C), deterministic."""
+    M, C = xp.shape
+    interp = _interpreting(xp)
+    BLOCK_M, BLOCK_C = (64, 64) if interp else (32, 128)
+    col_blocks = triton.cdiv(C, BLOCK_C)
+    per_prog, R = _row_split(xp, M, col_blocks, BLOCK_M)
+    part_mean = torch.empty((R, C), device=xp.device, dtype=torch.float32)
+    part_m2 = torch.empty_like(part_mean)
+    _bn_stats_partial_kernel[(R, col_blocks)](xp, part_mean, part_m2, M, C, per_prog, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    mean = torch.empty(C, device=xp.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    _bn_stats_combine_kernel[(col_blocks,)](part_mean, part_m2, mean, var, R, M, C, per_prog, BLOCK_C=BLOCK_C)
+    return mean, var
+
+
+def _sum_partials(part: torch.Tensor) -> torch.Tensor:
+    R, W = part.shape
+    out = torch.empty(W, device=part.device, dtype=torch.float32)
+    BLOCK = 256 if _interpreting(part) else 512
+    _sum_partials_kernel[(triton.cdiv(W, BLOCK),)](part, out, R, W, BLOCK=BLOCK)
+    return out
+
+
+def fused_matmul(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, res: torch.Tensor, col_bias: torch.Tensor,
+    T: int, NT: int, b_transposed: bool, row_scale: torch.Tensor | None = None,
+    mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    e: torch.Tensor | None = None, col_coef: torch.Tensor | None = None,
+) -> None:
+    """out = res + row_scale * (A @ B' + col_bias) [+ col_coef * e], see ``_fused_matmul_kernel``.
+
+    b is the weight as stored: B' = b^T when b_transposed (b is (N, K)), else B' = b (b is (K, N)).
+    mix = (k_bias, mix_w (K, 3), mix_b), all fp32, turns on the temporal mix of a's rows.
+    """
+    M, K = a.shape
+    N = out.shape[1]
+    stride_bk, stride_bn = (1, K) if b_transposed else (N, 1)
+    cfg = _gemm_config(a, a.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    dummy = col_bias
+    k_bias, mix_w, mix_b = mix if mix is not None else (dummy, dummy, dummy)
+    _fused_matmul_kernel[grid](
+        a, b, out, res, e if e is not None else res,
+        col_bias, col_coef if col_coef is not None else dummy,
+        row_scale if row_scale is not None else dummy, k_bias, mix_w, mix_b,
+        M, N, K, T, NT, stride_bk, stride_bn,
+        HAS_MIX=mix is not None, HAS_ROW_SCALE=row_scale is not None, HAS_E=e is not None,
+        IEEE=_ieee(a.dtype), **cfg,
+    )
+
+
+def _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype):
+    """BatchNorm folded into the first 1x1 conv; returns (rstd, s, W1 fp32, W1' in dtype, b1' fp32)."""
+    Cp = conv1_weight.shape[0]
+    C = mean.shape[0]
+    rstd = torch.rsqrt(var + eps)
+    s = bn_weight.float() * rstd
+    w1 = conv1_weight.reshape(Cp, C).float()
+    w1_folded = (w1 * s).to(dtype)
+    b1_folded = conv1_bias.float() + w1 @ (bn_bias.float() - s * mean)
+    return rstd, s, w1, w1_folded, b1_folded
+
+
+def forward(
+    x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
+    conv2_weight, conv2_bias, training, eps, branch_scale,
+):
+    """Returns (out (L, N*T, C), mean (C,) fp32, biased var (C,) fp32, Y1 = X @ W1'^T (M, C') in x.dtype).
+
+    x must be contiguous. mean/var are the batch statistics in training and the running ones in eval.
+    """
+    L, NT, C = x.shape
+    M = (L - 1) * NT
+    Cp = conv1_weight.shape[0]
+    dtype = x.dtype
+    xp = x[1:].reshape(M, C)
+    if training:
+        mean, var = bn_stats(xp)
+    else:
+        mean, var = running_mean.float(), running_var.float()
+    _, _, _, w1_folded, b1_folded = _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype)
+    y1 = xp @ w1_folded.t()  # cuBLAS
+    out = torch.empty_like(x)
+    out[0].copy_(x[0])
+    mix = (b1_folded, dw_weight.reshape(Cp, 3).float().contiguous(), dw_bias.float().contiguous())
+    fused_matmul(
+        y1, conv2_weight.reshape(C, Cp).to(dtype).contiguous(), out[1:].view(M, C), xp,
+        conv2_bias.float().contiguous(), T, NT, b_transposed=True,
+        row_scale=branch_scale.float().contiguous() if branch_scale is not None else None, mix=mix,
+    )
+    return out, mean.clone() if not training else mean, var.clone() if not training else var, y1
+
+
+def backward(
+    grad_out, x, y1, mean, var, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
+    conv2_weight, conv2_bias, training, eps, branch_scale, need_branch_scale_grad,
+):
+    """Gradients (dx, d bn_weight, d bn_bias, d conv1_weight, d conv1_bias, d dw_weight, d dw_bias,
+    d conv2_weight, d conv2_bias, d branch_scale or an empty tensor), each in its input's dtype and shape."""
+    L, NT, C = x.shape
+    M = (L - 1) * NT
+    Cp = conv1_weight.shape[0]
+    dtype = x.dtype
+    dev = x.device
+    g = grad_out.contiguous()
+    gp = g[1:].reshape(M, C)
+    xp = x[1:].reshape(M, C)
+    rstd, s, w1, w1_folded, b1_folded = _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype)
+    w2 = conv2_weight.reshape(C, Cp).to(dtype)
+    row_scale = branch_scale.float().contiguous() if branch_scale is not None else None
+
+    dz = gp @ w2  # (M, C') cuBLAS
+    dy1 = torch.empty((M, Cp), device=dev, dtype=dtype)
+    zs = torch.empty_like(dy1)
+    interp = _interpreting(x)
+    BLOCK_M, BLOCK_K = (32, 32) if interp else (32, 128)
+    k_blocks = triton.cdiv(Cp, BLOCK_K)
+    per_prog, R = _row_split(x, M, k_blocks, BLOCK_M)
+    part = torch.empty((R, 5, Cp), device=dev, dtype=torch.float32)
+    rowdot = torch.empty((k_blocks, M) if need_branch_scale_grad else (1,), device=dev, dtype=torch.float32)
+    dummy = b1_folded
+    _temporal_mix_backward_kernel[(R, k_blocks)](
+        dz, y1, b1_folded, dw_weight.reshape(Cp, 3).float().contiguous(), dw_bias.float().contiguous(),
+        row_scale if row_scale is not None else dummy, dy1, zs, part, rowdot,
+        M, Cp, T, NT, per_prog,
+        HAS_ROW_SCALE=row_scale is not None, NEED_ROWDOT=need_branch_scale_grad,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+    )
+    sums = _sum_partials(part.view(R, 5 * Cp)).view(5, Cp)
+    d_dw_bias = sums[0].clone()  # clones: outputs of a custom op must not alias each other
+    d_dw_weight = sums[1:4].t().contiguous()  # (C', 3)
+    d_b1_folded = sums[4].clone()
+
+    d_w2 = _mm_fp32_out(gp.t(), zs)  # (C, C') cuBLAS
+    BLOCK_MC, BLOCK_C = (64, 64) if interp else (32, 128)
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    per_prog_c, R_c = _row_split(x, M, c_blocks, BLOCK_MC)
+    part_c = torch.empty((R_c, C), device=dev, dtype=torch.float32)
+    _scaled_column_sum_kernel[(R_c, c_blocks)](
+        gp, row_scale if row_scale is not None else dummy, part_c, M, C, T, NT, per_prog_c,
+        HAS_ROW_SCALE=row_scale is not None, BLOCK_M=BLOCK_MC, BLOCK_C=BLOCK_C,
+    )
+    d_b2 = _sum_partials(part_c)
+
+    # BatchNorm and first conv parameters from P = dY1^T X (fp32, C' x C)
+    p = _mm_fp32_out(dy1.t(), xp)
+    d_s = (w1 * (p - d_b1_folded[:, None] * mean[None, :])).sum(0)
+    d_bn_weight = d_s * rstd
+    d_bn_bias = w1.t() @ d_b1_folded
+    d_w1 = p * s + d_b1_folded[:, None] * (bn_bias.float() - s * mean)[None, :]
+
+    dx = torch.empty_like(x)
+    dx[0].copy_(g[0])
+    if training:
+        # dX = G + dY1 @ W1' - s * (dbeta + (x - mean) * rstd * dgamma) / M
+        coef = s * rstd * d_bn_weight / M
+        col_bias = -(s * d_bn_bias / M - coef * mean)
+        fused_matmul(dy1, w1_folded.contiguous(), dx[1:].view(M, C), gp, col_bias.contiguous(), T, NT,
+                     b_transposed=False, e=xp, col_coef=(-coef).contiguous())
+    else:
+        fused_matmul(dy1, w1_folded.contiguous(), dx[1:].view(M, C), gp, torch.zeros_like(s), T, NT,
+                     b_transposed=False)
+
+    if need_branch_scale_grad:
+        N = NT // T
+        per_row = rowdot.sum(0) + gp.float() @ conv2_bias.float()
+        d_branch_scale = per_row.view(L - 1, N, T).sum((0, 2)).to(branch_scale.dtype)
+    else:
+        d_branch_scale = torch.empty(0, device=dev, dtype=dtype)
+
+    return (
+        dx,
+        d_bn_weight.to(bn_weight.dtype),
+        d_bn_bias.to(bn_bias.dtype),
+        d_w1.to(conv1_weight.dtype).view(conv1_weight.shape),
+        d_b1_folded.to(conv1_bias.dtype),
+        d_dw_weight.to(dw_weight.dtype).reshape(dw_weight.shape),
+        d_dw_bias.to(dw_bias.dtype),
+        d_w2.to(conv2_weight.dtype).view(conv2_weight.shape),
+        d_b2.to(conv2_bias.dtype),
+        d_branch_scale,
+    )
