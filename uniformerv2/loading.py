@@ -86,7 +86,7 @@ def interpolate_positional_embedding(pos: torch.Tensor, num_tokens: int) -> torc
 
 def _adapt_positional_embedding(state: dict, model: nn.Module) -> None:
     key = "positional_embedding"
-    if key in state and state[key].shape != model.positional_embedding.shape:
+    if key in state and state[key].shape != model.positional_embedding.shape and state[key].dim() == 2:
         want = model.positional_embedding.shape
         if state[key].dim() == 2 and state[key].shape[1] == want[1]:
             warnings.warn(f"{key}: interpolating {tuple(state[key].shape)} -> {tuple(want)} (bicubic) "
@@ -142,8 +142,10 @@ def load_clip(model: nn.Module, path_or_state_dict) -> list[str]:
     state = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)
              and k != "proj" and not k.startswith("ln_post.")}
     own = model.state_dict()
-    if "conv1.weight" in state and state["conv1.weight"].dim() == 4:
-        state["conv1.weight"] = _inflate_conv1(state["conv1.weight"], own["conv1.weight"].shape)
+    conv1 = state.get("conv1.weight")
+    if conv1 is not None and conv1.dim() == 4 and conv1.shape[:2] + conv1.shape[2:] == (
+            own["conv1.weight"].shape[:2] + own["conv1.weight"].shape[3:]):
+        state["conv1.weight"] = _inflate_conv1(conv1, own["conv1.weight"].shape)
     _adapt_positional_embedding(state, model)
     bad = [k for k in state if k not in own]
     bad += [f"{k}: CLIP {tuple(v.shape)} vs model {tuple(own[k].shape)}"

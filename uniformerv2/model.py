@@ -58,11 +58,25 @@ def apply_scale(branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tenso
     return branch * scale.view((-1,) + (1,) * (branch.dim() - 1)).to(branch.dtype)
 
 
+_FUSED_OPS = None
+
+
 def _ops():
     """The fused ops, imported on first use so the reference model never needs Triton."""
-    from uniformerv2_kernels import ops
+    global _FUSED_OPS
+    if _FUSED_OPS is None:
+        from types import SimpleNamespace
 
-    return ops
+        from uniformerv2_kernels.ops.ffn import fused_ffn
+        from uniformerv2_kernels.ops.global_query_attention import global_query_attention
+        from uniformerv2_kernels.ops.layer_norm import clip_layer_norm
+        from uniformerv2_kernels.ops.local_temporal_mhra import local_temporal_mhra
+        from uniformerv2_kernels.ops.spatial_attention import spatial_attention
+
+        _FUSED_OPS = SimpleNamespace(
+            fused_ffn=fused_ffn, global_query_attention=global_query_attention, clip_layer_norm=clip_layer_norm,
+            local_temporal_mhra=local_temporal_mhra, spatial_attention=spatial_attention)
+    return _FUSED_OPS
 
 
 class LocalTemporalMHRA(nn.Module):

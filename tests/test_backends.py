@@ -1,0 +1,101 @@
+"""Backend registry, the info command, and the build script's toolkit discovery."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from uniformerv2_kernels import backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reference_is_always_available():
+    assert backends.select("op", [torch.zeros(2)], backend="reference") == "reference"
+
+
+def test_auto_prefers_the_first_backend_that_runs(monkeypatch):
+    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    cpu = [torch.zeros(2)]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backends.select("op", cpu) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.select("op", cpu) == "triton"
+    assert backends.select("op", cpu, implemented=("reference",)) == "reference"
+    assert backends.select("op", cpu, extra_reasons={"triton": ["dtype float64 not supported"]}) == "reference"
+
+
+def test_environment_override_and_per_call_priority(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(backends.ENV_BACKEND, "reference")
+    assert backends.select("op", [torch.zeros(2)]) == "reference"
+    assert backends.select("op", [torch.zeros(2)], backend="triton") == "triton"
+    monkeypatch.setenv(backends.ENV_BACKEND, "fast")
+    with pytest.raises(ValueError, match="UNIFORMERV2_BACKEND='fast'"):
+        backends.select("op", [torch.zeros(2)])
+
+
+def test_unavailable_backend_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backends.BackendUnavailableError) as info:
+        backends.select("my_op", [torch.zeros(2)], backend="triton", cuda_ops=("x",))
+    msg = str(info.value)
+    assert "my_op: backend 'triton' cannot run" in msg
+    assert "TRITON_INTERPRET is not set" in msg
+    assert "cuda:" in msg and "reference: available" in msg
+    with pytest.raises(ValueError, match="not a backend"):
+        backends.select("op", [torch.zeros(2)], backend="numpy")
+
+
+def test_cuda_backend_needs_cuda_tensors():
+    reasons = backends.generic_reasons("cuda", [torch.zeros(2)], cuda_ops=("quick_gelu",))
+    assert any("CUDA tensors" in r for r in reasons)
+
+
+def test_info_prints_the_backend_table():
+    out = subprocess.run([sys.executable, "-m", "uniformerv2_kernels.info"], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    for name in ("cuda", "triton", "reference", "spatial attention", "torch"):
+        assert name in out
+
+
+def _load_setup_module():
+    """setup.py's helpers without running setup()."""
+    src = open(os.path.join(ROOT, "setup.py")).read().split("\next_modules, cmdclass = cuda_extension()")[0]
+    namespace = {"__file__": os.path.join(ROOT, "setup.py")}
+    exec(compile(src, "setup.py", "exec"), namespace)
+    return namespace
+
+
+def test_setup_resolves_an_nvcc_wrapper_script(tmp_path):
+    helpers = _load_setup_module()
+    real = tmp_path / "cuda-x" / "bin" / "nvcc"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"\x7fELF fake binary")
+    wrapper = tmp_path / "wrapper" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    assert helpers["real_nvcc"](str(wrapper)) == str(real)
+    assert helpers["real_nvcc"](str(real)) == str(real)
+    assert int(helpers["max_jobs"]()) >= 1
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="CPU-only torch: the extension is not built")
+def test_cuda_extension_is_built_and_registers_ops():
+    """CI builds the extension (nvcc is there): it must load and register its ops for this torch."""
+    if importlib.util.find_spec("uniformerv2_kernels._C") is None:
+        if os.environ.get("UNIFORMERV2_BUILD_CUDA") == "1" or os.environ.get("CI"):
+            pytest.fail("the CUDA extension was not built")
+        pytest.skip("the CUDA extension was not built in this environment")
+    assert backends.cuda_extension_error() is None
+    assert backends.has_cuda_op("quick_gelu")
+    assert backends.build_info()["TORCH_VERSION"] == torch.__version__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_quick_gelu_matches_torch():
+    z = torch.randn(1000, device="cuda")
+    torch.testing.assert_close(torch.ops.uniformerv2_cuda.quick_gelu(z), z * torch.sigmoid(1.702 * z))
