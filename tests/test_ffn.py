@@ -1,0 +1,199 @@
+"""Fused FFN (ln_2 + c_fc + QuickGELU + c_proj + drop-path row scale + residual): correctness and registration."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import requires_cuda
+from uniformerv2_kernels import backends
+from uniformerv2_kernels.ops.ffn import fused_ffn
+from uniformerv2_kernels.reference import ffn as reference
+from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
+from uniformerv2_kernels.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRAD_NAMES = ("dx", "d_ln_w", "d_ln_b", "d_fc_w", "d_fc_b", "d_proj_w", "d_proj_b", "d_row_scale")
+
+
+def _params(C, dtype=torch.float32, device=DEVICE, hidden=None):
+    hidden = hidden or 4 * C
+    ps = [
+        1.0 + 0.5 * torch.randn(C), 0.3 * torch.randn(C),
+        torch.randn(hidden, C) / C ** 0.5, 0.3 * torch.randn(hidden),
+        torch.randn(C, hidden) / hidden ** 0.5, 0.3 * torch.randn(C),
+    ]
+    return [p.to(device=device, dtype=dtype) for p in ps]
+
+
+def _row_scale(n, device=DEVICE):
+    keep = 0.7
+    mask = (torch.rand(n, device=device) < keep).float()
+    mask[0] = 1.0
+    mask[-1] = 0.0
+    return mask / keep + 0.1 * torch.rand(n, device=device)  # not only 0 and 1/keep: catches index mistakes
+
+
+def _run(fn, x, params, row_scale, g):
+    x = x.detach().requires_grad_()
+    params = [p.detach().requires_grad_() for p in params]
+    inputs = [x, *params]
+    if row_scale is not None:
+        row_scale = row_scale.detach().requires_grad_()
+        inputs.append(row_scale)
+    out = fn(x, *params, row_scale=row_scale)
+    return (out, *torch.autograd.grad(out, inputs, g))
+
+
+def test_reference_is_the_official_block_branch():
+    C = 32
+    x = torch.randn(5, 3, C)
+    ln_w, ln_b, fc_w, fc_b, pr_w, pr_b = _params(C, device="cpu")
+    c_fc, c_proj, ln = nn.Linear(C, 4 * C), nn.Linear(4 * C, C), nn.LayerNorm(C)
+    with torch.no_grad():
+        for mod, w, b in ((c_fc, fc_w, fc_b), (c_proj, pr_w, pr_b), (ln, ln_w, ln_b)):
+            mod.weight.copy_(w)
+            mod.bias.copy_(b)
+    rs = _row_scale(5, device="cpu")
+    # official: x = x + drop_path(mlp(ln_2(x))), DropPath masks dim 0 of its input
+    official = x + rs[:, None, None] * c_proj(reference.quick_gelu(c_fc(ln(x.float()).to(x.dtype))))
+    ours = reference.fused_ffn(x, ln_w, ln_b, fc_w, fc_b, pr_w, pr_b, row_scale=rs)
+    torch.testing.assert_close(ours, official, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_gradcheck_float64():
+    C, L, B = 6, 3, 2
+    x = torch.randn(L, B, C, dtype=torch.float64, requires_grad=True)
+    params = [p.double().requires_grad_() for p in _params(C, device="cpu", hidden=8)]
+    rs = _row_scale(L, device="cpu").double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, *p: reference.fused_ffn(x, *p[:6], row_scale=p[6]), (x, *params, rs))
+    # the registered op's reference backend (explicit backward formulas)
+    assert torch.autograd.gradcheck(
+        lambda x, *p: fused_ffn(x, *p[:6], row_scale=p[6], backend="reference"), (x, *params, rs))
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,use_row_scale",
+    [
+        ((7, 3, 64), torch.float32, True),  # 21 rows: one partial row tile
+        ((37, 2, 64), torch.float16, True),  # 74 rows: three row tiles
+        ((5, 3, 96), torch.float16, False),
+        ((13, 96), torch.float32, False),  # (..., C) without row scale
+        ((3, 2, 2, 64), torch.float32, True),  # (L, N, T, C): row_scale along dim 0 only
+        ((3, 2, 768), torch.float32, True),
+        ((2, 3, 768), torch.float16, False),
+    ],
+)
+def test_triton_matches_float64_reference(shape, dtype, use_row_scale):
+    C = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    params = _params(C, dtype)
+    rs = _row_scale(shape[0]).to(dtype) if use_row_scale else None
+    g = torch.randn(shape, device=DEVICE).to(dtype)
+    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="triton"), x, params, rs, g)
+    ref64 = _run(reference.fused_ffn, x.double(), [p.double() for p in params],
+                 rs.double() if rs is not None else None, g.double())
+    ref_lowp = _run(reference.fused_ffn, x, params, rs, g)
+    for i, (o, r64, rl) in enumerate(zip(out, ref64, ref_lowp)):
+        name = "out" if i == 0 else GRAD_NAMES[i - 1]
+        assert o.dtype == rl.dtype and o.shape == rl.shape, name
+        assert_close(o, r64, rl, name=name, grad=i > 0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_on_gpu_real_width(dtype):
+    L, B, C = 197, 6, 768
+    x = torch.randn(L, B, C, device="cuda").to(dtype)
+    params = _params(C, dtype)
+    rs = _row_scale(L).to(dtype)
+    g = torch.randn_like(x)
+    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="triton"), x, params, rs, g)
+    ref64 = _run(reference.fused_ffn, x.double(), [p.double() for p in params], rs.double(), g.double())
+    ref_lowp = _run(reference.fused_ffn, x, params, rs, g)
+    for i, (o, r64, rl) in enumerate(zip(out, ref64, ref_lowp)):
+        assert_close(o, r64, rl, name="out" if i == 0 else GRAD_NAMES[i - 1], grad=i > 0)
+
+
+def test_inference_path_matches_training_path():
+    x = torch.randn(5, 3, 64, device=DEVICE)
+    params = _params(64)
+    with torch.no_grad():
+        inference = fused_ffn(x, *params, backend="triton")
+    training = fused_ffn(x.requires_grad_(), *params, backend="triton")
+    assert torch.equal(inference, training.detach())
+
+
+def test_linear_weights_in_another_dtype_are_cast_like_autocast():
+    x = torch.randn(4, 3, 64, device=DEVICE).half()
+    params = _params(64)  # fp32 master weights
+    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="triton"), x, params, None, torch.randn_like(x))
+    expected = reference.fused_ffn(x, *params[:2], *(p.half() for p in params[2:]))
+    torch.testing.assert_close(out[0], expected, rtol=2e-3, atol=2e-3)
+    assert all(gr.dtype == torch.float32 for gr in out[2:])
+
+
+def test_backward_is_deterministic():
+    x = torch.randn(37, 2, 64, device=DEVICE, requires_grad=True)
+    params = [p.requires_grad_() for p in _params(64)]
+    rs = _row_scale(37).requires_grad_()
+    g = torch.randn_like(x)
+    runs = [torch.autograd.grad(fused_ffn(x, *params, row_scale=rs, backend="triton"), [x, *params, rs], g)
+            for _ in range(2)]
+    for name, a, b in zip(GRAD_NAMES, *runs):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck(backend):
+    C = 64
+    x = torch.randn(3, 2, C, device=DEVICE, requires_grad=True)
+    params = [p.requires_grad_() for p in _params(C)]
+    rs = _row_scale(3)
+    d = [t.detach() for t in (x, *params)]
+    torch.library.opcheck(torch.ops.uniformerv2.fused_ffn_fwd.default, (x, *params, rs, 1e-5, True, backend))
+    # inference form (nothing saved): only differentiable when called with save_for_backward=True
+    torch.library.opcheck(torch.ops.uniformerv2.fused_ffn_fwd.default, (*d, rs, 1e-5, False, backend))
+    _, mean, rstd, h = torch.ops.uniformerv2.fused_ffn_fwd(*d, rs, 1e-5, True, backend)
+    g = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.uniformerv2.fused_ffn_bwd.default,
+                          (g, *d, rs, mean, rstd, h, 1e-5, True, backend))
+
+
+def test_compiled_matches_eager():
+    torch._dynamo.reset()
+    x = torch.randn(3, 2, 64, device=DEVICE)
+    params = _params(64)
+    rs = _row_scale(3)
+    g = torch.randn_like(x)
+
+    def fn(x, *p, row_scale):
+        return fused_ffn(x, *p, row_scale=row_scale, backend="triton") * 1.5
+
+    eager = _run(fn, x, params, rs, g)
+    compiled = _run(torch.compile(fn, fullgraph=True), x, params, rs, g)
+    for i, (e, c) in enumerate(zip(eager, compiled)):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6, msg="out" if i == 0 else GRAD_NAMES[i - 1])
+
+
+def test_unavailable_backend_lists_reasons():
+    x = torch.randn(3, 2, 64)
+    params = _params(64, device="cpu")
+    with pytest.raises(backends.BackendUnavailableError, match="cuda"):
+        fused_ffn(x, *params, backend="cuda")
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(3, 2, 64)
+    ln_w, ln_b, fc_w, fc_b, pr_w, pr_b = _params(64, device="cpu")
+    with pytest.raises(ValueError, match="fc_weight"):
+        fused_ffn(x, ln_w, ln_b, fc_w[:, :32], fc_b, pr_w, pr_b)
+    with pytest.raises(ValueError, match="proj_weight"):
+        fused_ffn(x, ln_w, ln_b, fc_w, fc_b, pr_w[:, :100], pr_b)
+    with pytest.raises(ValueError, match="fc_bias"):
+        fused_ffn(x, ln_w, ln_b, fc_w, fc_b[:5], pr_w, pr_b)
+    with pytest.raises(ValueError, match="ln_weight"):
+        fused_ffn(x, ln_w[:3], ln_b, fc_w, fc_b, pr_w, pr_b)
+    with pytest.raises(ValueError, match="row_scale"):
+        fused_ffn(x, ln_w, ln_b, fc_w, fc_b, pr_w, pr_b, row_scale=torch.ones(2))
+    with pytest.raises(TypeError, match="x"):
+        fused_ffn(x.long(), ln_w, ln_b, fc_w, fc_b, pr_w, pr_b)
