@@ -55,7 +55,9 @@ clock, ``perf_counter``, 1 warm-up call then 3..10 calls fitted to ``rep`` ms, m
 ``make_step(provider, inputs, mode) -> (step, leaves)`` a zero-argument callable running one step.
 ``measure(provider, case, mode, args) -> dict`` one row. ``env_record(device) -> dict``.
 ``append_csv(rows, path)``, ``format_table(rows) -> str``, ``plot(rows, path, title)``.
-``provider_skip_reason(provider, case, args) -> str | None``.
+``provider_skip_reason(provider, case, args) -> str | None``. ``new_row(provider_name, case, mode, args)``
+(a row with the environment filled in), ``peak_memory_mb(step, device)``, ``add_speedups(rows, baseline)``,
+``save(name, rows, args, title)`` (CSV + markdown + plot, as run_benchmark does).
 
 Modes and what is timed
 -----------------------
@@ -444,7 +446,7 @@ def make_step(provider: Provider, inputs: dict, mode: str) -> tuple[Callable[[],
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-def _peak_mb(step, device) -> float | None:
+def peak_memory_mb(step, device) -> float | None:
     if torch.device(device).type != "cuda":
         return None
     torch.cuda.synchronize()
@@ -461,7 +463,7 @@ def _first_line(exc: BaseException) -> str:
 
 def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None = None) -> dict:
     """One row: status ok / skipped / error, ms, GB/s, TFLOP/s, items/s, peak memory, first-call time."""
-    row = _blank_row(provider.name, case, mode, args)
+    row = new_row(provider.name, case, mode, args)
     reason = provider_skip_reason(provider, case, args)
     if reason:
         row.update(status="skipped", note=reason)
@@ -498,10 +500,10 @@ def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None
             t_f = time_fn(fwd_step, args.device, args.warmup, args.rep, leaves)
             ms = max(t_fb - t_f, 1e-6)
             note.append("backward = time(fwd+bwd) - time(fwd with autograd)")
-            row["peak_mb"] = _peak_mb(fb_step, args.device)
+            row["peak_mb"] = peak_memory_mb(fb_step, args.device)
         else:
             ms = time_fn(step, args.device, args.warmup, args.rep, leaves)
-            row["peak_mb"] = _peak_mb(step, args.device)
+            row["peak_mb"] = peak_memory_mb(step, args.device)
         del step
     except Exception as exc:  # keep going: one broken provider must not hide the others
         if getattr(args, "strict", False):
@@ -624,7 +626,7 @@ CSV_COLUMNS = (
 _ENV: dict = {}
 
 
-def _blank_row(provider: str, case: Case, mode: str, args) -> dict:
+def new_row(provider: str, case: Case, mode: str, args) -> dict:
     if not _ENV:
         _ENV.update(env_record(args.device))
     row = {c: None for c in CSV_COLUMNS}
@@ -757,7 +759,7 @@ def plot(rows: Sequence[dict], path: str, title: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
     cases = list(dict.fromkeys(r["case"] for r in ok))
     provs = list(dict.fromkeys(r["provider"] for r in ok))
     fig, axes = plt.subplots(1, len(modes), figsize=(max(5.0, 1.2 * len(cases) * len(provs) ** 0.5) * len(modes), 4.2),
@@ -878,12 +880,23 @@ def run_benchmark(name: str, cases: Sequence[Case], providers: Sequence[Provider
     print(format_table(rows))
     print()
     if not args.no_save and rows:
-        tag = device_tag(args.device) + ("_quick" if args.quick else "")
-        csv_path = os.path.join(args.out, f"{name}.csv")
-        append_csv(rows, csv_path)
-        md_path = os.path.join(args.out, f"{name}_{tag}.md")
-        with open(md_path, "w") as f:
-            f.write(f"# {title}\n\n{env_header(rows)}\n\n{format_table(rows, markdown=True)}\n")
-        png = plot(rows, os.path.join(args.out, f"{name}_{tag}.png"), title)
-        print(f"saved: {csv_path} (appended), {md_path}" + (f", {png}" if png else ""))
+        save(name, rows, args, title)
     return rows
+
+
+def save(name: str, rows: Sequence[dict], args, title: str | None = None) -> None:
+    """Appends to <out>/<name>.csv; writes <out>/<name>_<devtag>.md and .png (devtag: cpu, h100, ...;
+    ``_quick`` added for --quick runs)."""
+    title = title or name
+    tag = device_tag(args.device) + ("_quick" if args.quick else "")
+    csv_path = os.path.join(args.out, f"{name}.csv")
+    append_csv(rows, csv_path)
+    md_path = os.path.join(args.out, f"{name}_{tag}.md")
+    with open(md_path, "w") as f:
+        f.write(f"# {title}\n\n{env_header(rows)}\n\n{format_table(rows, markdown=True)}\n")
+    try:
+        png = plot(rows, os.path.join(args.out, f"{name}_{tag}.png"), title)
+    except Exception as exc:  # a plot must never cost the numbers
+        png = None
+        print(f"plot failed: {_first_line(exc)}", file=sys.stderr)
+    print(f"saved: {csv_path} (appended), {md_path}" + (f", {png}" if png else ""))

@@ -1,0 +1,276 @@
+"""End-to-end UniFormerV2 throughput (clips/s) and peak memory: inference and a training step.
+
+Providers (one freshly built model each, same seed, so the same weights):
+- ``eager``:           the reference model, ``uniformerv2.build_model(name, fused=False)``
+- ``compile``:         the reference model under ``torch.compile``
+- ``fused``:           ``build_model(name, fused=True)`` (``model.set_fused(True)``: the fused ops, on the
+                       backend the registry picks: cuda, else triton, else the reference backend)
+- ``fused+compile``:   the fused model under ``torch.compile`` (the ops are torch.library custom ops, so
+                       the graph has no break)
+
+Tasks (``--mode``: ``forward`` = inference, ``forward+backward`` = training step; ``backward`` is not a
+thing end-to-end and is ignored):
+- inference: ``model.eval()``, ``torch.no_grad()``, ``logits = model(x)``.
+- training step: ``model.train()``, ``loss = cross_entropy(model(x), labels)``, ``loss.backward()``,
+  ``optimizer.step()`` (AdamW, fused on CUDA, foreach on CPU), ``optimizer.zero_grad(set_to_none=True)``.
+Precision (``--precision``): ``autocast`` (default: fp32 weights, ``torch.autocast`` in --dtype when it
+is not fp32; the official training recipe) or ``cast`` (``model.to(dtype)``, pure low-precision weights;
+typical for inference).
+
+Columns: ``clips/s`` = N / (ms * 1e-3) with N clips per step. ``TFLOP/s`` = model FLOPs / time, the FLOPs
+counted once by ``torch.utils.flop_counter.FlopCounterMode`` on the reference model for the same input
+(matrix products, convolutions, attention; 2 per multiply-add; forward for inference, forward + backward
+for training; elementwise work not counted), so every provider is credited the same work. Peak memory:
+``torch.cuda.max_memory_allocated`` over one step (weights, optimizer state and activations), CUDA only.
+
+On CPU with --quick (the CPU default) the two compile providers are skipped unless named in --providers
+(compiling a whole model, training graph included, takes minutes on a small CPU).
+
+Configurations: ``--configs`` (default: k400_b16_f8x224 and ssv2_b16_f16x224 on GPU; on CPU --quick uses
+``tiny`` in a Kinetics-style and a Sth-Sth-style variant, 32x32 input, 8 frames, batch 2), ``--batch``
+(clips per step; default 16 on GPU), ``--frames`` (input frames, t_size; default: the preset's).
+
+    python benchmarks/bench_e2e.py                       # CPU: quick, well under a minute
+    python benchmarks/bench_e2e.py --configs k400_b16_f8x224 --batch 32 --mode fwd   # GPU inference
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness as H  # noqa: E402  (sets TRITON_INTERPRET for --interpret before triton is imported)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+QUICK_CONFIGS = {
+    # name shown -> (preset, overrides)
+    "tiny_k400": ("tiny", dict(temporal_downsample=False, no_lmhra=True, double_lmhra=False)),
+    "tiny_ssv2": ("tiny", {}),
+}
+FULL_CONFIGS = ("k400_b16_f8x224", "ssv2_b16_f16x224")
+PROVIDERS = ("eager", "compile", "fused", "fused+compile")
+TASKS = {"forward": "inference", "forward+backward": "train"}
+
+
+def extra_args(p):
+    p.add_argument("--configs", default=None,
+                   help="comma list of uniformerv2.list_models() names (default: tiny variants on CPU, "
+                        f"{', '.join(FULL_CONFIGS)} on GPU)")
+    p.add_argument("--precision", choices=("autocast", "cast"), default="autocast",
+                   help="autocast: fp32 weights + torch.autocast(dtype); cast: model.to(dtype)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra reference run per case)")
+
+
+def resolve_configs(args) -> list[tuple[str, str, dict]]:
+    """[(label, preset name, overrides)]."""
+    if args.configs:
+        out = []
+        for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+            if name in QUICK_CONFIGS:
+                out.append((name, *QUICK_CONFIGS[name]))
+            else:
+                out.append((name, name, {}))
+        return out
+    if args.quick:
+        return [(label, preset, over) for label, (preset, over) in QUICK_CONFIGS.items()]
+    return [(name, name, {}) for name in FULL_CONFIGS]
+
+
+def build(preset: str, overrides: dict, frames: int | None, fused: bool, args, seed: int):
+    import uniformerv2
+
+    torch.manual_seed(seed)
+    model = uniformerv2.build_model(preset, num_frames=frames, fused=fused, **overrides)
+    model = model.to(args.device)
+    if args.precision == "cast" and args.dtype != torch.float32:
+        model = model.to(args.dtype)
+    return model
+
+
+def randomise_buffers(model: torch.nn.Module) -> None:
+    """DESIGN 5: no zero-initialised state, BN running statistics included (zero-inits also make some
+    branches vanish, which could make a fused path look faster than real weights would)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 0 or float(p.abs().max()) == 0.0:
+                p.normal_(0.0, 0.02)
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                if "running_var" in name:
+                    b.uniform_(0.5, 1.5)
+                else:
+                    b.normal_(0.0, 0.1)
+
+
+def make_inputs(model, batch: int, args, seed: int):
+    cfg = model.config if hasattr(model, "config") else {}
+    frames = int(cfg.get("t_size", 8))
+    res = int(cfg.get("input_resolution", 224))
+    classes = int(cfg.get("num_classes", 400))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, frames, res, res, generator=gen).to(args.device)
+    if args.precision == "cast":
+        x = x.to(args.dtype)
+    labels = torch.randint(0, classes, (batch,), generator=gen).to(args.device)
+    return x, labels, frames, res
+
+
+def autocast_ctx(args):
+    if args.precision == "autocast" and args.dtype != torch.float32:
+        return torch.autocast(device_type=args.device.type, dtype=args.dtype)
+    return torch.autocast(device_type=args.device.type, enabled=False)
+
+
+def make_step(model, run, task: str, x, labels, args):
+    """A zero-argument callable running one inference call or one training step; ``run`` is ``model`` or
+    ``torch.compile(model)`` (train()/eval() and the optimizer act on ``model``)."""
+    if task == "train":
+        model.train()
+        fused_opt = args.device.type == "cuda"
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                fused=fused_opt, foreach=None if fused_opt else True)
+
+        def step():
+            with autocast_ctx(args):
+                loss = F.cross_entropy(run(x).float(), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    model.eval()
+
+    def step():
+        with torch.no_grad(), autocast_ctx(args):
+            return run(x)
+    return step
+
+
+def count_flops(model, task: str, x, labels, args) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        counter = FlopCounterMode(display=False)
+        if task == "train":
+            model.train()
+            with counter, autocast_ctx(args):
+                loss = F.cross_entropy(model(x).float(), labels)
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+            with counter, torch.no_grad(), autocast_ctx(args):
+                model(x)
+        return float(counter.get_total_flops()) or None
+    except Exception as exc:
+        print(f"  FLOP count failed ({H._first_line(exc)}); TFLOP/s left empty", file=sys.stderr)
+        return None
+
+
+def main(argv=None):
+    args = H.parse_args(__doc__.splitlines()[0], argv, extra=extra_args)
+    args.bench_name = "e2e"
+    try:
+        import uniformerv2  # noqa: F401
+    except Exception as exc:
+        raise SystemExit(f"bench_e2e: the model package does not import: {H._first_line(exc)}")
+    providers = [p for p in PROVIDERS if not args.providers or p in args.providers]
+    unknown = set(args.providers or ()) - set(PROVIDERS)
+    if unknown:
+        raise SystemExit(f"--providers: unknown {sorted(unknown)}; this benchmark has {list(PROVIDERS)}")
+    tasks = [TASKS[m] for m in args.modes if m in TASKS]
+    if not tasks:
+        raise SystemExit("--mode: end-to-end runs forward (inference) and/or forward+backward (training step)")
+    batches = args.batch or ([2] if args.quick else [16])
+    frames_list = args.frames or [None]
+    rows = []
+    for label, preset, overrides in resolve_configs(args):
+        for frames in frames_list:
+            for batch in batches:
+                for task in tasks:
+                    rows += run_case(label, preset, overrides, frames, batch, task, providers, args)
+    H.add_speedups(rows, "eager" if "eager" in providers else providers[0])
+    title = "end-to-end UniFormerV2 (inference: forward under no_grad; train: fwd + loss + bwd + AdamW step)"
+    print(f"\n## {title}\n{H.env_header(rows)}, precision {args.precision}\n")
+    print(H.format_table(rows))
+    print()
+    if not args.no_save and rows:
+        H.save("e2e", rows, args, title)
+    return rows
+
+
+def run_case(label, preset, overrides, frames, batch, task, providers, args) -> list[dict]:
+    rows = []
+    flops = None
+    case_name = f"{label} N={batch}" + (f" T={frames}" if frames else "")
+    case = H.Case(case_name, lambda *a: {}, items=batch, items_unit="clips")
+    for prov in providers:
+        row = H.new_row(prov, case, task, args)
+        fused = prov.startswith("fused")
+        if prov.endswith("compile") and args.quick and args.device.type == "cpu" and not args.providers:
+            row.update(status="skipped", note="torch.compile of a whole model takes minutes on the CPU; "
+                                              "ask for it with --providers")
+            rows.append(row)
+            continue
+        try:
+            model = build(preset, overrides, frames, fused, args, seed=args.seed)
+            randomise_buffers(model)
+            x, labels, t_in, res = make_inputs(model, batch, args, seed=args.seed + 1)
+            row["shape"] = (f"config={preset} N={batch} T_in={t_in} res={res} width={model.config.get('width')} "
+                            f"layers={model.config.get('layers')} precision={args.precision}"
+                            + (f" overrides={overrides}" if overrides else ""))
+            if flops is None and not args.no_flops and not fused:
+                flops = count_flops(model, task, x, labels, args)
+            if prov.endswith("compile"):
+                kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+                run_model = torch.compile(model, **kwargs)
+            else:
+                run_model = model
+            step = make_step(model, run_model, task, x, labels, args)
+            t0 = time.perf_counter()
+            step()
+            H.synchronize(args.device)
+            row["first_ms"] = (time.perf_counter() - t0) * 1e3
+            ms = H.time_fn(step, args.device, args.warmup, args.rep)
+            row["peak_mb"] = H.peak_memory_mb(step, args.device)
+            note = []
+            if fused:
+                note.append("fused ops backend: " + _fused_backend(args))
+            row.update(status="ok", ms=ms, items_per_s=batch / (ms * 1e-3), note="; ".join(note))
+        except Exception as exc:
+            if args.strict:
+                raise
+            row.update(status="error", note=H._first_line(exc))
+            if args.verbose:
+                import traceback
+                traceback.print_exc()
+        finally:
+            model = run_model = step = None  # noqa: F841
+            import gc
+            gc.collect()
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        status = f"{row['ms']:.4g} ms" if row["status"] == "ok" else f"{row['status']}: {row['note']}"
+        print(f"  [e2e] {case_name} | {task} | {prov}: {status}", file=sys.stderr, flush=True)
+    for row in rows:
+        if flops and row["status"] == "ok":
+            row["flops"] = flops
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+    return rows
+
+
+def _fused_backend(args) -> str:
+    from uniformerv2_kernels import backends
+
+    if args.device.type == "cuda":
+        return "cuda/triton (per op, as the registry picks)"
+    return "triton (interpreted)" if backends.triton_interpret() else "reference (CPU)"
+
+
+if __name__ == "__main__":
+    main()
