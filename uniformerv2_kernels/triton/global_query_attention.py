@@ -341,7 +341,7 @@ def backward(
         T, NT, C, W, S, dpe_tokens_per_split, dpe_splits,
         BLOCK_S=dpe_block_s, BLOCK_C=dpe_block_c, num_warps=4,
     )
-    grad_dpe_w = dw_part.sum(dim=0).t().reshape(C, 1, 3, 3, 3)
+    grad_dpe_w = dw_part.sum(dim=0).t().contiguous().reshape(C, 1, 3, 3, 3)
     grad_dpe_b = db_part.sum(dim=0)
 
     g_scores, grad_query, grad_w_q, grad_w_k, grad_b_q = _ref.finish_query_gradients(
