@@ -198,6 +198,7 @@ TRITON_CASES = [
     (1, 3, 9, 96, torch.float16, True, 0.1, True),
     (2, 8, 4, 48, torch.float16, False, 0.1, False),
     (1, 2, 196, 48, torch.float16, True, 0.1, False),
+    (2, 3, 4, 50, torch.float32, True, 0.1, True),  # odd widths: C = 50, C' = 33 (partial tiles in K and N)
 ]
 
 
