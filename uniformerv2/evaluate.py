@@ -157,7 +157,7 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
     (model in eval mode, cfg, class names or None)."""
     import uniformerv2
 
-    from .recipes import DEFAULTS, build_config, merge, parse_override
+    from .recipes import DEFAULTS, build_config, load_yaml, merge, parse_override
     from .train import resolve_fused
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -165,10 +165,7 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
     if ours:
         cfg = merge(DEFAULTS, {k: v for k, v in ckpt["cfg"].items()})
         if config_file:
-            import yaml
-
-            with open(config_file) as fh:
-                cfg = merge(cfg, yaml.safe_load(fh) or {})
+            cfg = merge(cfg, load_yaml(config_file))
         for o in cfg_overrides or []:
             cfg = merge(cfg, parse_override(o))
         build = dict(ckpt["model_build"])

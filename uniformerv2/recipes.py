@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import yaml
 
@@ -176,12 +177,34 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
     return out
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def _numbers(value):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; such strings become floats."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return _numbers(data)
+
+
 def parse_override(text: str) -> dict:
     """``a.b.c=value`` -> {"a": {"b": {"c": parsed value}}}."""
     if "=" not in text:
         raise ValueError(f"override must look like section.key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _numbers(yaml.safe_load(raw)) if raw.strip() else None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -195,10 +218,7 @@ def build_config(preset: str | None = None, config_file: str | None = None,
                  overrides: list[str] | None = None) -> dict:
     file_cfg = {}
     if config_file:
-        with open(config_file) as fh:
-            file_cfg = yaml.safe_load(fh) or {}
-        if not isinstance(file_cfg, dict):
-            raise ValueError(f"{config_file}: expected a mapping at the top level")
+        file_cfg = load_yaml(config_file)
     parsed = [parse_override(o) for o in overrides or []]
     name = preset
     for src in [file_cfg] + parsed:

@@ -1,7 +1,7 @@
 """Embedded default data set: procedurally generated videos whose class is the direction of motion.
 
-Each clip shows one shape (disk or square, random size and colour) on a random background colour with
-per-frame pixel noise, moving at a random speed to the right, left, down or up (4 classes), with a small
+Each clip shows one shape (disk or square, random size, a random colour brighter than the random
+background colour) with per-frame pixel noise, moving at a random speed to the right, left, down or up (4 classes), with a small
 random drift across the other axis. Motion wraps around the frame edges (the frame is a torus) and the
 start position is uniform, so every single frame, and even the unordered set of frames, has the same
 distribution for all classes: only the ORDER of the frames tells the classes apart. A frame-averaging
@@ -34,10 +34,8 @@ def render_clip(rng: np.random.Generator, label: int, num_frames: int = 8, resol
     speed = rng.uniform(1.2, 2.5) * unit  # pixels per frame along the class axis
     drift = rng.uniform(-0.35, 0.35) * unit  # pixels per frame across it
     square = rng.random() < 0.5
-    background = rng.uniform(0, 255, size=3)
-    colour = rng.uniform(0, 255, size=3)
-    while np.abs(colour - background).max() < 90:  # keep the shape visible
-        colour = rng.uniform(0, 255, size=3)
+    background = rng.uniform(0, 120, size=3)
+    colour = np.clip(background + rng.uniform(70, 160, size=3), 0, 255)  # always brighter than the background
     axis_sign = {0: (1.0, 0.0), 1: (-1.0, 0.0), 2: (0.0, 1.0), 3: (0.0, -1.0)}[int(label)]
     vx = axis_sign[0] * speed + (drift if axis_sign[0] == 0 else 0.0)
     vy = axis_sign[1] * speed + (drift if axis_sign[1] == 0 else 0.0)

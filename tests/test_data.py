@@ -1,0 +1,250 @@
+"""Data pipeline: list files, PyAV decoding, official TSN sampling, transforms, unreadable videos,
+and the synthetic motion data set."""
+
+import logging
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from uniformerv2.data import (MEAN, STD, FailureReporter, RandAugment, TrainTransform,
+                              VideoListDataset, collate_videos, count_frames, decode_video, read_labels,
+                              read_video_list, segment_indices, uniform_crop)
+from uniformerv2.data import TestTransform as ViewTransform
+from uniformerv2.synthetic import CLASSES, MovingShapes, render_clip
+
+
+def _encode(path, frames, codec="mpeg4", fps=10):
+    with av.open(path, "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def _frame_id_video(path, n, h=40, w=56, codec="mpeg4"):
+    """Frame i is a flat grey of level 8*i (+ noise-free), so decoded frames reveal their index."""
+    frames = np.stack([np.full((h, w, 3), 8 * i + 4, dtype=np.uint8) for i in range(n)])
+    _encode(path, frames, codec)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+def _official_train(n, t, rnd):
+    # the formula of the official kinetics_sparse loader (python `random.randint` is inclusive)
+    seg = max(0.0, float(n - 1) / t)
+    return [min(rnd(int(np.round(seg * i)), int(np.round(seg * (i + 1)))), n - 1) for i in range(t)]
+
+
+@pytest.mark.parametrize("n,t", [(300, 8), (37, 16), (5, 8), (1, 4), (250, 32)])
+def test_train_sampling_matches_official_segments(n, t):
+    rng = np.random.default_rng(n * 31 + t)
+    seg = max(0.0, (n - 1) / t)
+    seen = set()
+    for _ in range(50):
+        idx = segment_indices(n, t, -1, 1, rng)
+        assert len(idx) == t
+        for i, j in enumerate(idx):
+            lo, hi = int(np.round(seg * i)), min(int(np.round(seg * (i + 1))), n - 1)
+            assert lo <= j <= hi, (i, j, lo, hi)
+        seen.add(tuple(idx))
+    # the same bounds as the official formula with a deterministic "random" pick of each end
+    assert segment_indices(n, t, -1, 1, _FixedRng(0)) == _official_train(n, t, lambda a, b: a)
+    assert segment_indices(n, t, -1, 1, _FixedRng(1)) == _official_train(n, t, lambda a, b: min(b, n - 1))
+    if n > 2 * t:
+        assert len(seen) > 1  # really random
+
+
+class _FixedRng:
+    def __init__(self, end):
+        self.end = end
+
+    def integers(self, lo, hi):  # hi exclusive
+        return lo if self.end == 0 else hi - 1
+
+
+def test_test_sampling_fixed_offsets():
+    # official: start_i + int(seg / (K + 1) * (k + 1)), seg = (n - 1) / T
+    n, t, k = 300, 8, 4
+    seg = 299 / 8
+    for clip in range(k):
+        want = [min(int(np.round(seg * i)) + int(seg / (k + 1) * (clip + 1)), n - 1) for i in range(t)]
+        assert segment_indices(n, t, clip, k) == want
+    assert segment_indices(300, 8, 0, 1) == [18, 55, 93, 130, 168, 205, 242, 280]
+    assert segment_indices(3, 8, 0, 1) == [0, 0, 0, 1, 1, 1, 2, 2]  # np.round: half to even
+    with pytest.raises(ValueError, match="num_video_frames"):
+        segment_indices(0, 8)
+    with pytest.raises(ValueError, match="clip_index"):
+        segment_indices(10, 8, 3, 2)
+
+
+# ---------------------------------------------------------------------------------------- lists
+
+
+def test_read_video_list_and_labels(tmp_path):
+    (tmp_path / "a b.mp4").write_bytes(b"")
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\nvid/x.mp4 3\n\n/abs/y.mp4 0\na b.mp4 7\nz.mp4,2\n")
+    items = read_video_list(str(lst))
+    assert items == [(str(tmp_path / "vid/x.mp4"), 3), ("/abs/y.mp4", 0), (str(tmp_path / "a b.mp4"), 7),
+                     (str(tmp_path / "z.mp4"), 2)]
+    assert read_video_list(str(lst), root="/data")[0] == ("/data/vid/x.mp4", 3)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("x.mp4 cat\n")
+    with pytest.raises(ValueError, match="not an integer"):
+        read_video_list(str(bad))
+    names = tmp_path / "names.txt"
+    names.write_text("abseiling\nair drumming\n")
+    assert read_labels(str(names)) == ["abseiling", "air drumming"]
+    names.write_text("1 b c\n0 a\n")
+    assert read_labels(str(names)) == ["a", "b c"]
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+
+def test_decode_selected_frames_in_order(tmp_path):
+    path = _frame_id_video(str(tmp_path / "ids.mp4"), 24)
+    assert count_frames(path) == 24
+    frames, rows = decode_video(path, lambda n: [5, 1, 5, 23])
+    assert frames.shape == (3, 40, 56, 3) and frames.dtype == torch.uint8
+    levels = frames[rows].float().mean(dim=(1, 2, 3))
+    assert torch.allclose(levels, torch.tensor([44.0, 12.0, 44.0, 188.0]), atol=3)
+
+
+def test_unreadable_videos_are_reported_once_and_skipped(tmp_path, caplog):
+    good = [_frame_id_video(str(tmp_path / f"g{i}.mp4"), 12) for i in range(3)]
+    (tmp_path / "garbage.mp4").write_bytes(os.urandom(3000))
+    # a real mp4 cut in half: the header is fine, the stream is not
+    whole = _frame_id_video(str(tmp_path / "whole.mp4"), 30)
+    data = open(whole, "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
+    lst = tmp_path / "list.txt"
+    lst.write_text("g0.mp4 0\ngarbage.mp4 1\ng1.mp4 1\nmissing.mp4 2\ng2.mp4 2\ncut.mp4 0\n")
+    train = VideoListDataset(str(lst), num_frames=4, train=True, crop_size=32)
+    test = VideoListDataset(str(lst), num_frames=4, train=False, crop_size=32, num_clips=2, num_crops=3)
+    reporter = FailureReporter()
+    with caplog.at_level(logging.WARNING, logger="uniformerv2"):
+        for _ in range(2):  # a second epoch must not report again
+            batch = collate_videos([train[i] for i in range(len(train))])
+            reporter(batch["failed"])
+            assert batch["video"].shape == (6, 3, 4, 32, 32)  # every slot refilled with a good video
+            tb = collate_videos([test[i] for i in range(len(test))])
+            reporter(tb["failed"])
+    bad_paths = {p for p, _ in batch["failed"]} | {p for p, _ in tb["failed"]}
+    assert str(tmp_path / "garbage.mp4") in bad_paths and str(tmp_path / "missing.mp4") in bad_paths
+    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warned) == len(bad_paths) == len(set(warned))
+    # test mode drops the unreadable ones and keeps the order of the rest
+    assert tb["video"].shape[1:] == (6, 3, 4, 32, 32)
+    kept = set(tb["index"].tolist())
+    assert {0, 2, 4} <= kept and not ({1, 3} & kept)
+
+
+# ---------------------------------------------------------------------------------------- transforms
+
+
+def test_train_transform_deterministic_per_rng_and_normalised():
+    frames = torch.randint(0, 256, (8, 45, 61, 3), dtype=torch.uint8)
+    tf = TrainTransform(32, randaugment="rand-m7-n4-mstd0.5-inc1")
+    a = tf(frames, np.random.default_rng(3))
+    b = tf(frames, np.random.default_rng(3))
+    c = tf(frames, np.random.default_rng(4))
+    assert a.shape == (3, 8, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    flat = TrainTransform(32, scale=(1.0, 1.0), ratio=(61 / 45, 61 / 45), flip=False)(
+        torch.full((2, 45, 61, 3), 115, dtype=torch.uint8), np.random.default_rng(0))
+    assert torch.allclose(flat, torch.full_like(flat, (115 / 255 - MEAN) / STD), atol=1e-5)
+
+
+def test_flip_can_be_disabled():
+    frames = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    tf = TrainTransform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    outs = {tf(frames, np.random.default_rng(s)).sum().item() for s in range(8)}
+    assert len(outs) == 1
+    tf.flip = True
+    flipped = [torch.equal(tf(frames, np.random.default_rng(s)), tf(frames.flip(2), np.random.default_rng(s))
+                           .flip(-1)) for s in range(8)]
+    assert all(flipped)
+
+
+def test_randaugment_spec_and_every_op():
+    ra = RandAugment.from_spec("rand-m7-n4-mstd0.5-inc1")
+    assert (ra.magnitude, ra.num_ops, ra.std) == (7.0, 4, 0.5)
+    with pytest.raises(ValueError, match="rand-"):
+        RandAugment.from_spec("auto-m7")
+    from uniformerv2.data import _RA_OPS
+
+    x = torch.rand(3, 3, 20, 24) * 255
+    for name, op in _RA_OPS.items():
+        y = op(x.clone(), 0.7, np.random.default_rng(0))
+        assert y.shape == x.shape and torch.isfinite(y).all(), name
+        assert y.min() >= -1e-3 and y.max() <= 255 + 1e-3, name
+
+
+def test_test_views_short_side_and_three_crops():
+    # a wide video: crops at left / centre / right
+    frames = torch.arange(60, dtype=torch.float32).view(1, 1, 1, 60).expand(2, 3, 30, 60)
+    left, mid, right = (uniform_crop(frames, 30, p) for p in (0, 1, 2))
+    assert left[..., 0].max() == 0 and right[..., -1].min() == 59 and mid[..., 0].min() == 15
+    views = ViewTransform(32, short_side=40, num_crops=3)(torch.randint(0, 255, (4, 50, 100, 3), dtype=torch.uint8))
+    assert len(views) == 3 and all(v.shape == (3, 4, 32, 32) for v in views)
+    tall = ViewTransform(32, num_crops=1)(torch.randint(0, 255, (4, 90, 45, 3), dtype=torch.uint8))
+    assert len(tall) == 1 and tall[0].shape == (3, 4, 32, 32)
+
+
+def test_video_dataset_test_views_use_official_offsets(tmp_path):
+    path = _frame_id_video(str(tmp_path / "ids.mp4"), 30, h=32, w=48)
+    (tmp_path / "l.txt").write_text("ids.mp4 1\n")
+    ds = VideoListDataset(str(tmp_path / "l.txt"), num_frames=4, train=False, crop_size=32, num_clips=2,
+                          num_crops=3)
+    item = ds[0]
+    assert item["video"].shape == (6, 3, 4, 32, 32) and item["label"] == 1
+    levels = (item["video"] * STD + MEAN) * 255  # back to pixel levels: 8 * frame + 4
+    for clip in range(2):
+        want = torch.tensor([8.0 * j + 4 for j in segment_indices(30, 4, clip, 2)])
+        got = levels[clip * 3].mean(dim=(0, 2, 3))
+        assert torch.allclose(got, want, atol=3), (clip, got, want)
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_a_pure_function_of_index_and_epoch():
+    a, b = MovingShapes(16, split="train", seed=1), MovingShapes(16, split="train", seed=1)
+    assert torch.equal(a[5]["video"], b[5]["video"])
+    b.set_epoch(1)
+    assert not torch.equal(a[5]["video"], b[5]["video"])  # fresh training clips every epoch
+    v1, v2 = MovingShapes(8, split="val"), MovingShapes(8, split="val")
+    v2.set_epoch(3)
+    assert torch.equal(v1[2]["video"], v2[2]["video"])  # the validation set is fixed
+    assert [a[i]["label"] for i in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert a[0]["video"].shape == (3, 8, 32, 32) and len(CLASSES) == 4
+    with pytest.raises(ValueError, match="split"):
+        MovingShapes(4, split="dev")
+
+
+def test_synthetic_motion_direction_is_in_the_frame_order():
+    """The centroid of the shape moves along the class direction; reversed order = opposite class."""
+    for label, (sx, sy) in {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}.items():
+        rng = np.random.default_rng(label)
+        clip = render_clip(rng, label, num_frames=8, resolution=32, noise=0.0).astype(np.float64)
+        bg = clip[:, 0:1, 0:1, :]  # the shape is small; corners are mostly background
+        diff = np.abs(clip - np.median(clip.reshape(8, -1, 3), axis=1)[:, None, None, :]).sum(-1)
+        ys, xs = np.mgrid[0:32, 0:32]
+        # circular mean of the shape position per frame (motion wraps around)
+        ang_x = np.angle((diff * np.exp(2j * np.pi * xs / 32)).sum((1, 2)))
+        ang_y = np.angle((diff * np.exp(2j * np.pi * ys / 32)).sum((1, 2)))
+        step_x = np.angle(np.exp(1j * np.diff(ang_x))).mean() * 32 / (2 * np.pi)
+        step_y = np.angle(np.exp(1j * np.diff(ang_y))).mean() * 32 / (2 * np.pi)
+        assert bg.shape[0] == 8
+        if sx:
+            assert np.sign(step_x) == sx and abs(step_x) > 1.0 and abs(step_y) < 0.5
+        else:
+            assert np.sign(step_y) == sy and abs(step_y) > 1.0 and abs(step_x) < 0.5

@@ -1,0 +1,198 @@
+"""Trainer, evaluation and prediction end to end: real (PyAV-encoded) videos, exact resumption, a
+2-process torchrun/gloo run, and a short version of the embedded main job."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from uniformerv2 import evaluate, predict, train
+from uniformerv2.recipes import PRESETS, build_config, parse_override
+from uniformerv2.synthetic import CLASSES, write_videos
+
+# A very small model: every part on (stride-2 stem, LMHRA x2, DPE, global blocks), 32x32, 4 frames.
+TINY = ["model.overrides={width: 32, layers: 2, heads: 1, patch_size: 8, return_list: [0, 1]}",
+        "data.num_frames=4", "data.crop_size=32", "train.progress=false", "train.log_every=1"]
+
+
+def _rows(out_dir, kind="train"):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return [r for r in map(json.loads, fh) if r["kind"] == kind]
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def test_config_layers_and_errors(tmp_path):
+    cfg = build_config("k400_b16_f8x224", None, ["optim.lr=2e-4", "model.overrides.width=96"])
+    assert cfg["optim"]["lr"] == 2e-4 and cfg["optim"]["weight_decay"] == 0.05
+    assert cfg["optim"]["clip_grad"] == 20.0 and cfg["train"]["amp"] == "fp16"
+    assert cfg["eval"]["num_clips"] == 4 and cfg["eval"]["num_crops"] == 3
+    assert cfg["model"]["overrides"] == {"width": 96}
+    assert build_config("ssv2_b16_f16x224")["data"]["flip"] is False
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"preset": "synthetic", "optim": {"lr": 0.5}, "train": {"epochs": 1}}))
+    cfg = build_config(None, str(f), ["train.epochs=3"])
+    assert cfg["preset"] == "synthetic" and cfg["optim"]["lr"] == 0.5 and cfg["train"]["epochs"] == 3
+    assert cfg["model"]["overrides"] == PRESETS["synthetic"]["model"]["overrides"]
+    assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+    with pytest.raises(KeyError, match="optim.learning_rate"):
+        build_config(None, None, ["optim.learning_rate=1"])
+    with pytest.raises(KeyError, match="unknown preset"):
+        build_config("k999")
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("optim.lr")
+
+
+def test_schedule_param_groups_and_sampler():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = train.param_groups(model, 0.05)
+    assert [len(g["params"]) for g in groups] == [1, 3] and [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    s = train.WarmupCosine(opt, lr=1e-3, min_lr=1e-6, warmup_start_lr=1e-6, warmup_epochs=1, epochs=3,
+                           iters_per_epoch=10)
+    assert s.get_last_lr() == pytest.approx(1e-6)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        s.step()
+    assert lrs[5] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[20] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    shards = [train.ShardSampler(23, r, 3, shuffle=True, seed=1) for r in range(3)]
+    idx = [list(sh) for sh in shards]
+    assert all(len(i) == 7 for i in idx) and len(set(sum(idx, []))) == 21
+    shards[0].set_epoch(0, skip=2)
+    assert list(shards[0]) == idx[0][2:]
+    shards[0].set_epoch(1)
+    assert list(shards[0]) != idx[0]
+
+
+# ---------------------------------------------------------------------------------------- real videos
+
+
+def test_real_videos_train_two_steps_evaluate_predict(tmp_path, capsys):
+    vids = tmp_path / "videos"
+    train_list, labels = write_videos(str(vids), 8, num_frames=16, resolution=40, codec="mpeg4")
+    val_list, _ = write_videos(str(vids), 4, num_frames=12, resolution=40, codec="libx264", split="val")
+    (vids / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    with open(train_list, "a") as fh:
+        fh.write("broken.mp4 1\n")
+    with open(val_list, "a") as fh:
+        fh.write("does_not_exist.mp4 2\n")
+    out = tmp_path / "run"
+    rc = train.main(["--preset", "synthetic", "--output-dir", str(out), *TINY,
+                     "data.dataset=video_list", f"data.train_list={train_list}", f"data.val_list={val_list}",
+                     f"data.labels={labels}", "data.short_side=36", "data.randaugment=rand-m7-n4-mstd0.5-inc1",
+                     "train.batch_size=4", "train.max_steps=2", "train.epochs=2", "eval.num_clips=2",
+                     "eval.num_crops=3", "eval.batch_size=2"])
+    assert rc == 0
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _rows(out))
+    val = _rows(out, "val")
+    assert len(val) == 1 and 0 <= val[0]["acc1"] <= 100
+    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png", "config.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert {"model_state", "optimizer_state", "scaler", "scheduler", "epoch", "rng", "cfg"} <= set(ckpt)
+    assert ckpt["global_step"] == 2 and ckpt["classes"] == list(CLASSES)
+    assert "transformer.resblocks.0.lmhra1.pos_embed.0.running_mean" in ckpt["model_state"]
+
+    eval_dir = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(out / "last.pt"), "--list", val_list, "--clips", "2", "--crops",
+                          "3", "--output-dir", str(eval_dir), "--no-progress"]) == 0
+    res = json.loads((eval_dir / "results.json").read_text())
+    assert res["n"] == 4 and res["views"] == "2x3"
+    assert res["skipped"] == [str(vids / "does_not_exist.mp4")]
+    assert sum(map(sum, res["confusion"])) == 4 and len(res["per_class"]) == 4
+    assert res["acc1"] == pytest.approx(val[0]["acc1"])  # same views, same model as the run's own eval
+    assert (eval_dir / "confusion.png").stat().st_size > 0 and (eval_dir / "per_class.csv").exists()
+
+    capsys.readouterr()
+    video = str(vids / "val_00001.mp4")
+    assert predict.main([video, "--checkpoint", str(out / "last.pt"), "--labels", labels, "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
+    assert [r["rank"] for r in top] == [1, 2, 3, 4]  # only 4 classes
+    assert {r["name"] for r in top} == set(CLASSES)
+    assert sum(r["probability"] for r in top) == pytest.approx(1.0, abs=1e-4)
+    assert predict.main([video, "--checkpoint", str(out / "last.pt"), "--labels", labels]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(video) and "1. " in text and "%" in text
+
+
+# ---------------------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_exactly(tmp_path):
+    """N steps straight == k steps, stop, resume to N: same losses, same weights (dropout, drop path,
+    BatchNorm and an epoch boundary included)."""
+    common = ["--preset", "synthetic", *TINY, "data.synthetic.train_size=24", "data.synthetic.val_size=4",
+              "train.batch_size=6", "train.epochs=2", "train.eval_every=0", "eval.batch_size=4",
+              "model.overrides.mlp_dropout=[0.5, 0.5]", "model.overrides.cls_dropout=0.5",
+              "model.overrides.backbone_drop_path_rate=0.2", "model.overrides.drop_path_rate=0.2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main([*common, "--output-dir", str(straight), "train.max_steps=6"])
+    train.main([*common, "--output-dir", str(split), "train.max_steps=3"])
+    first = [r["loss"] for r in _rows(split)]
+    train.main([*common, "--output-dir", str(split), "train.max_steps=6", "--resume"])
+    a, b = [r["loss"] for r in _rows(straight)], [r["loss"] for r in _rows(split)]
+    assert len(a) == 6 and a == b and first == a[:3]
+    assert len(set(a)) == 6
+    sa = torch.load(straight / "last.pt", weights_only=False)
+    sb = torch.load(split / "last.pt", weights_only=False)
+    assert (sa["epoch"], sa["step_in_epoch"], sa["global_step"]) == (sb["epoch"], sb["step_in_epoch"], 6)
+    for k, v in sa["model_state"].items():
+        assert torch.equal(v, sb["model_state"][k]), k
+    for k, v in sa["optimizer_state"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], sb["optimizer_state"]["state"][k]["exp_avg_sq"])
+
+
+# ---------------------------------------------------------------------------------------- torchrun
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    """2 CPU processes (gloo, DDP): both ranks end with bitwise-identical weights, and the run matches a
+    single process with the same global batch (no BatchNorm, no dropout: the maths is the same)."""
+    args = ["--preset", "synthetic", *TINY, "model.overrides.no_lmhra=true", "model.overrides.mlp_dropout=[0, 0]",
+            "model.overrides.cls_dropout=0", "data.synthetic.train_size=32", "data.synthetic.val_size=6",
+            "train.batch_size=8", "train.max_steps=3", "train.rank_report=true", "eval.batch_size=4"]
+    out2 = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "uniformerv2.train", *args,
+         "--output-dir", str(out2)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = json.loads((out2 / "rank0.json").read_text())
+    r1 = json.loads((out2 / "rank1.json").read_text())
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["param_digest"] == r1["param_digest"]
+    assert len(r0["local_losses"]) == len(r1["local_losses"]) == 3
+    assert r0["local_losses"] != r1["local_losses"]  # different shards of the batch
+    mean = [(a + b) / 2 for a, b in zip(r0["local_losses"], r1["local_losses"])]
+    assert r0["mean_losses"] == pytest.approx(mean, rel=1e-6)
+
+    out1 = tmp_path / "single"
+    train.main([*args, "--output-dir", str(out1)])
+    single = json.loads((out1 / "rank0.json").read_text())
+    assert single["world_size"] == 1
+    assert single["local_losses"] == pytest.approx(r0["mean_losses"], rel=2e-4, abs=1e-5)
+    w2 = torch.load(out2 / "last.pt", weights_only=False)["model_state"]
+    w1 = torch.load(out1 / "last.pt", weights_only=False)["model_state"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=2e-5, msg=k)
