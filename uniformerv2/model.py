@@ -34,7 +34,10 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         orig_type = x.dtype
-        return super().forward(x.type(torch.promote_types(orig_type, torch.float32))).type(orig_type)
+        compute = torch.promote_types(orig_type, torch.float32)
+        weight = None if self.weight is None else self.weight.to(compute)  # exact: fp16/bf16 -> fp32
+        bias = None if self.bias is None else self.bias.to(compute)
+        return F.layer_norm(x.to(compute), self.normalized_shape, weight, bias, self.eps).to(orig_type)
 
 
 def drop_path_scale(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor | None:

@@ -16,7 +16,6 @@ limits) through ``extra_reasons``.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Iterable, Mapping, Sequence
@@ -35,19 +34,31 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Probed once per process. Plain module-level caches (not functools.lru_cache) so that torch.compile
+# traces through backend selection without warnings.
+_CACHE: dict[str, object] = {}
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    if "triton" not in _CACHE:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _CACHE["triton"] = None
+        except Exception as exc:  # ImportError, or a broken install
+            _CACHE["triton"] = f"triton is not importable ({type(exc).__name__}: {exc})"
+    return _CACHE["triton"]
 
 
-@functools.lru_cache(maxsize=None)
 def _load_extension() -> tuple[object | None, str | None]:
-    """Imports the compiled extension once; returns (module, None) or (None, why not)."""
+    if "extension" not in _CACHE:
+        _CACHE["extension"] = _import_extension()
+    return _CACHE["extension"]
+
+
+def _import_extension() -> tuple[object | None, str | None]:
+    """Imports the compiled extension; returns (module, None) or (None, why not)."""
     try:
         module = importlib.import_module("uniformerv2_kernels._C")
     except ModuleNotFoundError:

@@ -1,0 +1,130 @@
+"""build_model(fused=True): the whole model on the fused ops equals the reference model.
+
+On CPU the fused ops run their Triton kernels under the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so these shapes are small. bf16 is wrong under the interpreter: checked on a GPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import uniformerv2
+from uniformerv2_kernels.testing import assert_close, rel_error
+
+from conftest import requires_cuda
+from test_model import randomise_
+
+SMALL = dict(input_resolution=32, patch_size=8, width=96, layers=4, heads=2, return_list=[2, 3],
+             temporal_downsample=False, no_lmhra=False, double_lmhra=True, num_frames=4, num_classes=7,
+             backbone_drop_path_rate=0.0, drop_path_rate=0.0, mlp_dropout=0.0, cls_dropout=0.0)
+
+
+def small_model(**kw):
+    cfg = dict(SMALL, **kw)
+    frames, classes = cfg.pop("num_frames"), cfg.pop("num_classes")
+    return randomise_(uniformerv2.build_model("tiny", num_frames=frames, num_classes=classes, **cfg))
+
+
+def run(model, video, train):
+    """Logits, parameter gradients and BN running statistics after one forward/backward."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    logits = model(video)
+    logits.float().square().sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    stats = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return logits.detach(), grads, stats
+
+
+def compare_fused_to_reference(dtype, train, device="cpu", **kw):
+    torch.manual_seed(0)
+    base = small_model(**kw)
+    video = torch.randn(2, 3, SMALL["num_frames"], 32, 32, device=device)
+
+    ref64 = copy.deepcopy(base).double().to(device)
+    ref_low = copy.deepcopy(base).to(device=device, dtype=dtype)
+    fused = copy.deepcopy(base).to(device=device, dtype=dtype).set_fused(True, backend="triton")
+
+    out64, grads64, stats64 = run(ref64, video.double(), train)
+    out_low, grads_low, _ = run(ref_low, video.to(dtype), train) if dtype != torch.float32 else (None, {}, None)
+    out, grads, stats = run(fused, video.to(dtype), train)
+
+    assert_close(out, out64, out_low, name="logits", tf32=device == "cuda")
+    assert set(grads) == set(grads64)
+    for name in grads64:
+        assert_close(grads[name], grads64[name], grads_low.get(name), name=f"grad {name}", grad=True,
+                     tf32=device == "cuda")
+    if train:  # BatchNorm running statistics updated exactly like nn.BatchNorm3d
+        for name in stats64:
+            if name.endswith("num_batches_tracked"):
+                assert torch.equal(stats[name].cpu(), stats64[name].cpu()), name
+            else:
+                assert rel_error(stats[name], stats64[name]) < (1e-5 if dtype == torch.float32 else 5e-3), name
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_fused_matches_reference_fp32(train):
+    compare_fused_to_reference(torch.float32, train)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_fused_matches_reference_fp16(train):
+    compare_fused_to_reference(torch.float16, train)
+
+
+def test_fused_matches_reference_with_temporal_downsample_and_drop_path():
+    """Sth-Sth style stem and stochastic depth: the fused path draws the same drop-path masks."""
+    torch.manual_seed(0)
+    base = small_model(temporal_downsample=True, num_frames=6, backbone_drop_path_rate=0.3, drop_path_rate=0.3)
+    video = torch.randn(2, 3, 6, 32, 32)
+    ref = copy.deepcopy(base).double()
+    fused = copy.deepcopy(base).set_fused(True, backend="triton")
+    torch.manual_seed(5)
+    out64, grads64, _ = run(ref, video.double(), train=True)
+    torch.manual_seed(5)
+    out, grads, _ = run(fused, video, train=True)
+    assert_close(out, out64, name="logits")
+    for name in grads64:
+        assert_close(grads[name], grads64[name], name=f"grad {name}")
+
+
+def test_switch_does_not_change_the_real_b16_model():
+    """Randomised weights of the real B/16 configuration, reference backend: fused=True == fused=False."""
+    torch.manual_seed(0)
+    model = randomise_(uniformerv2.build_model("k400_b16_f8x224", num_frames=2)).eval()
+    video = torch.randn(1, 3, 2, 224, 224)
+    with torch.no_grad():
+        ref = model(video)
+        model.set_fused(True, backend="reference")
+        fused = model(video)
+        model.set_fused(False)
+        again = model(video)
+    assert torch.equal(ref, again)
+    assert rel_error(fused, ref) < 1e-5
+
+
+def test_switch_does_not_change_the_real_ssv2_model():
+    torch.manual_seed(0)
+    model = randomise_(uniformerv2.build_model("ssv2_b16_f16x224", num_frames=4, return_list=[10, 11])).eval()
+    video = torch.randn(1, 3, 4, 224, 224)
+    with torch.no_grad():
+        ref = model(video)
+        fused = model.set_fused(True, backend="reference")(video)
+    assert rel_error(fused, ref) < 1e-5
+
+
+def test_compiled_fused_model_matches_eager():
+    torch.manual_seed(0)
+    model = small_model(layers=2, return_list=[1]).set_fused(True, backend="triton").eval()
+    video = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        eager = model(video)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(video)
+    assert rel_error(compiled, eager) < 1e-6
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_matches_reference_cuda(dtype):
+    compare_fused_to_reference(dtype, train=True, device="cuda")
