@@ -543,8 +543,8 @@ def _git(*cmd) -> str | None:
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
     commit = _git("rev-parse", "--short=12", "HEAD")
-    if not commit:
-        return "unknown"
+    if not commit:  # a copy of the tree without .git (e.g. on a lent GPU machine): the caller may say it
+        return os.environ.get("GIT_COMMIT", "").strip() or "unknown"
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return commit + ("-dirty" if dirty else "")
 
@@ -866,12 +866,19 @@ def run_benchmark(name: str, cases: Sequence[Case], providers: Sequence[Provider
         providers = [p for p in providers if p.name in args.providers]
     baseline = baseline or (providers[0].name if providers else None)
     rows = []
+    # Each row also goes to <name>.partial.csv as soon as it is measured, so a run cut short (a timeout on
+    # a lent machine) keeps what it measured; the complete run replaces it by the rows in <name>.csv.
+    partial = None if args.no_save else os.path.join(args.out, f"{name}.partial.csv")
+    if partial and os.path.exists(partial):
+        os.remove(partial)
     for case in cases:
         for mode in args.modes:
             for prov in providers:
                 torch.manual_seed(args.seed)
                 row = measure(prov, case, mode, args)
                 rows.append(row)
+                if partial:
+                    append_csv([row], partial)
                 status = f"{row['ms']:.4g} ms" if row["status"] == "ok" else f"{row['status']}: {row['note']}"
                 print(f"  [{name}] {case.name} | {mode} | {prov.name}: {status}", file=sys.stderr, flush=True)
     if baseline:
@@ -881,6 +888,8 @@ def run_benchmark(name: str, cases: Sequence[Case], providers: Sequence[Provider
     print()
     if not args.no_save and rows:
         save(name, rows, args, title)
+    if partial and os.path.exists(partial):
+        os.remove(partial)
     return rows
 
 
@@ -900,3 +909,90 @@ def save(name: str, rows: Sequence[dict], args, title: str | None = None) -> Non
         png = None
         print(f"plot failed: {_first_line(exc)}", file=sys.stderr)
     print(f"saved: {csv_path} (appended), {md_path}" + (f", {png}" if png else ""))
+
+
+# ------------------------------------------------------------------------- reading results back (CLI)
+
+_NUMERIC = ("ms", "gbps", "tflops", "items_per_s", "peak_mb", "first_ms", "speedup", "bytes", "flops")
+
+
+def read_csv(path: str) -> list[dict]:
+    """Rows of a results CSV with the numeric columns as floats (empty -> None)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in CSV_COLUMNS:
+            r.setdefault(k, None)
+            if r[k] == "":
+                r[k] = None
+        for k in _NUMERIC:
+            if r[k] is not None:
+                r[k] = float(r[k])
+        r["quick"] = r["quick"] == "True"
+    return rows
+
+
+def summarize(paths: Sequence[str]) -> str:
+    """Markdown: for each CSV (``<name>.csv`` or ``<name>.partial.csv``), the rows of its latest run
+    (the latest date per device), with the environment header."""
+    parts = []
+    for path in paths:
+        rows = read_csv(path)
+        if not rows:
+            continue
+        name = os.path.basename(path)[: -len(".csv")]
+        for device in dict.fromkeys(r["device"] for r in rows):
+            mine = [r for r in rows if r["device"] == device]
+            latest = max(r["date"] for r in mine)
+            run = [r for r in mine if r["date"] == latest]
+            cut = " (PARTIAL: the run was cut short)" if name.endswith(".partial") else ""
+            parts.append(f"### {name}{cut}\n\n{env_header(run)}\n\n{format_table(run, markdown=True)}\n")
+    return "\n".join(parts) if parts else "(no results)\n"
+
+
+def merge(src: str, dest: str = DEFAULT_OUT) -> list[str]:
+    """Adds the results of a run made elsewhere (e.g. the GPU suite's results folder) to ``dest``: CSV rows
+    appended to ``dest/<name>.csv`` (partial files included, under their own name), markdown tables and
+    plots copied. Returns the files written."""
+    import shutil
+
+    written = []
+    os.makedirs(dest, exist_ok=True)
+    for entry in sorted(os.listdir(src)):
+        path = os.path.join(src, entry)
+        if entry.endswith(".csv"):
+            rows = read_csv(path)
+            target = os.path.join(dest, entry)
+            append_csv(rows, target)
+            written.append(target)
+        elif entry.endswith((".md", ".png")):
+            shutil.copy2(path, os.path.join(dest, entry))
+            written.append(os.path.join(dest, entry))
+    return written
+
+
+def _cli(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Read benchmark results back: summarize CSVs, or merge a "
+                                            "results folder (e.g. from the GPU suite) into benchmarks/results.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("summarize", help="print a markdown summary of the latest run in each CSV")
+    s.add_argument("paths", nargs="+", help="CSV files or folders holding them")
+    m = sub.add_parser("merge", help="append CSV rows and copy tables/plots from SRC into DEST")
+    m.add_argument("src")
+    m.add_argument("dest", nargs="?", default=DEFAULT_OUT)
+    a = p.parse_args(argv)
+    if a.cmd == "summarize":
+        files = []
+        for path in a.paths:
+            if os.path.isdir(path):
+                files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".csv"))
+            else:
+                files.append(path)
+        print(summarize(files))
+    else:
+        for path in merge(a.src, a.dest):
+            print(path)
+
+
+if __name__ == "__main__":
+    _cli()

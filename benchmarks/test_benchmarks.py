@@ -1,0 +1,256 @@
+"""pytest-benchmark tests of the CPU-runnable paths, at tiny UniFormerV2-like shapes.
+
+    pytest benchmarks/ --benchmark-only        # the timed tests only (pytest-benchmark statistics)
+    pytest benchmarks/                          # also the harness checks and the scripts' --quick smoke runs
+
+Per op: the plain-PyTorch reference (``eager``), the public op on its reference backend (``op-reference``:
+the torch.library custom-op path the model uses on CPU) and ``torch.compile`` of the reference
+(``compile``), in forward and forward+backward (see harness.make_step). Op modules that do not exist yet are
+skipped (importorskip). End-to-end: the ``tiny`` model's inference call and training step, eager and fused.
+Triton kernels are not timed here: on the CPU they run only under TRITON_INTERPRET, which is not a timing.
+The main test command runs ``pytest tests/`` only, so none of this slows CI.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import harness as H  # noqa: E402
+
+# Short calibration: these are smoke-level timings at tiny shapes, not the measurements of record.
+pytestmark = pytest.mark.benchmark(max_time=0.25, min_rounds=3, warmup=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread, as the scripts use on the CPU: with 2 threads on a shared machine a call waits
+    for a scheduler slice (~8 ms) and the timings measure the neighbours."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+L_SIDE, T, N, C, HEADS = 4, 3, 2, 128, 2  # L = 17 tokens, 6 frame rows, head dim 64
+L = 1 + L_SIDE * L_SIDE
+C_MID = int(C // 1.5)
+
+
+def _rand(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).requires_grad_(True)
+
+
+def _inputs_layer_norm():
+    return dict(x=_rand(L, N * T, C), weight=_rand(C, scale=0.5), bias=_rand(C, scale=0.5))
+
+
+def _inputs_ffn():
+    return dict(x=_rand(L, N * T, C), ln_weight=_rand(C), ln_bias=_rand(C),
+                fc_weight=_rand(4 * C, C, scale=C ** -0.5), fc_bias=_rand(4 * C, scale=0.1),
+                proj_weight=_rand(C, 4 * C, scale=(4 * C) ** -0.5), proj_bias=_rand(C, scale=0.1))
+
+
+def _inputs_spatial_attention():
+    return dict(x=_rand(L, N * T, C), ln_weight=_rand(C), ln_bias=_rand(C),
+                in_proj_weight=_rand(3 * C, C, scale=C ** -0.5), in_proj_bias=_rand(3 * C, scale=0.1),
+                out_proj_weight=_rand(C, C, scale=C ** -0.5), out_proj_bias=_rand(C, scale=0.1))
+
+
+def _inputs_global_query_attention():
+    return dict(x=_rand(L, N * T, C), dpe_weight=_rand(C, 1, 3, 3, 3, scale=0.2), dpe_bias=_rand(C, scale=0.1),
+                ln_weight=_rand(C), ln_bias=_rand(C), query=_rand(1, N, C),
+                in_proj_weight=_rand(3 * C, C, scale=C ** -0.5), in_proj_bias=_rand(3 * C, scale=0.1))
+
+
+def _inputs_local_temporal_mhra():
+    return dict(x=_rand(L, N * T, C), bn_weight=_rand(C), bn_bias=_rand(C),
+                running_mean=torch.randn(C) * 0.1, running_var=torch.rand(C) + 0.5,
+                conv1_weight=_rand(C_MID, C, 1, 1, 1, scale=C ** -0.5), conv1_bias=_rand(C_MID, scale=0.1),
+                dw_weight=_rand(C_MID, 1, 3, 1, 1, scale=0.5), dw_bias=_rand(C_MID, scale=0.1),
+                conv2_weight=_rand(C, C_MID, 1, 1, 1, scale=C_MID ** -0.5), conv2_bias=_rand(C, scale=0.1))
+
+
+def _op_functions(op: str):
+    """(reference fn(**inputs), public op fn(**inputs) on the reference backend, inputs factory)."""
+    if op == "layer_norm":
+        ref = pytest.importorskip("uniformerv2_kernels.reference.layer_norm")
+        ops = pytest.importorskip("uniformerv2_kernels.ops.layer_norm")
+        return (ref.clip_layer_norm,
+                lambda **kw: ops.clip_layer_norm(**kw, backend="reference"), _inputs_layer_norm)
+    if op == "ffn":
+        ref = pytest.importorskip("uniformerv2_kernels.reference.ffn")
+        ops = pytest.importorskip("uniformerv2_kernels.ops.ffn")
+        return ref.fused_ffn, lambda **kw: ops.fused_ffn(**kw, backend="reference"), _inputs_ffn
+    if op == "spatial_attention":
+        ref = pytest.importorskip("uniformerv2_kernels.reference.spatial_attention")
+        ops = pytest.importorskip("uniformerv2_kernels.ops.spatial_attention")
+        return (lambda **kw: ref.spatial_attention(**kw, num_heads=HEADS),
+                lambda **kw: ops.spatial_attention(**kw, num_heads=HEADS, backend="reference"),
+                _inputs_spatial_attention)
+    if op == "global_query_attention":
+        ref = pytest.importorskip("uniformerv2_kernels.reference.global_query_attention")
+        ops = pytest.importorskip("uniformerv2_kernels.ops.global_query_attention")
+        return (lambda **kw: ref.global_query_attention_literal(**kw, T=T, num_heads=HEADS),
+                lambda **kw: ops.global_query_attention(**kw, T=T, num_heads=HEADS, backend="reference"),
+                _inputs_global_query_attention)
+    if op == "local_temporal_mhra":
+        ref = pytest.importorskip("uniformerv2_kernels.reference.local_temporal_mhra")
+        ops = pytest.importorskip("uniformerv2_kernels.ops.local_temporal_mhra")
+
+        def reference(**kw):  # eval-mode BN (running statistics): the inference path
+            return ref.local_temporal_mhra_reference(**kw, T=T, training=False)[0]
+
+        def public(**kw):
+            return ops.local_temporal_mhra(**kw, T=T, num_batches_tracked=None, training=False, backend="reference")
+
+        return reference, public, _inputs_local_temporal_mhra
+    raise ValueError(op)
+
+
+OPS = ("layer_norm", "ffn", "spatial_attention", "global_query_attention", "local_temporal_mhra")
+PROVIDERS = ("eager", "op-reference", "compile")
+MODES = ("forward", "forward+backward")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", OPS)
+def test_op(benchmark, op, provider, mode):
+    reference, public, make_inputs = _op_functions(op)
+    torch.manual_seed(0)
+    fn = {"eager": reference, "op-reference": public, "compile": reference}[provider]
+    prov = H.Provider(provider, fn, compile=provider == "compile")
+    inputs = make_inputs()
+    if mode == "forward":
+        for t in inputs.values():
+            if isinstance(t, torch.Tensor):
+                t.requires_grad_(False)
+    step, leaves = H.make_step(prov, inputs, mode)
+    out = step()  # compile / warm up outside the timing
+    if mode == "forward":
+        assert torch.isfinite(out).all()
+    else:
+        grads = [t.grad for t in leaves]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    def clear_and_step():
+        for t in leaves:
+            t.grad = None
+        return step()
+
+    benchmark.group = f"{op} {mode}"
+    benchmark.extra_info.update(op=op, provider=provider, mode=mode, shape=f"L={L} NT={N * T} C={C} heads={HEADS}")
+    benchmark(clear_and_step)
+
+
+E2E_PROVIDERS = ("eager", "fused")
+
+
+@pytest.mark.parametrize("task", ("inference", "train"))
+@pytest.mark.parametrize("provider", E2E_PROVIDERS)
+def test_e2e_tiny(benchmark, provider, task):
+    pytest.importorskip("uniformerv2.model")
+    import bench_e2e
+
+    args = H.parse_args("", ["--device", "cpu", "--quick", "--no-save"], extra=bench_e2e.extra_args)
+    model = bench_e2e.build("tiny", {}, None, provider == "fused", args, seed=0)
+    bench_e2e.randomise_buffers(model)
+    x, labels, _, _ = bench_e2e.make_inputs(model, 2, args, seed=1)
+    step = bench_e2e.make_step(model, model, task, x, labels, args)
+    step()
+    benchmark.group = f"e2e tiny {task}"
+    benchmark.extra_info.update(provider=provider, task=task, batch=2)
+    benchmark(step)
+
+
+# ---- checks of the harness itself (not timed; skipped under --benchmark-only) ----
+
+def test_time_fn_cpu_median_is_positive_and_grows_with_work():
+    small = torch.randn(64, 64)
+    big = torch.randn(256, 256)
+    t_small = H.time_fn(lambda: small @ small, "cpu", rep=5)
+    t_big = H.time_fn(lambda: [big @ big for _ in range(4)], "cpu", rep=5)
+    assert 0 < t_small < t_big
+
+
+def test_measure_rows_throughput_and_skip_reasons(tmp_path):
+    args = H.parse_args("", ["--device", "cpu", "--mode", "all", "--out", str(tmp_path)])
+    args.bench_name = "selftest"
+
+    def make_inputs(device, dtype, requires_grad):
+        return dict(a=torch.randn(33, 65, device=device, dtype=dtype, requires_grad=requires_grad),
+                    b=torch.randn(65, 17, device=device, dtype=dtype, requires_grad=requires_grad))
+
+    case = H.Case("mm", make_inputs, fwd_flops=2 * 33 * 65 * 17, bwd_flops=4 * 33 * 65 * 17,
+                  fwd_bytes=4 * (33 * 65 + 65 * 17 + 33 * 17))
+    providers = [H.Provider("eager", lambda a, b: a @ b),
+                 H.Provider("gpu-only", lambda a, b: a @ b, requires=("gpu",)),
+                 H.Provider("broken", lambda a, b: a @ b.t())]
+    rows = H.run_benchmark("selftest", [case], providers, args)
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for mode in H.MODES:
+        ok = by[("eager", mode)]
+        assert ok["status"] == "ok" and ok["ms"] > 0 and ok["speedup"] == pytest.approx(1.0)
+        nbytes, flops = case.work(mode)
+        assert ok["tflops"] == pytest.approx(flops / (ok["ms"] * 1e-3) / 1e12)
+        assert by[("gpu-only", mode)]["status"] == "skipped"
+        assert "CUDA" in by[("gpu-only", mode)]["note"]
+        assert by[("broken", mode)]["status"] == "error"
+    assert by[("eager", "forward")]["gbps"] is not None and by[("eager", "backward")]["gbps"] is None
+    with open(tmp_path / "selftest.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert len(saved) == len(rows) and saved[0]["commit"] and saved[0]["torch"] == torch.__version__
+    assert (tmp_path / "selftest_cpu_quick.md").read_text().count("| mm |") == 6  # 3 modes x (eager, broken)
+
+
+def test_csv_with_another_header_is_moved_aside(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("a,b\n1,2\n")
+    args = H.parse_args("", ["--device", "cpu"])
+    case = H.Case("c", lambda *a: {})
+    row = H.new_row("p", case, "forward", args)
+    row.update(status="ok", ms=1.0)
+    H.append_csv([row], str(path))
+    assert list(tmp_path.glob("x.csv.old-*"))
+    with open(path) as f:
+        assert next(csv.reader(f)) == list(H.CSV_COLUMNS)
+
+
+def test_shapes_are_the_real_model_sizes():
+    args = H.parse_args("", ["--device", "cpu", "--full"])
+    full = H.shapes(args)
+    assert {(s.model, s.L, s.C, s.heads, s.head_dim) for s in full} == {("b16", 197, 768, 12, 64), ("l14", 257, 1024, 16, 64)}
+    args = H.parse_args("", ["--device", "cpu", "--models", "l14", "--frames", "8,16", "--batch", "4"])
+    assert [(s.T, s.N, s.NT, s.S) for s in H.shapes(args)] == [(8, 4, 32, 8 * 257), (16, 4, 64, 16 * 257)]
+    assert H.MODELS["b16"].lmhra_dim == 512 and H.MODELS["l14"].lmhra_dim == 682
+
+
+# ---- every bench script runs on the CPU and prints its table ----
+
+SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_quick_on_cpu(script, tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, os.path.join(HERE, script), "--device", "cpu", "--quick", "--mode", "forward",
+           "--out", str(tmp_path), "--rep", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "provider" in proc.stdout, proc.stdout[-2000:]  # the table's header
+    saved = list(tmp_path.glob("*.csv"))
+    assert saved, "the script saved no CSV"
+    with open(saved[0]) as f:
+        rows = list(csv.DictReader(f))
+    assert any(r["status"] == "ok" for r in rows), "no provider ran on the CPU"
