@@ -197,3 +197,14 @@ def test_bad_inputs_name_the_argument():
         fused_ffn(x, ln_w, ln_b, fc_w, fc_b, pr_w, pr_b, row_scale=torch.ones(2))
     with pytest.raises(TypeError, match="x"):
         fused_ffn(x.long(), ln_w, ln_b, fc_w, fc_b, pr_w, pr_b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_does_not_retype_the_op(backend):
+    # the op computes in x.dtype: an fp32 x under autocast (a global block's query) stays fp32 inside
+    x = torch.randn(3, 2, 64, device=DEVICE)
+    params = _params(64)
+    plain = fused_ffn(x, *params, backend=backend)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        autocast = fused_ffn(x, *params, backend=backend)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import requires_cuda
 from uniformerv2_kernels import backends
-from uniformerv2_kernels.ops import layer_norm as ops_layer_norm
+import uniformerv2_kernels.ops.layer_norm as ops_layer_norm  # the module, not the re-exported function
 from uniformerv2_kernels.ops.layer_norm import clip_layer_norm
 from uniformerv2_kernels.reference import layer_norm as reference
 from uniformerv2_kernels.testing import assert_close

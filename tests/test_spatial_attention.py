@@ -1,18 +1,21 @@
 """Spatial attention (ln_1 + packed QKV + per-frame attention + out_proj): correctness, registration, backend."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import requires_cuda
 from uniformerv2_kernels import backends
-from uniformerv2_kernels.ops import spatial_attention as ops_attention
 from uniformerv2_kernels.ops.spatial_attention import attention_backend, spatial_attention
 from uniformerv2_kernels.reference import spatial_attention as reference
 from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
 from uniformerv2_kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the module (the package re-exports the function under the same name)
+ops_attention = importlib.import_module("uniformerv2_kernels.ops.spatial_attention")
 NAMES = ("out", "dx", "d_ln_w", "d_ln_b", "d_in_w", "d_in_b", "d_out_w", "d_out_b")
 
 
@@ -173,3 +176,13 @@ def test_bad_inputs_name_the_argument():
         spatial_attention(x, ln_w, ln_b, in_w, in_b, out_w, out_b[:3], 4)
     with pytest.raises(ValueError, match="x"):
         spatial_attention(x[0], ln_w, ln_b, in_w, in_b, out_w, out_b, 4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_does_not_retype_the_op(backend):
+    x = torch.randn(5, 3, 64, device=DEVICE)
+    params = _params(64)
+    plain = spatial_attention(x, *params, 4, backend=backend)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        autocast = spatial_attention(x, *params, 4, backend=backend)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)

@@ -25,6 +25,11 @@ CUDA_OPS: tuple[str, ...] = ()
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _autocast_off(t: torch.Tensor):
+    """The op computes in its input dtype: autocast (which custom ops pass through) must not retype the body."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _triton():
     from ..triton import ffn as triton_ffn  # lazily: TRITON_INTERPRET must be set before the import
 
@@ -46,18 +51,19 @@ def _fused_ffn_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, mean, rstd, h); mean/rstd/h are empty when save_for_backward is False."""
-    if backend == "triton":
-        return _triton().forward(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale,
-                                 eps, save_for_backward)
-    if backend == "cuda":
-        return tuple(torch.ops.uniformerv2_cuda.fused_ffn_fwd(
-            x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale, eps, save_for_backward))
-    out, mean, rstd, h = reference.forward(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,
-                                           row_scale, eps)
-    if not save_for_backward:
-        return (out, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32),
-                x.new_empty((0,)))
-    return out, mean.float(), rstd.float(), h.contiguous()
+    with _autocast_off(x):
+        if backend == "triton":
+            return _triton().forward(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale,
+                                     eps, save_for_backward)
+        if backend == "cuda":
+            return tuple(torch.ops.uniformerv2_cuda.fused_ffn_fwd(
+                x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale, eps, save_for_backward))
+        out, mean, rstd, h = reference.forward(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,
+                                               row_scale, eps)
+        if not save_for_backward:
+            return (out, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32),
+                    x.new_empty((0,)))
+        return out, mean.float(), rstd.float(), h.contiguous()
 
 
 @_fused_ffn_fwd.register_fake
@@ -91,16 +97,17 @@ def _fused_ffn_bwd(
            torch.Tensor]:
     """Returns (dx, d_ln_w, d_ln_b, d_fc_w, d_fc_b, d_proj_w, d_proj_b, d_row_scale or empty)."""
     grad_out = grad_out.contiguous()
-    if backend == "triton":
-        grads = _triton().backward(grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,
-                                   row_scale, mean, rstd, h, eps, need_row_scale_grad)
-    elif backend == "cuda":
-        grads = tuple(torch.ops.uniformerv2_cuda.fused_ffn_bwd(
-            grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale, mean, rstd, h,
-            eps, need_row_scale_grad))
-    else:
-        grads = reference.backward(grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,
-                                   row_scale, eps, need_row_scale_grad)
+    with _autocast_off(x):
+        if backend == "triton":
+            grads = _triton().backward(grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,
+                                       row_scale, mean, rstd, h, eps, need_row_scale_grad)
+        elif backend == "cuda":
+            grads = tuple(torch.ops.uniformerv2_cuda.fused_ffn_bwd(
+                grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale, mean, rstd, h,
+                eps, need_row_scale_grad))
+        else:
+            grads = reference.backward(grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,
+                                       row_scale, eps, need_row_scale_grad)
     grads = list(grads)
     if grads[-1] is None:
         grads[-1] = x.new_empty((0,))

@@ -20,6 +20,11 @@ CUDA_OPS: tuple[str, ...] = ()
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _autocast_off(t: torch.Tensor):
+    """The op computes in its input dtype: autocast (which custom ops pass through) must not retype the body."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _triton():
     from ..triton import layer_norm as triton_layer_norm  # imported lazily: needs TRITON_INTERPRET set first
 
@@ -39,12 +44,13 @@ def triton_reasons(x: torch.Tensor) -> list[str]:
 def _clip_layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return _triton().forward(x, weight, bias, eps)
-    if backend == "cuda":
-        return tuple(torch.ops.uniformerv2_cuda.clip_layer_norm_fwd(x, weight, bias, eps))
-    y, mean, rstd = reference.forward(x, weight, bias, eps)
-    return y, mean.float(), rstd.float()
+    with _autocast_off(x):
+        if backend == "triton":
+            return _triton().forward(x, weight, bias, eps)
+        if backend == "cuda":
+            return tuple(torch.ops.uniformerv2_cuda.clip_layer_norm_fwd(x, weight, bias, eps))
+        y, mean, rstd = reference.forward(x, weight, bias, eps)
+        return y, mean.float(), rstd.float()
 
 
 @_clip_layer_norm_fwd.register_fake
@@ -66,11 +72,12 @@ def _clip_layer_norm_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_y = grad_y.contiguous()
-    if backend == "triton":
-        return _triton().backward(grad_y, x, weight, mean, rstd, weight.dtype, bias.dtype)
-    if backend == "cuda":
-        return tuple(torch.ops.uniformerv2_cuda.clip_layer_norm_bwd(grad_y, x, weight, bias, mean, rstd))
-    return reference.backward(grad_y, x, weight, bias, eps)
+    with _autocast_off(x):
+        if backend == "triton":
+            return _triton().backward(grad_y, x, weight, mean, rstd, weight.dtype, bias.dtype)
+        if backend == "cuda":
+            return tuple(torch.ops.uniformerv2_cuda.clip_layer_norm_bwd(grad_y, x, weight, bias, mean, rstd))
+        return reference.backward(grad_y, x, weight, bias, eps)
 
 
 @_clip_layer_norm_bwd.register_fake

@@ -39,6 +39,11 @@ ENV_ATTENTION = "UNIFORMERV2_ATTENTION"  # "xformers" / "sdpa" / unset (automati
 _backend_choice: tuple[str, str] | None = None
 
 
+def _autocast_off(t: torch.Tensor):
+    """The op computes in its input dtype: autocast (which custom ops pass through) must not retype the body."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _triton():
     from ..triton import spatial_attention as triton_spatial_attention  # lazily (TRITON_INTERPRET first)
 
@@ -126,13 +131,14 @@ def _qkv_fwd(
     in_proj_bias: torch.Tensor, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qkv (B*L, 3C) frame-major, mean (L*B,), rstd (L*B,)) for x (L, B, C)."""
-    if backend == "triton":
-        return _triton().qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps)
-    if backend == "cuda":
-        return tuple(torch.ops.uniformerv2_cuda.spatial_attention_qkv_fwd(
-            x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps))
-    qkv, mean, rstd = reference.qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps)
-    return qkv.contiguous(), mean.float(), rstd.float()
+    with _autocast_off(x):
+        if backend == "triton":
+            return _triton().qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps)
+        if backend == "cuda":
+            return tuple(torch.ops.uniformerv2_cuda.spatial_attention_qkv_fwd(
+                x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps))
+        qkv, mean, rstd = reference.qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps)
+        return qkv.contiguous(), mean.float(), rstd.float()
 
 
 @_qkv_fwd.register_fake
@@ -149,13 +155,14 @@ def _qkv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_ln_weight, d_ln_bias, d_in_proj_weight, d_in_proj_bias)."""
     grad_qkv = grad_qkv.contiguous()
-    if backend == "triton":
-        grads = _triton().qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps)
-    elif backend == "cuda":
-        grads = torch.ops.uniformerv2_cuda.spatial_attention_qkv_bwd(
-            grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps)
-    else:
-        grads = reference.qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, eps)
+    with _autocast_off(x):
+        if backend == "triton":
+            grads = _triton().qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps)
+        elif backend == "cuda":
+            grads = torch.ops.uniformerv2_cuda.spatial_attention_qkv_bwd(
+                grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps)
+        else:
+            grads = reference.qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, eps)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -190,11 +197,12 @@ _qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 def _out_fwd(o: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor, L: int, B: int,
              backend: str) -> torch.Tensor:
     """out_proj of o (B*L, C) frame-major, returned as the stream (L, B, C)."""
-    if backend == "triton":
-        return _triton().out_forward(o, out_proj_weight, out_proj_bias, L, B)
-    if backend == "cuda":
-        return torch.ops.uniformerv2_cuda.spatial_attention_out_fwd(o, out_proj_weight, out_proj_bias, L, B)
-    return reference.out_forward(o, out_proj_weight, out_proj_bias, L, B)
+    with _autocast_off(o):
+        if backend == "triton":
+            return _triton().out_forward(o, out_proj_weight, out_proj_bias, L, B)
+        if backend == "cuda":
+            return torch.ops.uniformerv2_cuda.spatial_attention_out_fwd(o, out_proj_weight, out_proj_bias, L, B)
+        return reference.out_forward(o, out_proj_weight, out_proj_bias, L, B)
 
 
 @_out_fwd.register_fake
@@ -206,12 +214,13 @@ def _(o, out_proj_weight, out_proj_bias, L, B, backend):
 def _out_bwd(grad_out: torch.Tensor, o: torch.Tensor, out_proj_weight: torch.Tensor,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_o (B*L, C), d_out_proj_weight, d_out_proj_bias)."""
-    if backend == "triton":
-        grads = _triton().out_backward(grad_out, o, out_proj_weight)
-    elif backend == "cuda":
-        grads = torch.ops.uniformerv2_cuda.spatial_attention_out_bwd(grad_out, o, out_proj_weight)
-    else:
-        grads = reference.out_backward(grad_out, o, out_proj_weight)
+    with _autocast_off(o):
+        if backend == "triton":
+            grads = _triton().out_backward(grad_out, o, out_proj_weight)
+        elif backend == "cuda":
+            grads = torch.ops.uniformerv2_cuda.spatial_attention_out_bwd(grad_out, o, out_proj_weight)
+        else:
+            grads = reference.out_backward(grad_out, o, out_proj_weight)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -295,5 +304,6 @@ def spatial_attention(
     name = select_backend(x, (ln_weight, ln_bias, *proj), backend)
     in_w, in_b, out_w, out_b = (p.contiguous() for p in proj)
     qkv, _, _ = _qkv_fwd(x.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), in_w, in_b, float(eps), name)
-    o = _attention_core(qkv, L, B, num_heads, name)
+    with _autocast_off(x):  # the core computes in x.dtype as well (qkv is already x.dtype)
+        o = _attention_core(qkv, L, B, num_heads, name)
     return _out_fwd(o.contiguous(), out_w, out_b, L, B, name)
