@@ -932,9 +932,9 @@ def read_csv(path: str) -> list[dict]:
     return rows
 
 
-def summarize(paths: Sequence[str]) -> str:
-    """Markdown: for each CSV (``<name>.csv`` or ``<name>.partial.csv``), the rows of its latest run
-    (the latest date per device), with the environment header."""
+def summarize(paths: Sequence[str], all_runs: bool = False) -> str:
+    """Markdown: for each CSV (``<name>.csv`` or ``<name>.partial.csv``), the rows of its latest run per
+    device (every run with ``all_runs``), each with its environment header."""
     parts = []
     for path in paths:
         rows = read_csv(path)
@@ -943,10 +943,11 @@ def summarize(paths: Sequence[str]) -> str:
         name = os.path.basename(path)[: -len(".csv")]
         for device in dict.fromkeys(r["device"] for r in rows):
             mine = [r for r in rows if r["device"] == device]
-            latest = max(r["date"] for r in mine)
-            run = [r for r in mine if r["date"] == latest]
-            cut = " (PARTIAL: the run was cut short)" if name.endswith(".partial") else ""
-            parts.append(f"### {name}{cut}\n\n{env_header(run)}\n\n{format_table(run, markdown=True)}\n")
+            dates = list(dict.fromkeys(r["date"] for r in mine)) if all_runs else [max(r["date"] for r in mine)]
+            for date in dates:
+                run = [r for r in mine if r["date"] == date]
+                cut = " (PARTIAL: the run was cut short)" if name.endswith(".partial") else ""
+                parts.append(f"### {name}{cut}\n\n{env_header(run)}\n\n{format_table(run, markdown=True)}\n")
     return "\n".join(parts) if parts else "(no results)\n"
 
 
@@ -977,6 +978,7 @@ def _cli(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("summarize", help="print a markdown summary of the latest run in each CSV")
     s.add_argument("paths", nargs="+", help="CSV files or folders holding them")
+    s.add_argument("--all", action="store_true", help="every run in each CSV, not only the latest per device")
     m = sub.add_parser("merge", help="append CSV rows and copy tables/plots from SRC into DEST")
     m.add_argument("src")
     m.add_argument("dest", nargs="?", default=DEFAULT_OUT)
@@ -988,7 +990,7 @@ def _cli(argv=None) -> None:
                 files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".csv"))
             else:
                 files.append(path)
-        print(summarize(files))
+        print(summarize(files, all_runs=a.all))
     else:
         for path in merge(a.src, a.dest):
             print(path)

@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# The GPU suite: one call on a lent GPU machine (no internet; Python 3.12, torch 2.11, triton 3.6, nvcc).
+#
+#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh
+#
+# Steps (each logged with its exit code and seconds; a failing step does not stop the next one):
+#   env      nvidia-smi, nvcc, python/torch/triton versions, commit             -> env.txt
+#   build    pip install --no-deps --no-build-isolation -e . (builds the CUDA extension for this GPU's
+#            arch only; falls back to `setup.py build_ext --inplace`), then the backend status
+#   tests    pytest tests -q -rs (TRITON_INTERPRET unset: the CUDA / Triton-on-GPU tests run; xdist if present)
+#   ops      every benchmarks/bench_<op>.py (not e2e) with $SUITE_OP_ARGS
+#   e2e      benchmarks/bench_e2e.py eager + fused, inference and training step, $SUITE_E2E_ARGS
+#   e2e_compile  bench_e2e.py compile + fused+compile on the Kinetics B/16 config (slow: compilation)
+# Everything finishes inside $SUITE_BUDGET_S (default 560 s, for a 10-minute call): each step gets a
+# `timeout` of min(its cap, what is left minus a reserve for the summary). A benchmark cut short keeps the
+# rows it measured (<name>.partial.csv).
+#
+# Output, in "${OUT:-./gpu_out}" (few files, because a lent machine returns at most 8):
+#   summary.md            steps with exit codes and times, test summary, every benchmark's table
+#   suite.log             the whole log
+#   env.txt               machine, versions, commit
+#   gpu_suite_results.tar.gz   everything: logs/ (build, tests, one per benchmark), results/ (CSV,
+#                              markdown tables, plots; merge into benchmarks/results with
+#                              `python benchmarks/harness.py merge <dir>/results`)
+# SUITE_KEEP_FILES=1 also leaves the unpacked tree in $OUT/files.
+#
+# Environment knobs: SUITE_STEPS (comma list, default env,build,tests,ops,e2e,e2e_compile), SUITE_BUDGET_S,
+# SUITE_OP_ARGS (default "--frames 8,16 --batch 16 --rep 40 --warmup 10"), SUITE_E2E_ARGS
+# (default "--batch 16 --rep 200 --warmup 25"), SUITE_TEST_ARGS (extra pytest arguments), PYTHON.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+STAGE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")"
+mkdir -p "$STAGE/logs" "$STAGE/results"
+LOG="$OUT/suite.log"
+: >"$LOG"
+PYTHON="${PYTHON:-python3}"
+BUDGET="${SUITE_BUDGET_S:-560}"
+RESERVE=20
+STEPS=",${SUITE_STEPS:-env,build,tests,ops,e2e,e2e_compile},"
+OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10}"
+E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 200 --warmup 25}"
+DEVICE="${SUITE_DEVICE:-cuda}"  # cpu only to try the script itself on a machine without a GPU
+START=$SECONDS
+STATUS_FILE="$STAGE/steps.tsv"
+: >"$STATUS_FILE"
+unset TRITON_INTERPRET || true
+export PYTHONUNBUFFERED=1
+export MPLBACKEND=Agg
+if [ -z "${GIT_COMMIT:-}" ]; then
+    GIT_COMMIT="$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+fi
+export GIT_COMMIT
+
+log() { echo "[gpu_suite $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+want() { [[ "$STEPS" == *",$1,"* ]]; }
+
+# run_step NAME CAP_SECONDS COMMAND...: runs with a timeout, output to logs/NAME.log and the suite log.
+run_step() {
+    local name="$1" cap="$2"
+    shift 2
+    local left=$((BUDGET - (SECONDS - START) - RESERVE))
+    if [ "$left" -lt 10 ]; then
+        log "SKIP $name: time budget spent"
+        printf '%s\t%s\t%s\n' "$name" "skipped (budget)" 0 >>"$STATUS_FILE"
+        return 0
+    fi
+    local limit=$((cap < left ? cap : left))
+    log "START $name (limit ${limit}s): $*"
+    local t0=$SECONDS rc=0
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$STAGE/logs/$name.log" 2>&1 || rc=$?
+    cat "$STAGE/logs/$name.log" >>"$LOG"
+    local secs=$((SECONDS - t0))
+    local what="rc=$rc"
+    [ "$rc" -eq 124 ] && what="rc=124 (timed out after ${limit}s)"
+    log "END $name: $what, ${secs}s"
+    printf '%s\t%s\t%s\n' "$name" "$what" "$secs" >>"$STATUS_FILE"
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------------- env
+if want env; then
+    {
+        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "commit: $GIT_COMMIT"
+        echo "host: $(hostname)"
+        echo "--- nvidia-smi"
+        nvidia-smi 2>&1 || echo "nvidia-smi failed"
+        nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
+        echo "--- nvcc"
+        nvcc --version 2>&1 || echo "no nvcc on PATH"
+        echo "--- python"
+        "$PYTHON" - <<'EOF' 2>&1 || true
+import platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "capability", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
+          "memory GiB", round(p.total_memory / 2**30, 1))
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable", e)
+try:
+    import xformers; print("xformers", xformers.__version__)
+except Exception as e:
+    print("xformers: not importable", type(e).__name__)
+EOF
+        echo "--- pip list (selected)"
+        "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(torch|triton|xformers|numpy|matplotlib|pytest|ninja|setuptools) ' || true
+    } >"$STAGE/env.txt" 2>&1
+    cp "$STAGE/env.txt" "$OUT/env.txt"
+    cat "$STAGE/env.txt" >>"$LOG"
+    printf '%s\t%s\t%s\n' env "rc=0" 0 >>"$STATUS_FILE"
+fi
+
+# -------------------------------------------------------------------------------------------- build
+if want build; then
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # this GPU only: half the compile time of the default two
+        cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ' || true)"
+        case "$cap" in
+            9.0) export TORCH_CUDA_ARCH_LIST="9.0a" ;;
+            "") ;;
+            *) export TORCH_CUDA_ARCH_LIST="$cap" ;;
+        esac
+    fi
+    log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default}"
+    build() {
+        UNIFORMERV2_BUILD_CUDA=1 "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -v -e . ||
+            { echo "pip install -e failed; trying setup.py build_ext --inplace"; \
+              UNIFORMERV2_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace; }
+        "$PYTHON" - <<'EOF'
+from uniformerv2_kernels import backends
+print("build info:", backends.build_info())
+for name, reasons in backends.status().items():
+    print(f"{name}: {'available' if not reasons else '; '.join(reasons)}")
+err = backends.cuda_extension_error()
+if err:
+    raise SystemExit(f"CUDA extension unusable: {err}")
+EOF
+    }
+    export -f build
+    export PYTHON
+    run_step build 240 bash -c build
+    # the package must import even when the build step failed: run from the checkout
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    if "$PYTHON" -c "import uniformerv2_kernels.info" >/dev/null 2>&1; then
+        "$PYTHON" -m uniformerv2_kernels.info >>"$STAGE/logs/build.log" 2>&1 || true
+    fi
+else
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# -------------------------------------------------------------------------------------------- tests
+if want tests; then
+    XDIST=""
+    if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 4"; fi
+    # shellcheck disable=SC2086
+    run_step tests 200 "$PYTHON" -m pytest tests -q -rs --durations=15 -p no:cacheprovider $XDIST ${SUITE_TEST_ARGS:-}
+fi
+
+# ------------------------------------------------------------------------------------------- benches
+if want ops; then
+    for script in benchmarks/bench_*.py; do
+        name="$(basename "$script" .py)"
+        [ "$name" = bench_e2e ] && continue
+        # shellcheck disable=SC2086
+        run_step "$name" 75 "$PYTHON" "$script" --device "$DEVICE" --out "$STAGE/results" $OP_ARGS
+    done
+fi
+if want e2e; then
+    # shellcheck disable=SC2086
+    run_step bench_e2e 120 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
+        --providers eager,fused --mode fwd,fwd+bwd $E2E_ARGS
+fi
+if want e2e_compile; then
+    # a separate CSV name would lose the shared table; the rows carry the provider, so one e2e.csv holds both
+    # shellcheck disable=SC2086
+    run_step bench_e2e_compile 300 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
+        --configs k400_b16_f8x224 --providers eager,compile,fused,fused+compile --mode fwd,fwd+bwd $E2E_ARGS
+fi
+
+# ------------------------------------------------------------------------------------------ summary
+{
+    echo "# GPU suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $GIT_COMMIT"
+    echo
+    grep -E '^(device|torch|triton|xformers|python) ' "$STAGE/env.txt" 2>/dev/null | sed 's/^/    /' || true
+    echo
+    echo "| step | result | seconds |"
+    echo "| --- | --- | --- |"
+    while IFS=$'\t' read -r name what secs; do echo "| $name | $what | $secs |"; done <"$STATUS_FILE"
+    echo
+    echo "Total: $((SECONDS - START)) s of a ${BUDGET} s budget."
+    if [ -f "$STAGE/logs/tests.log" ]; then
+        echo
+        echo "## Tests"
+        echo
+        echo '```'
+        grep -E '^(FAILED|ERROR)|^SKIPPED|passed|failed|error' "$STAGE/logs/tests.log" | tail -60 || true
+        echo '```'
+    fi
+    echo
+    echo "## Benchmarks"
+    echo
+    shopt -s nullglob
+    csvs=("$STAGE"/results/*.csv)
+    if [ ${#csvs[@]} -gt 0 ]; then
+        "$PYTHON" benchmarks/harness.py summarize --all "${csvs[@]}" 2>&1 || echo "(summarize failed)"
+    else
+        echo "(no benchmark results)"
+    fi
+} >"$STAGE/summary.md" 2>&1
+cp "$STAGE/summary.md" "$OUT/summary.md"
+cp "$LOG" "$STAGE/logs/suite.log"
+tar -czf "$OUT/gpu_suite_results.tar.gz" -C "$STAGE" logs results summary.md steps.tsv $( [ -f "$STAGE/env.txt" ] && echo env.txt )
+if [ "${SUITE_KEEP_FILES:-0}" = 1 ]; then
+    mkdir -p "$OUT/files" && cp -r "$STAGE"/. "$OUT/files/"
+fi
+rm -rf "$STAGE"
+log "done in $((SECONDS - START)) s; results in $OUT"
+cat "$OUT/summary.md"
