@@ -637,11 +637,16 @@ def new_row(provider: str, case: Case, mode: str, args) -> dict:
     return row
 
 
+def is_timing(row: dict) -> bool:
+    """An ok row that is a real timing (not a Triton-interpreter smoke run)."""
+    return row["status"] == "ok" and not (row.get("note") or "").startswith("TRITON_INTERPRET")
+
+
 def add_speedups(rows: list[dict], baseline: str) -> None:
-    base = {(r["case"], r["mode"]): r["ms"] for r in rows if r["provider"] == baseline and r["status"] == "ok"}
+    base = {(r["case"], r["mode"]): r["ms"] for r in rows if r["provider"] == baseline and is_timing(r)}
     for r in rows:
         b = base.get((r["case"], r["mode"]))
-        if r["status"] == "ok" and b:
+        if is_timing(r) and b:
             r["speedup"] = b / r["ms"]
 
 
@@ -751,8 +756,9 @@ def env_header(rows: Sequence[dict], markdown: bool = True) -> str:
 
 
 def plot(rows: Sequence[dict], path: str, title: str) -> str | None:
-    """One bar chart per mode: median ms per case, one bar per provider. Returns the path, or None."""
-    ok = [r for r in rows if r["status"] == "ok"]
+    """One bar chart per mode: median ms per case, one bar per provider (interpreter smoke runs left out).
+    Returns the path, or None."""
+    ok = [r for r in rows if is_timing(r)]
     if not ok:
         return None
     import matplotlib
