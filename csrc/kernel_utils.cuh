@@ -4,6 +4,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -63,6 +64,12 @@ inline int device_max_shared_optin() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   return bytes;
 }
+
+// Held by every op entry point: the ATen calls inside an op (GEMMs, small folds) run in the dtypes the op
+// chose, even when the caller has autocast on (custom ops pass autocast through to their bodies).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // Grid size for a grid-stride loop over `work` items with `threads` per block.
 inline int grid_for(int64_t work, int threads) {

@@ -198,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(const at:
                                                                        const at::Tensor& bias, double eps,
                                                                        bool store_stats) {
   const char* op = "clip_layer_norm_fwd";
+  const NoAutocast no_autocast;
   check_ln_inputs(op, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(-1);
@@ -235,6 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
     const at::Tensor& rstd, at::ScalarType weight_grad_dtype, at::ScalarType bias_grad_dtype,
     const std::optional<at::Tensor>& grad_residual) {
   const char* op = "clip_layer_norm_bwd";
+  const NoAutocast no_autocast;
   check_contiguous(x, op, "x");
   check_float_dtype(x, op, "x");
   const int64_t C = x.size(-1);

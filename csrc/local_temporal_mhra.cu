@@ -472,6 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_temporal_mhra_f
     const at::Tensor& dw_bias, const at::Tensor& conv2_weight, const at::Tensor& conv2_bias, bool training,
     double eps, const std::optional<at::Tensor>& branch_scale) {
   const char* op = "local_temporal_mhra_fwd";
+  const NoAutocast no_autocast;
   const MhraShapes sh = check_mhra(op, x, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
                                    conv2_weight, conv2_bias, branch_scale);
   const int64_t C = sh.C, Cp = sh.Cp, M = sh.M;
@@ -517,6 +518,7 @@ local_temporal_mhra_bwd(const at::Tensor& grad_out, const at::Tensor& x, const a
                         const at::Tensor& conv2_bias, bool training, double eps,
                         const std::optional<at::Tensor>& branch_scale, bool need_branch_scale_grad) {
   const char* op = "local_temporal_mhra_bwd";
+  const NoAutocast no_autocast;
   const MhraShapes sh = check_mhra(op, x, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
                                    conv2_weight, conv2_bias, branch_scale);
   const int64_t C = sh.C, Cp = sh.Cp, M = sh.M, NT = sh.NT;
