@@ -40,7 +40,7 @@ LOG="$OUT/suite.log"
 : >"$LOG"
 PYTHON="${PYTHON:-python3}"
 BUDGET="${SUITE_BUDGET_S:-560}"
-RESERVE=20
+RESERVE=30
 STEPS=",${SUITE_STEPS:-env,build,tests,ops,e2e,e2e_compile},"
 OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10}"
 E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 200 --warmup 25}"
