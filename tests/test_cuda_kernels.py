@@ -10,6 +10,7 @@ on the dispatch wiring), and the public ops once ``"cuda"`` is in the op module'
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -44,15 +45,17 @@ def _cuda_op(name):
     return getattr(torch.ops.uniformerv2_cuda, name)
 
 
-def _lowp_tol(dtype):
-    """Closeness of two implementations that both compute in fp32 and round to dtype."""
-    return 2e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
-
-
-def _close_to_each_other(a, b, name):
-    tol = _lowp_tol(a.dtype)
+def _close_to_each_other(a, b, name, ref64=None, ref_lowp=None):
+    """CUDA vs Triton: fp32 within 2e-5; fp16/bf16 within max(4 eps, 3 x the reference's own error in that
+    dtype) (each is allowed 2-3x that error against float64, and the Triton dots may round operands)."""
+    if a.dtype == torch.float32:
+        tol = 2e-5
+    else:
+        tol = 4 * torch.finfo(a.dtype).eps
+        if ref64 is not None and ref_lowp is not None:
+            tol = max(tol, 3 * rel_error(ref_lowp, ref64))
     err = rel_error(a, b)
-    assert err <= tol, f"{name}: CUDA vs Triton relative difference {err:.3e} > {tol:.1e}"
+    assert err <= tol, f"{name}: CUDA vs Triton relative difference {err:.3e} > {tol:.2e}"
 
 
 # ------------------------------------------------------------------------------------------- registration (CPU)
@@ -132,8 +135,8 @@ def test_layer_norm_matches_reference(rows, C, dtype):
 
     y_t, mean_t, rstd_t = tri.forward(tl[0], tl[1], tl[2], 1e-5)
     dx_t, dw_t, db_t = tri.backward(tl[3], tl[0], tl[1], mean_t, rstd_t, dtype, dtype)
-    for name, o, t in zip(("y", "dx", "dw", "db"), out, (y_t, dx_t, dw_t, db_t)):
-        _close_to_each_other(o, t, name)
+    for name, o, t, r64, rl in zip(("y", "dx", "dw", "db"), out, (y_t, dx_t, dw_t, db_t), ref64, ref_l):
+        _close_to_each_other(o, t, name, r64, rl)
 
 
 # ---------------------------------------------------------------------------------------------------------- FFN
@@ -192,9 +195,9 @@ def test_ffn_matches_reference_and_triton(L, B, C, hidden, use_scale, dtype):
     xl, pl, rsl, gl = args
     o_t, mean_t, rstd_t, h_t = tri.forward(xl, *pl, rsl, 1e-5, True)
     grads_t = tri.backward(gl, xl, *pl, rsl, mean_t, rstd_t, h_t, 1e-5, rsl is not None)
-    for name, o, t in zip(names, out, [o_t, *grads_t]):
+    for name, o, t, r64, rl in zip(names, out, [o_t, *grads_t], ref64, ref_l):
         if t is not None:
-            _close_to_each_other(o, t, name)
+            _close_to_each_other(o, t, name, r64, rl)
 
 
 # ------------------------------------------------------------------------------------------ local temporal MHRA
@@ -281,9 +284,9 @@ def test_local_temporal_mhra_matches_reference_and_triton(hw, N, T, C, Cp, train
     rm, rv = (None, None) if training else running
     out_t, mean_t, var_t, y1_t = tri.forward(xl, T, a[0], a[1], rm, rv, *a[2:], training, 1e-5, bsl)
     grads_t = tri.backward(gl, xl, y1_t, mean_t, var_t, T, *a, training, 1e-5, bsl, bsl is not None)
-    for name, o, t in zip(names, out, [out_t, *grads_t]):
+    for name, o, t, r64, rl in zip(names, out, [out_t, *grads_t], ref64, ref_l):
         if t.numel():
-            _close_to_each_other(o, t, name)
+            _close_to_each_other(o, t, name, r64, rl)
 
 
 # ------------------------------------------------------------------------------------- global query attention
@@ -352,8 +355,8 @@ def test_global_query_attention_matches_reference_and_triton(hw, N, T, C, heads,
     x, dw, db, lw, lb, q, w, b = tl
     out_t, z_t, lse_t = tri.forward(x, T, dw, db, lw, lb, q, w, b, heads)
     grads_t = tri.backward(grad_out.to(dtype), x, T, dw, db, lw, lb, q, w, b, z_t, lse_t, heads)
-    for name, o, t in zip(names, out, [out_t, *grads_t]):
-        _close_to_each_other(o, t, name)
+    for name, o, t, r64, rl in zip(names, out, [out_t, *grads_t], ref64, ref_l):
+        _close_to_each_other(o, t, name, r64, rl)
 
 
 # -------------------------------------------------------------------------------------------------- determinism
@@ -409,6 +412,11 @@ def test_bad_inputs_name_the_argument():
 # --------------------------------------------------------------------------- public ops with backend="cuda"
 
 
+def _op_module(name):
+    """ops/<name>.py itself (the package re-exports functions with the modules' names)."""
+    return importlib.import_module(f"uniformerv2_kernels.ops.{name}")
+
+
 def _require_wired(module):
     if "cuda" not in module.IMPLEMENTED:
         pytest.skip(f"the cuda backend is not wired into {module.__name__} yet")
@@ -417,7 +425,7 @@ def _require_wired(module):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_public_global_query_attention_with_cuda_backend(dtype):
-    from uniformerv2_kernels.ops import global_query_attention as mod
+    mod = _op_module("global_query_attention")
 
     _require_wired(mod)
     t64 = [t.to(DEV) for t in _gqa_inputs(9, 2, 3, 64)]
@@ -437,7 +445,7 @@ def test_public_global_query_attention_with_cuda_backend(dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_public_local_temporal_mhra_with_cuda_backend(dtype):
-    from uniformerv2_kernels.ops import local_temporal_mhra as mod
+    mod = _op_module("local_temporal_mhra")
 
     _require_wired(mod)
     x, p, running, bs, g = _mhra_inputs(9, 2, 3, 16, 8)
@@ -462,8 +470,8 @@ def test_public_local_temporal_mhra_with_cuda_backend(dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_public_ffn_and_layer_norm_with_cuda_backend(dtype):
-    from uniformerv2_kernels.ops import ffn as ffn_mod
-    from uniformerv2_kernels.ops import layer_norm as ln_mod
+    ffn_mod = _op_module("ffn")
+    ln_mod = _op_module("layer_norm")
 
     x, p, rs, g = _ffn_inputs(7, 3, 64, 256)
     x, g, rs = x.to(DEV), g.to(DEV), rs.to(DEV)
