@@ -19,8 +19,9 @@ from ..checks import check_positive_int, check_same, check_tensor, square_side
 from ..reference import global_query_attention as reference
 
 OP_NAME = "global_query_attention"
-IMPLEMENTED = ("triton", "reference")  # "cuda" joins when csrc/ has the kernel
-CUDA_OPS: tuple[str, ...] = ()  # e.g. ("global_query_attention_fwd", "global_query_attention_bwd")
+IMPLEMENTED = ("cuda", "triton", "reference")
+CUDA_OPS: tuple[str, ...] = ("global_query_attention_fwd", "global_query_attention_bwd")
+CUDA_MAX_SHARED_FLOATS = 36864  # (H + 2) * C fp32 values in shared memory: 144 KiB fits A100 and H100
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_C = 2048
 TRITON_MAX_HEADS = 64
@@ -148,10 +149,20 @@ def triton_reasons(x: torch.Tensor, num_heads: int) -> list[str]:
     return reasons
 
 
+def cuda_reasons(x: torch.Tensor, num_heads: int) -> list[str]:
+    reasons = []
+    if x.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not supported by the CUDA kernels (fp32/fp16/bf16)")
+    if (num_heads + 2) * x.shape[-1] > CUDA_MAX_SHARED_FLOATS:
+        reasons.append(f"(num_heads + 2) * C = {(num_heads + 2) * x.shape[-1]} > {CUDA_MAX_SHARED_FLOATS}: the "
+                       "CUDA kernels' (H, C) accumulator and token rows do not fit shared memory")
+    return reasons
+
+
 def select_backend(tensors, x: torch.Tensor, num_heads: int, backend: str | None = None) -> str:
     return backends.select(
         OP_NAME, tensors, backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-        extra_reasons={"triton": triton_reasons(x, num_heads)},
+        extra_reasons={"triton": triton_reasons(x, num_heads), "cuda": cuda_reasons(x, num_heads)},
     )
 
 
