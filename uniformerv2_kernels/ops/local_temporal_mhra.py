@@ -22,7 +22,7 @@ from ..checks import check_positive_int, check_same, check_tensor
 from ..reference import local_temporal_mhra as reference
 
 OP_NAME = "local_temporal_mhra"
-IMPLEMENTED = ("triton", "reference")  # "cuda" comes later: add it here and to CUDA_OPS when csrc has it
+IMPLEMENTED = ("cuda", "triton", "reference")
 CUDA_OPS = ("local_temporal_mhra_fwd", "local_temporal_mhra_bwd")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -248,6 +248,7 @@ def _extra_reasons(x: torch.Tensor) -> dict[str, list[str]]:
     reasons: dict[str, list[str]] = {"triton": [], "cuda": []}
     if x.dtype not in TRITON_DTYPES:
         reasons["triton"].append(f"x has dtype {x.dtype}; the Triton kernels take float32, float16 or bfloat16")
+        reasons["cuda"].append(f"x has dtype {x.dtype}; the CUDA kernels take float32, float16 or bfloat16")
     return reasons
 
 
