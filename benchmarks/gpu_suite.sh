@@ -26,7 +26,7 @@
 #
 # Environment knobs: SUITE_STEPS (comma list, default env,build,tests,ops,e2e,e2e_compile), SUITE_BUDGET_S,
 # SUITE_OP_ARGS (default "--frames 8,16 --batch 16 --rep 40 --warmup 10"), SUITE_E2E_ARGS
-# (default "--batch 16 --rep 200 --warmup 25"), SUITE_TEST_ARGS (extra pytest arguments), PYTHON.
+# (default "--batch 16 --rep 1000 --warmup 100"), SUITE_TEST_ARGS (extra pytest arguments), PYTHON.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,7 +43,7 @@ BUDGET="${SUITE_BUDGET_S:-560}"
 RESERVE=30
 STEPS=",${SUITE_STEPS:-env,build,tests,ops,e2e,e2e_compile},"
 OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10}"
-E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 200 --warmup 25}"
+E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 1000 --warmup 100}"
 DEVICE="${SUITE_DEVICE:-cuda}"  # cpu only to try the script itself on a machine without a GPU
 START=$SECONDS
 STATUS_FILE="$STAGE/steps.tsv"
