@@ -20,8 +20,8 @@ from ..reference import ffn as reference
 from . import layer_norm as ops_layer_norm
 
 OP_NAME = "fused_ffn"
-IMPLEMENTED = ("triton", "reference")  # "cuda" joins when csrc/ has the kernel
-CUDA_OPS: tuple[str, ...] = ()
+IMPLEMENTED = ("cuda", "triton", "reference")
+CUDA_OPS: tuple[str, ...] = ("fused_ffn_fwd", "fused_ffn_bwd")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -175,8 +175,9 @@ def select_backend(x, params, backend=None) -> str:
     if x.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the Triton kernels (fp32/fp16/bf16)")
     reasons += [r for r in ops_layer_norm.triton_reasons(x) if "C =" in r]
+    cuda_reasons = [] if x.dtype in TRITON_DTYPES else [f"dtype {x.dtype} is not supported by the CUDA kernels"]
     return backends.select(OP_NAME, (x, *params), backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-                           extra_reasons={"triton": reasons})
+                           extra_reasons={"triton": reasons, "cuda": cuda_reasons})
 
 
 def fused_ffn(
