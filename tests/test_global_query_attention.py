@@ -1,5 +1,6 @@
 """Global UniBlock op (DPE + ln_3 + folded one-query cross-attention): references, Triton, registration."""
 
+import importlib
 import math
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 
 from conftest import requires_cuda
 from uniformerv2_kernels import backends
-from uniformerv2_kernels.ops import global_query_attention as op_module
 from uniformerv2_kernels.ops.global_query_attention import global_query_attention
 from uniformerv2_kernels.reference import global_query_attention as ref
 from uniformerv2_kernels.testing import assert_close, rel_error
@@ -20,6 +20,9 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+# the module itself (the package may re-export the function under the same name)
+op_module = importlib.import_module("uniformerv2_kernels.ops.global_query_attention")
 
 ARG_NAMES = ("x", "dpe_weight", "dpe_bias", "ln_weight", "ln_bias", "query", "in_proj_weight", "in_proj_bias")
 
@@ -97,35 +100,36 @@ def test_analytic_backward_matches_autograd_of_literal():
 
 # ------------------------------------------------------------------------------------------------- triton
 
-# (hw, N, T, C, heads, num_splits, block_s): covers T {1, 3, 8}, h*w {4, 9, 196}, C {64, 96}, heads {1, 2, 3},
-# N {1, 3}; splits > 1 exercise the flash-decoding merge, including a last split that is partly empty.
+# (hw, N, T, C, heads, num_splits, block_s, use_dot): covers T {1, 3, 8}, h*w {4, 9, 196}, C {64, 96},
+# heads {1, 2, 3}, N {1, 3}; splits > 1 exercise the flash-decoding merge, including a last split that is
+# partly empty; use_dot=True runs the tensor-core forward path (used for fp16/bf16) with fp32 operands.
 TRITON_CASES = [
-    (4, 1, 1, 64, 1, None, None),
-    (9, 3, 3, 96, 3, 2, 16),
-    (4, 3, 8, 64, 2, 3, 16),
-    (196, 1, 1, 96, 2, 2, 64),
-    (196, 1, 3, 96, 3, 4, 64),
-    (9, 1, 8, 64, 1, None, None),
+    (4, 1, 1, 64, 1, None, None, False),
+    (9, 3, 3, 96, 3, 2, 16, False),
+    (4, 3, 8, 64, 2, 3, 16, True),
+    (196, 1, 1, 96, 2, 2, 64, False),
+    (196, 1, 3, 96, 3, 4, 64, True),
+    (9, 1, 8, 64, 1, None, None, False),
 ]
 
 
-def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s):
-    """Runs the Triton launchers directly (to pick splits/tile sizes), the way the op does."""
+def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot=None):
+    """Runs the Triton launchers directly (to pick splits/tile sizes/paths), the way the op does."""
     from uniformerv2_kernels.triton import global_query_attention as tri
 
-    out, z, lse = call(tri.forward, tensors, T, heads, num_splits=num_splits, block_s=block_s)
+    out, z, lse = call(tri.forward, tensors, T, heads, num_splits=num_splits, block_s=block_s, use_dot=use_dot)
     grads = tri.backward(grad_out.to(out.dtype), tensors[0], T, *tensors[1:], z, lse, heads,
                          num_splits=num_splits, block_s=block_s)
     return out, list(grads)
 
 
-@pytest.mark.parametrize("hw,N,T,C,heads,num_splits,block_s", TRITON_CASES)
-def test_triton_fp32_matches_literal_reference(hw, N, T, C, heads, num_splits, block_s):
+@pytest.mark.parametrize("hw,N,T,C,heads,num_splits,block_s,use_dot", TRITON_CASES)
+def test_triton_fp32_matches_literal_reference(hw, N, T, C, heads, num_splits, block_s, use_dot):
     tensors64 = make_inputs(hw, N, T, C)
     grad_out = torch.randn(1, N, C, dtype=torch.float64)
     out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
     tensors = [t.float() for t in tensors64]
-    out, grads = _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s)
+    out, grads = _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot)
     assert out.dtype == torch.float32 and out.shape == (1, N, C)
     assert_close(out, out64, name="out")
     for name, g, g64, t in zip(ARG_NAMES, grads, grads64, tensors):

@@ -85,11 +85,23 @@ def _normalized_tile(
 
 
 @triton.jit
+def _dot(a, b, OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation; operands rounded to OPERAND_DTYPE (the input's 16-bit type or fp32)."""
+    return tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _gqa_forward_partial_kernel(
     x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
     T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Flash-decoding partials of one (video, split): running max m and sum l (base 2) and acc = sum p xhat.
+
+    USE_DOT: the H score dots and the weighted accumulation as tensor-core dots with OPERAND_DTYPE
+    operands (fp16/bf16 inputs on a GPU); otherwise a loop over heads on the CUDA cores (fp32 inputs).
+    """
     n = tl.program_id(0)
     split = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -97,7 +109,7 @@ def _gqa_forward_partial_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     hc_mask = h_mask[:, None] & c_mask[None, :]
-    u_offs = (n * H + offs_h).to(tl.int64)[:, None] * C + offs_c[None, :]
+    u_row = u_ptr + (n * H).to(tl.int64) * C
 
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -108,14 +120,29 @@ def _gqa_forward_partial_kernel(
         tok_mask = tok < S
         xhat, rstd = _normalized_tile(x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
                                       T, NT, C, W, eps)
-        u = tl.load(u_ptr + u_offs, mask=hc_mask, other=0.0)
-        s = tl.dot(xhat, tl.trans(u), input_precision=DOT_PRECISION) * LOG2E  # [BLOCK_S, BLOCK_H]
+        if USE_DOT:
+            u = tl.load(u_row + offs_h[:, None] * C + offs_c[None, :], mask=hc_mask, other=0.0)
+            s = _dot(xhat, tl.trans(u), OPERAND_DTYPE, DOT_PRECISION)
+        else:
+            s = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
+            for h in range(H):
+                u_h = tl.load(u_row + h * C + offs_c, mask=c_mask, other=0.0)
+                s_h = tl.sum(xhat * u_h[None, :], axis=1)
+                s = tl.where(offs_h[None, :] == h, s_h[:, None], s)
+        s = s * 1.4426950408889634  # base 2
         s = tl.where(tok_mask[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), xhat, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None]
+        if USE_DOT:
+            acc += _dot(tl.trans(p), xhat, OPERAND_DTYPE, DOT_PRECISION)
+        else:
+            for h in range(H):
+                p_h = tl.sum(tl.where(offs_h[None, :] == h, p, 0.0), axis=1)
+                contrib = tl.sum(p_h[:, None] * xhat, axis=0)
+                acc = tl.where(offs_h[:, None] == h, acc + contrib[None, :], acc)
         m_i = m_new
 
     part = (n * num_splits + split).to(tl.int64)
@@ -129,8 +156,13 @@ def _gqa_forward_partial_kernel(
 def _gqa_backward_tokens_kernel(
     x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, du_ptr,
     T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """Per token: a, ds, dxhat and the LayerNorm backward to dy; per program: partial du (CUDA cores).
+
+    The per-head vectors u_h, dz_h are re-read from L1/L2 for each tile (a loop over heads keeps the
+    register and shared-memory footprint at one [BLOCK_S, BLOCK_C] tile plus du).
+    """
     n = tl.program_id(0)
     split = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -138,7 +170,8 @@ def _gqa_backward_tokens_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     hc_mask = h_mask[:, None] & c_mask[None, :]
-    hc_offs = (n * H + offs_h).to(tl.int64)[:, None] * C + offs_c[None, :]
+    u_row = u_ptr + (n * H).to(tl.int64) * C
+    dz_row = dz_ptr + (n * H).to(tl.int64) * C
     lse2 = tl.load(lse2_ptr + n * H + offs_h, mask=h_mask, other=0.0)
     D = tl.load(D_ptr + n * H + offs_h, mask=h_mask, other=0.0)
 
@@ -149,15 +182,24 @@ def _gqa_backward_tokens_kernel(
         tok_mask = tok < S
         xhat, rstd = _normalized_tile(x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
                                       T, NT, C, W, eps)
-        u = tl.load(u_ptr + hc_offs, mask=hc_mask, other=0.0)
-        dz = tl.load(dz_ptr + hc_offs, mask=hc_mask, other=0.0)
-        s2 = tl.dot(xhat, tl.trans(u), input_precision=DOT_PRECISION) * LOG2E  # [BLOCK_S, BLOCK_H]
+        s = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # u_h . xhat_j
+        g = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # dz_h . xhat_j
+        for h in range(H):
+            u_h = tl.load(u_row + h * C + offs_c, mask=c_mask, other=0.0)
+            dz_h = tl.load(dz_row + h * C + offs_c, mask=c_mask, other=0.0)
+            s = tl.where(offs_h[None, :] == h, tl.sum(xhat * u_h[None, :], axis=1)[:, None], s)
+            g = tl.where(offs_h[None, :] == h, tl.sum(xhat * dz_h[None, :], axis=1)[:, None], g)
         valid = tok_mask[:, None] & h_mask[None, :]
-        a = tl.where(valid, tl.exp2(s2 - lse2[None, :]), 0.0)
-        g = tl.dot(xhat, tl.trans(dz), input_precision=DOT_PRECISION)
+        a = tl.where(valid, tl.exp2(s * 1.4426950408889634 - lse2[None, :]), 0.0)
         ds = a * (g - D[None, :])
-        dxhat = tl.dot(a, dz, input_precision=DOT_PRECISION) + tl.dot(ds, u, input_precision=DOT_PRECISION)
-        du += tl.dot(tl.trans(ds), xhat, input_precision=DOT_PRECISION)
+        dxhat = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        for h in range(H):
+            u_h = tl.load(u_row + h * C + offs_c, mask=c_mask, other=0.0)
+            dz_h = tl.load(dz_row + h * C + offs_c, mask=c_mask, other=0.0)
+            a_h = tl.sum(tl.where(offs_h[None, :] == h, a, 0.0), axis=1)
+            ds_h = tl.sum(tl.where(offs_h[None, :] == h, ds, 0.0), axis=1)
+            dxhat += a_h[:, None] * dz_h[None, :] + ds_h[:, None] * u_h[None, :]
+            du = tl.where(offs_h[:, None] == h, du + tl.sum(ds_h[:, None] * xhat, axis=0)[None, :], du)
         # LayerNorm backward (no affine: gamma is folded into u and dz).
         mean_g = tl.sum(dxhat, axis=1) / C
         mean_gx = tl.sum(dxhat * xhat, axis=1) / C
@@ -228,9 +270,14 @@ def _gqa_backward_dpe_kernel(
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep full fp32 dots (the 1e-5 rule); fp16/bf16 inputs use tf32, still more precise
-    # than their storage format.
+    # Only used with 16-bit operands on the GPU (where it does not matter); "ieee" for fp32 operands
+    # (the interpreter, or a forced use_dot=True).
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _operand_dtype(dtype: torch.dtype):
+    """Dot operands in the input's own 16-bit type: the same rounding the reference applies to ln_3(y)."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
 
 
 def _token_splits(S: int, N: int, block_s: int, num_splits: int | None, device: torch.device) -> tuple[int, int]:
@@ -265,7 +312,7 @@ def _common(x, T, dpe_weight, dpe_bias, num_heads, block_s):
 
 def forward(
     x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads,
-    eps=1e-5, *, num_splits=None, block_s=None,
+    eps=1e-5, *, num_splits=None, block_s=None, use_dot=None,
 ):
     """Returns (out (1, N, C) in x.dtype, z (N, H, C) fp32, lse (N, H) fp32)."""
     x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, block_s, num_warps, dpe_w, dpe_b = _common(
@@ -279,10 +326,13 @@ def forward(
     m = torch.empty((N, splits, H), device=x.device, dtype=f32)
     lsum = torch.empty((N, splits, H), device=x.device, dtype=f32)
     acc = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
+    if use_dot is None:
+        use_dot = x.dtype != torch.float32
     _gqa_forward_partial_kernel[(N, splits)](
         x, dpe_w, dpe_b, u, m, lsum, acc,
         T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
-        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
+        OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=num_warps,
     )
     # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
@@ -318,8 +368,7 @@ def backward(
     _gqa_backward_tokens_kernel[(N, splits)](
         x, dpe_w, dpe_b, u, dz, lse2, D, dy, du_part,
         T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
-        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=num_warps,
+        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, num_warps=num_warps,
     )
     du = du_part.sum(dim=1)
 
