@@ -108,9 +108,9 @@ PRESETS: dict[str, dict] = {
             "width": 64, "layers": 3, "heads": 2, "patch_size": 8, "input_resolution": 32, "no_lmhra": True,
             "return_list": [1, 2], "mlp_dropout": [0.0, 0.0], "cls_dropout": 0.0}},
         "data": {"dataset": "synthetic", "num_frames": 8, "crop_size": 32, "num_workers": 0,
-                 "synthetic": {"train_size": 2048, "val_size": 512, "seed": 0, "noise": 12.0}},
+                 "synthetic": {"train_size": 1536, "val_size": 512, "seed": 0, "noise": 12.0}},
         "optim": {"lr": 2e-3, "warmup_epochs": 0.3, "min_lr": 1e-5, "weight_decay": 0.05, "clip_grad": 20.0},
-        "train": {"epochs": 3, "batch_size": 32, "amp": "none", "output_dir": "runs/synthetic"},
+        "train": {"epochs": 2, "batch_size": 32, "amp": "none", "output_dir": "runs/synthetic"},
         "eval": {"batch_size": 64},
     },
     # Kinetics-400, B/16, 8 frames, fine-tuned from CLIP (55 epochs); test 4 clips x 3 crops.
