@@ -99,3 +99,14 @@ def test_cuda_extension_is_built_and_registers_ops():
 def test_cuda_quick_gelu_matches_torch():
     z = torch.randn(1000, device="cuda")
     torch.testing.assert_close(torch.ops.uniformerv2_cuda.quick_gelu(z), z * torch.sigmoid(1.702 * z))
+
+
+def test_auto_picks_cuda_only_for_gpu_verified_ops(monkeypatch):
+    """Compiled-but-unverified CUDA kernels are opt-in; verified ones are preferred on CUDA tensors."""
+    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(backends, "generic_reasons", lambda name, tensors, cuda_ops=(): [])
+    monkeypatch.setattr(backends, "GPU_VERIFIED_CUDA_OPS", frozenset())
+    assert backends.select("my_op", [torch.zeros(1)]) == "triton"
+    assert backends.select("my_op", [torch.zeros(1)], backend="cuda") == "cuda"
+    monkeypatch.setattr(backends, "GPU_VERIFIED_CUDA_OPS", frozenset({"my_op"}))
+    assert backends.select("my_op", [torch.zeros(1)]) == "cuda"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import uniformerv2
-from uniformerv2_kernels.testing import assert_close, rel_error
+from uniformerv2_kernels.testing import assert_close, assert_close_lowp, rel_error
 
 from conftest import requires_cuda
 from test_model import randomise_
@@ -87,6 +87,22 @@ def test_fused_matches_reference_with_temporal_downsample_and_drop_path():
     assert_close(out, out64, name="logits")
     for name in grads64:
         assert_close(grads[name], grads64[name], name=f"grad {name}")
+
+
+def test_fused_matches_reference_under_autocast():
+    """Mixed precision as trained (autocast; fp16 here, bf16 is wrong under the interpreter): fp32
+    parameters, a low-precision stream. The fused model is within the reference's own autocast error."""
+    torch.manual_seed(0)
+    base = small_model()
+    video = torch.randn(2, 3, SMALL["num_frames"], 32, 32)
+    out64, grads64, _ = run(copy.deepcopy(base).double(), video.double(), train=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out_amp, grads_amp, _ = run(copy.deepcopy(base), video, train=True)
+        out, grads, _ = run(copy.deepcopy(base).set_fused(True, backend="triton"), video, train=True)
+    assert_close_lowp(out.float(), out64, out_amp.float(), name="logits", factor=2.0)
+    for name in grads64:
+        assert_close_lowp(grads[name], grads64[name], grads_amp[name], name=f"grad {name}", factor=3.0,
+                          floor=1e-3)
 
 
 def test_switch_does_not_change_the_real_b16_model():

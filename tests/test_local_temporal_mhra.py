@@ -8,7 +8,9 @@ import torch.nn as nn
 
 from conftest import requires_cuda
 from uniformerv2_kernels import backends
-from uniformerv2_kernels.ops import local_temporal_mhra as ops_lt
+import importlib
+
+ops_lt = importlib.import_module("uniformerv2_kernels.ops.local_temporal_mhra")  # the package re-exports the function
 from uniformerv2_kernels.ops.local_temporal_mhra import local_temporal_mhra
 from uniformerv2_kernels.reference import local_temporal_mhra as reference
 from uniformerv2_kernels.testing import assert_close

@@ -256,10 +256,15 @@ class Extractor(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, stream: torch.Tensor, T: int, dpe: nn.Conv3d) -> torch.Tensor:
         """Fused path: DPE + ln_3 + folded cross-attention in one op over the (L, N*T, C) stream."""
+        # The op computes in the stream's dtype (under autocast the stream is bf16/fp16 while the query
+        # and the parameters stay fp32): cast them as autocast would cast a matmul's operands.
+        def cast(t):
+            return t if t.dtype == stream.dtype else t.to(stream.dtype)
+
         attn = _ops().global_query_attention(
-            stream, T, dpe.weight, dpe.bias, self.ln_3.weight, self.ln_3.bias, self.ln_1(x),
-            self.attn.in_proj_weight, self.attn.in_proj_bias, self.attn.num_heads, eps=self.ln_3.eps,
-            backend=self.backend)
+            stream, T, cast(dpe.weight), cast(dpe.bias), cast(self.ln_3.weight), cast(self.ln_3.bias),
+            cast(self.ln_1(x)), cast(self.attn.in_proj_weight), cast(self.attn.in_proj_bias),
+            self.attn.num_heads, eps=self.ln_3.eps, backend=self.backend)
         x = x + apply_scale(self.attn.out_proj(attn), drop_path_scale(x, self.drop_prob, self.training))
         return self.mlp_residual(x)
 

@@ -38,6 +38,9 @@ def report() -> str:
     lines.append("")
     lines.append(f"  selection: per-call backend=, else {backends.ENV_BACKEND}={env or '(unset)'}, "
                  "else the first available above")
+    verified = ", ".join(sorted(backends.GPU_VERIFIED_CUDA_OPS)) or "none yet"
+    lines.append(f"  CUDA kernels picked automatically (verified on a GPU): {verified}; "
+                 "others only with backend='cuda'")
     name, reason = attention_backend()
     lines.append(f"  spatial attention: {name} ({reason})")
     lines.append("")
