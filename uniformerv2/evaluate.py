@@ -173,16 +173,29 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
         model.load_state_dict(ckpt["model_state"])
         names = ckpt.get("classes")
     else:
-        cfg = build_config(None, config_file, cfg_overrides)
-        name = model_name or cfg["model"]["name"]
         if not model_name and not config_file:
             raise ValueError(f"{checkpoint} is not a uniformerv2-train checkpoint: pass --model NAME "
                              "(see uniformerv2.list_models()) and the data settings")
-        kwargs = {"num_frames": cfg["data"]["num_frames"]}
-        if cfg["model"]["num_classes"]:
-            kwargs["num_classes"] = cfg["model"]["num_classes"]
-        model = uniformerv2.build_model(name, **kwargs, **(cfg["model"].get("overrides") or {}))
+        cfg = build_config(None, config_file, cfg_overrides)
+        explicit: dict = {}  # data settings the user gave; the rest follows the model
+        if config_file:
+            explicit = load_yaml(config_file)
+        for o in cfg_overrides or []:
+            explicit = _deep_update(explicit, parse_override(o))
+        name = model_name or cfg["model"]["name"]
+        kwargs = dict(cfg["model"].get("overrides") or {})
+        given = explicit.get("data", {})
+        if "num_frames" in given:
+            kwargs["num_frames"] = cfg["data"]["num_frames"]
+        classes = cfg["model"]["num_classes"] or _head_size(ckpt)
+        if classes:
+            kwargs["num_classes"] = classes
+        model = uniformerv2.build_model(name, **kwargs)
         uniformerv2.load_checkpoint(model, ckpt)
+        if "num_frames" not in given:
+            cfg["data"]["num_frames"] = model.config["t_size"]
+        if "crop_size" not in given:
+            cfg["data"]["crop_size"] = model.config["input_resolution"]
         names = None
     del ckpt
     if cfg["data"].get("labels"):
@@ -195,6 +208,27 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
         model.to(device)
     model.eval()
     return model, cfg, names
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_update(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _head_size(ckpt) -> int | None:
+    """Number of classes of the classification head in a (possibly nested) checkpoint."""
+    state = ckpt
+    for key in ("model_state", "state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        return None
+    for k, v in state.items():
+        if (k.endswith("transformer.proj.2.weight") or k.endswith("cls_head.fc_cls.weight")) and hasattr(v, "shape"):
+            return int(v.shape[0])
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
