@@ -116,7 +116,8 @@ def _(grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_w
 
 
 def _setup_context(ctx, inputs, output):
-    x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps, backend = inputs
+    (x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps,
+     backend) = inputs
     _, z, lse = output
     ctx.save_for_backward(x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse)
     ctx.T = T

@@ -8,9 +8,12 @@ Forward (``forward``):
   1. torch (O(N*C^2)): q = query W_q^T + b_q, u_h = gamma * W_k,h^T q_h / sqrt(d).
   2. ``_gqa_forward_partial_kernel``, grid (N, splits): each program takes a contiguous range of the
      video's tokens; per tile of BLOCK_S tokens it computes the DPE on the fly (27 taps, zero padding,
-     class tokens untouched), the LayerNorm statistics, xhat, the H scores u_h . xhat_j (one small dot),
-     an online softmax in base 2, and acc_h += p_h^T xhat. It writes (max, sum, acc) per (video, split,
-     head): flash-decoding partials.
+     class tokens untouched), the LayerNorm statistics, xhat, the H scores u_h . xhat_j, an online
+     softmax in base 2, and acc_h += p_h^T xhat. It writes (max, sum, acc) per (video, split, head):
+     flash-decoding partials. Scores and accumulation are tensor-core dots with 16-bit operands for
+     fp16/bf16 inputs (USE_DOT; xhat is rounded to the input type, as the reference rounds ln_3(y)); for
+     fp32 inputs a loop over heads on the CUDA cores (fp32 dots of K = C would need megabytes of shared
+     memory on sm_90).
   3. torch: merge of the partials in a fixed order (deterministic), giving z_h = sum_j a_h(j) xhat_j and
      lse_h; then out_h = W_v,h (gamma * z_h + beta) + b_v,h.
   Saved for backward: z (N, H, C) fp32 and lse (N, H) fp32 (natural log), besides the inputs.
@@ -26,11 +29,14 @@ Backward (``backward``):
      dw_k = sum_i x_i dy_{i - off_k}, db = sum over patch tokens of dy; per-program partials.
   4. torch: the query-path gradients from du (gamma, W_q, W_k, b_q, query).
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer.
+
+GPU status: never run on a GPU yet. Compiled ahead of time for sm_90 (triton.compile with a GPUTarget)
+at C = 1024: forward (bf16, BLOCK_S 16, 16 warps) 66 KB shared memory, backward token kernel < 1 KB, so
+they launch; ptxas reports register spills (stack ~5-7 KB) for the full-C tiles: tile sizes and warps are
+untuned guesses.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
