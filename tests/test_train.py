@@ -214,3 +214,30 @@ def test_main_job_short_version_learns_motion_direction(tmp_path):
     assert (out / "curves.png").stat().st_size > 0
     losses = [r["loss"] for r in _rows(out)]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+
+
+def test_k710_head_mapping_grad_checkpointing_and_bf16(tmp_path):
+    import uniformerv2
+
+    base = ["--preset", "synthetic", *TINY, "data.synthetic.train_size=8", "data.synthetic.val_size=2",
+            "train.batch_size=4", "eval.batch_size=2"]
+    src = uniformerv2.build_model("tiny", num_classes=710, width=32, layers=2, heads=1, patch_size=8,
+                                  input_resolution=32, return_list=[0, 1], no_lmhra=False, num_frames=4,
+                                  mlp_dropout=[0.0, 0.0], cls_dropout=0.0)
+    torch.save({"model_state": src.state_dict()}, tmp_path / "k710.pth")
+    (tmp_path / "idx.txt").write_text("5 700\n3 9\n")
+    out = tmp_path / "mapped"
+    train.main([*base, "--output-dir", str(out), f"model.pretrained={tmp_path / 'k710.pth'}",
+                f"model.k710_head={tmp_path / 'idx.txt'}", "train.max_steps=0"])
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["global_step"] == 0 and ck["model_build"]["num_classes"] == 4
+    idx = torch.tensor([5, 700, 3, 9])
+    assert torch.equal(ck["model_state"]["transformer.proj.2.weight"], src.transformer.proj[2].weight[idx])
+    assert torch.equal(ck["model_state"]["transformer.proj.2.bias"], src.transformer.proj[2].bias[idx])
+    # gradient checkpointing + bf16 autocast run (bf16 on CPU autocast; the fused kernels stay off)
+    out2 = tmp_path / "ckpt_bf16"
+    train.main([*base, "--output-dir", str(out2), "model.grad_checkpointing=true", "train.amp=bf16",
+                "train.max_steps=1"])
+    ck2 = torch.load(out2 / "last.pt", weights_only=False)
+    assert ck2["model_build"]["use_checkpoint"] is True and ck2["global_step"] == 1
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _rows(out2))

@@ -493,6 +493,9 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
         for batch in loader:
             if step_in_epoch >= iters_per_epoch:
                 break
+            if max_steps is not None and global_step >= int(max_steps):
+                stop = True
+                break
             reporter(batch["failed"])
             video = batch["video"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
