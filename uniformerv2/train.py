@@ -600,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        overrides.append(args.resume)  # `--resume key=value`: the value-less --resume, then an override
+        args.resume = "auto"
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     preset = args.preset
