@@ -9,7 +9,7 @@ Forward (per call):
 1. training only: ``_bn_stats_partial_kernel`` + ``_bn_stats_combine_kernel``: per-channel mean and biased
    variance over the M patch rows (Chan/Welford merges in a fixed order: deterministic, no atomics).
 2. BatchNorm folded into the first 1x1 conv (tiny torch ops on (C', C)):
-   W1' = W1 * (gamma * rstd) per input channel, b1' = b1 + W1 @ (beta - gamma * rstd * mean).
+   W1' = W1 * (gamma * rstd) per input channel, b1' = b1 + W1 @ beta, applied to X - mean (see _fold).
 3. GEMM1 Y1 = X @ W1'^T with cuBLAS (torch.mm): a plain GEMM with nothing to fuse (its bias b1' is added in
    fp32 inside the next kernel's operand load), so cuBLAS's tuned Hopper kernels are the fastest option.
 4. ``_fused_matmul_kernel`` (Triton) with HAS_MIX: GEMM2 whose A operand is built while loading it:
@@ -24,8 +24,8 @@ Backward (G = grad of the output's patch rows, D = dropped-path scale per row):
    ``_sum_partials_kernel``; deterministic). Optionally per-row dot products for the branch-scale grad.
 3. dW2 = G^T @ Zs and P = dY1^T @ X with cuBLAS (K = M reductions into small outputs: cuBLAS's
    split-K kernels are deterministic and fast); db2 = sum_m D[m] G[m] with ``_scaled_column_sum_kernel``.
-4. The BatchNorm parameters come from P: ds = sum_j W1[j] * (P[j] - db1'[j] * mean), dgamma = ds * rstd,
-   dbeta = W1^T db1', dW1 = P * s + db1' (beta - s * mean)^T.
+4. The BatchNorm parameters come from P = dY1^T (X - mean): ds = sum_j W1[j] * P[j], dgamma = ds * rstd,
+   dbeta = W1^T db1', dW1 = P * s + db1' beta^T (X centred first: no cancellation when |mean| >> std).
 5. dX = G + dY1 @ W1' - s * (dbeta + xhat * dgamma) / M (last term in training only): Triton
    ``_fused_matmul_kernel`` without the mix, with the BatchNorm-backward correction and the residual gradient
    in its epilogue (one pass over dX).
@@ -236,8 +236,11 @@ def _temporal_mix_backward_kernel(
         y_prev = tl.where(p_mask, tl.load(y1_ptr + offs - K, mask=p_mask, other=0.0).to(tl.float32) + kb, 0.0)
         y_next = tl.where(n_mask, tl.load(y1_ptr + offs + K, mask=n_mask, other=0.0).to(tl.float32) + kb, 0.0)
         z = (w0 * y_prev + w1 * y_cur + w2 * y_next + mb).to(zs_ptr.dtype.element_ty).to(tl.float32)
-        dy1 = w0 * dz_next + w1 * dz + w2 * dz_prev
-        tl.store(dy1_ptr + offs, dy1.to(dy1_ptr.dtype.element_ty), mask=mask)
+        # Sums below use dY1 as stored (rounded to its dtype): the BatchNorm backward subtracts them from
+        # dY1 @ W1', and the two sides must see the same values or the cancellation leaves rounding noise.
+        dy1 = (w0 * dz_next + w1 * dz + w2 * dz_prev).to(dy1_ptr.dtype.element_ty)
+        tl.store(dy1_ptr + offs, dy1, mask=mask)
+        dy1 = dy1.to(tl.float32)
         if HAS_ROW_SCALE:
             tl.store(zs_ptr + offs, (z * scale).to(zs_ptr.dtype.element_ty), mask=mask)
         else:
@@ -404,22 +407,33 @@ def fused_matmul(
 
 
 def _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype):
-    """BatchNorm folded into the first 1x1 conv; returns (rstd, s, W1 fp32, W1' in dtype, b1' fp32)."""
+    """BatchNorm folded into the first 1x1 conv, applied to the centred rows X - mean:
+    Y1 = (X - mean) @ W1'^T + b1' with W1' = W1 * s, b1' = b1 + W1 @ beta.
+
+    Returns (rstd, s, W1 fp32, W1' in dtype, b1' fp32). Folding the mean into b1' instead would make
+    X @ W1'^T and b1' two large terms that cancel when a channel's |mean| >> std (CLIP streams have such
+    channels), losing precision in Y1; centring first costs one extra pass over X.
+    """
     Cp = conv1_weight.shape[0]
     C = mean.shape[0]
     rstd = torch.rsqrt(var + eps)
     s = bn_weight.float() * rstd
     w1 = conv1_weight.reshape(Cp, C).float()
     w1_folded = (w1 * s).to(dtype)
-    b1_folded = conv1_bias.float() + w1 @ (bn_bias.float() - s * mean)
+    b1_folded = conv1_bias.float() + w1 @ bn_bias.float()
     return rstd, s, w1, w1_folded, b1_folded
+
+
+def _centre(xp: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """X - mean per channel, computed in fp32 and stored in X's dtype."""
+    return (xp.float() - mean[None, :]).to(xp.dtype)
 
 
 def forward(
     x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
     conv2_weight, conv2_bias, training, eps, branch_scale,
 ):
-    """Returns (out (L, N*T, C), mean (C,) fp32, biased var (C,) fp32, Y1 = X @ W1'^T (M, C') in x.dtype).
+    """Returns (out (L, N*T, C), mean (C,) fp32, biased var (C,) fp32, Y1 = (X - mean) @ W1'^T (M, C') in x.dtype).
 
     x must be contiguous. mean/var are the batch statistics in training and the running ones in eval.
     """
@@ -433,7 +447,7 @@ def forward(
     else:
         mean, var = running_mean.float(), running_var.float()
     _, _, _, w1_folded, b1_folded = _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype)
-    y1 = xp @ w1_folded.t()  # cuBLAS
+    y1 = _centre(xp, mean) @ w1_folded.t()  # cuBLAS
     out = torch.empty_like(x)
     out[0].copy_(x[0])
     mix = (b1_folded, dw_weight.reshape(Cp, 3).float().contiguous(), dw_bias.float().contiguous())
@@ -496,21 +510,27 @@ def backward(
     )
     d_b2 = _sum_partials(part_c)
 
-    # BatchNorm and first conv parameters from P = dY1^T X (fp32, C' x C)
-    p = _mm_fp32_out(dy1.t(), xp)
-    d_s = (w1 * (p - d_b1_folded[:, None] * mean[None, :])).sum(0)
+    # BatchNorm and first conv parameters from P = dY1^T (X - mean) (fp32, C' x C). X is centred before
+    # the GEMM: forming dY1^T X - colsum(dY1) mean^T afterwards cancels catastrophically when a channel's
+    # |mean| >> std (CLIP streams have such channels), at the cost of one extra pass over X.
+    xc = _centre(xp, mean)
+    pc = _mm_fp32_out(dy1.t(), xc)
+    d_s = (w1 * pc).sum(0)
     d_bn_weight = d_s * rstd
     d_bn_bias = w1.t() @ d_b1_folded
-    d_w1 = p * s + d_b1_folded[:, None] * (bn_bias.float() - s * mean)[None, :]
+    d_w1 = pc * s + d_b1_folded[:, None] * bn_bias.float()[None, :]
 
     dx = torch.empty_like(x)
     dx[0].copy_(g[0])
     if training:
         # dX = G + dY1 @ W1' - s * (dbeta + (x - mean) * rstd * dgamma) / M
+        # (x - mean) read from the centred copy, for the same reason as P above.
+        # s * dbeta = s * W1^T db1' is taken with the W1' the GEMM uses (rounded to x's dtype), so that the
+        # rows of dX sum to what they should (the BatchNorm output does not move when all rows shift).
         coef = s * rstd * d_bn_weight / M
-        col_bias = -(s * d_bn_bias / M - coef * mean)
+        col_bias = -(w1_folded.float().t() @ d_b1_folded) / M
         fused_matmul(dy1, w1_folded.contiguous(), dx[1:].view(M, C), gp, col_bias.contiguous(), T, NT,
-                     b_transposed=False, e=xp, col_coef=(-coef).contiguous())
+                     b_transposed=False, e=xc, col_coef=(-coef).contiguous())
     else:
         fused_matmul(dy1, w1_folded.contiguous(), dx[1:].view(M, C), gp, torch.zeros_like(s), T, NT,
                      b_transposed=False)
