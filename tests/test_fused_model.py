@@ -52,14 +52,14 @@ def run(model, video, train):
     return logits.detach(), grads, stats
 
 
-def compare_fused_to_reference(dtype, train, device="cpu", **kw):
+def compare_fused_to_reference(dtype, train, device="cpu", backend="triton", **kw):
     torch.manual_seed(0)
     base = small_model(**kw)
     video = torch.randn(2, 3, SMALL["num_frames"], 32, 32, device=device)
 
     ref64 = copy.deepcopy(base).double().to(device)
     ref_low = copy.deepcopy(base).to(device=device, dtype=dtype)
-    fused = copy.deepcopy(base).to(device=device, dtype=dtype).set_fused(True, backend="triton")
+    fused = copy.deepcopy(base).to(device=device, dtype=dtype).set_fused(True, backend=backend)
 
     out64, grads64, stats64 = run(ref64, video.double(), train)
     out_low, grads_low, _ = run(ref_low, video.to(dtype), train) if dtype != torch.float32 else (None, {}, None)
@@ -178,6 +178,7 @@ def test_compiled_fused_model_matches_eager():
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fused_matches_reference_cuda(dtype):
-    compare_fused_to_reference(dtype, train=True, device="cuda")
+def test_fused_matches_reference_cuda(dtype, backend):
+    compare_fused_to_reference(dtype, train=True, device="cuda", backend=backend)
