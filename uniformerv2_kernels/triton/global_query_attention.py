@@ -31,7 +31,8 @@ Backward (``backward``):
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer.
 
 GPU status: never run on a GPU yet. Compiled ahead of time for sm_90 (triton.compile with a GPUTarget)
-at C = 1024: forward (bf16, BLOCK_S 16, 16 warps) 66 KB shared memory, backward token kernel < 1 KB, so
+at C = 1024: forward (bf16, BLOCK_S 16, 16 warps, num_stages 1) 66 KB shared memory (1.9 MB with the
+default num_stages 3, see benchmarks/aot_compile_check.py), backward token kernel < 1 KB, so
 they launch; ptxas reports register spills (stack ~5-7 KB) for the full-C tiles: tile sizes and warps are
 untuned guesses.
 """
@@ -339,7 +340,9 @@ def forward(
         T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
         OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=num_warps,
+        # num_stages=1: with the default 3, the software pipeliner stages the 28 tile loads of the DPE
+        # (feeding the tensor-core dot) in shared memory: 1.9 MB on sm_90 (limit 227 KB), launch fails.
+        num_warps=num_warps, num_stages=1,
     )
     # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
     m_max = m.amax(dim=1, keepdim=True)  # (N, 1, H)
