@@ -1,0 +1,467 @@
+"""Ahead-of-time compile check of every Triton kernel for sm_90 (H100) and sm_80 (A100), no GPU needed.
+
+Compiles each ``@triton.jit`` kernel of uniformerv2_kernels/triton/{layer_norm, ffn, spatial_attention,
+local_temporal_mhra, global_query_attention}.py with ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+using the constexpr values / tile configs / num_warps / num_stages its launcher passes ON A GPU (not the
+interpreter ones), at the real model shapes (C = 768: B/16, C = 1024: L/14), for fp32, fp16 and bf16, and
+prints one row per compile:
+
+    kernel, dtype, config, status, shared memory bytes, registers, spill stores/loads, stack bytes
+
+Status:
+- ``ok``: compiled, fits the device's shared memory (sm_90: 232448 B = 227 KB, sm_80: 166912 B = 163 KB)
+  and ptxas reports no spills.
+- ``ok/spill``: compiled but ptxas spills registers to local memory (slower, still launches).
+- ``SMEM>max``: compiled, but a launch would raise OutOfResources. For the FFN GEMM (``@triton.autotune``)
+  such a config is skipped by the autotuner (it catches OutOfResources), so it only matters when NO config
+  of an (epilogue, dtype) variant fits; that case is reported as a failure in the summary.
+- ``ERROR``: triton / ptxas failed to compile; the first line of the error is shown.
+
+Specialisation mimics a real launch: torch allocations are 16-byte aligned (pointer divisibility 16),
+integer arguments divisible by 16 get the divisibility hint, and integer arguments equal to 1 (unit strides,
+(1, 1) row swaps) become constants, as Triton's launcher does. Registers / spills come from the ptxas -v
+log (``TRITON_DUMP_PTXAS_LOG``); TRITON_ALWAYS_COMPILE makes ptxas run every time.
+
+Usage:
+    python benchmarks/aot_compile_check.py                       # sm_90 and sm_80, everything
+    python benchmarks/aot_compile_check.py --arch 90 --ops layer_norm,ffn --dtypes bf16 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+# Must happen before triton / the kernel modules are imported: compile for real, not interpret.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
+if "TRITON_CACHE_DIR" not in os.environ:
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot_compile_check_")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+SMEM_LIMIT = {90: 232448, 80: 166912}  # max dynamic shared memory per block (opt-in), bytes
+DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+TL_DTYPES = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
+
+# Real model shapes (DESIGN.md section 2): B/16 at 224 (C 768, 12 heads, LMHRA C' = 512, 14x14 patches)
+# and L/14 at 224 (C 1024, 16 heads, C' = 682, 16x16 patches); T = 8 frames, N = 8 videos.
+MODELS = {
+    768: dict(H=12, Cp=512, W=14, T=8, N=8),
+    1024: dict(H=16, Cp=682, W=16, T=8, N=8),
+}
+for _m in MODELS.values():
+    _m["L"] = _m["W"] ** 2 + 1
+    _m["NT"] = _m["N"] * _m["T"]
+
+
+@dataclass
+class Case:
+    op: str
+    kernel: str  # attribute name in the op's triton module
+    dtype: str
+    config: str
+    args: dict  # arg name -> pointer type string "*fp16" / python int / python float
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    group: str = ""  # autotune group: at least one config per group must fit
+    extra: dict = field(default_factory=dict)
+
+
+def _module(op):
+    import importlib
+
+    return importlib.import_module(f"uniformerv2_kernels.triton.{op}")
+
+
+def _build_source(fn, args: dict, constexprs: dict):
+    """ASTSource with the specialisation Triton's launcher would give these argument values."""
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        v = args[name]
+        if isinstance(v, str):  # pointer
+            signature[name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool) or isinstance(v, float):
+            signature[name] = "fp32"
+        elif isinstance(v, int):
+            if v == 1:
+                signature[name] = "constexpr"
+                consts[name] = 1
+            else:
+                signature[name] = "i32" if abs(v) < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{name}: {v!r}")
+    return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_case(case: Case, arch: int) -> dict:
+    fn = getattr(_module(case.op), case.kernel)
+    while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap an Autotuner / heuristics wrapper
+        fn = fn.fn
+    row = dict(op=case.op, kernel=case.kernel, dtype=case.dtype, config=case.config, arch=arch, group=case.group)
+    t0 = time.time()
+    buf = io.StringIO()
+    try:
+        src = _build_source(fn, case.args, case.constexprs)
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+    except Exception as e:  # noqa: BLE001 - report any compile failure
+        msg = str(e).strip().splitlines()
+        first = next((ln for ln in msg if ln.strip()), type(e).__name__)
+        row.update(status="ERROR", error=f"{type(e).__name__}: {first[:200]}", secs=time.time() - t0)
+        return row
+    log = buf.getvalue()
+    regs = _PTXAS_REGS.findall(log)
+    spill = _PTXAS_SPILL.findall(log)
+    row["smem"] = int(k.metadata.shared)
+    row["regs"] = int(regs[-1]) if regs else None
+    if spill:
+        stack, st, ld = map(int, spill[-1])
+        row.update(stack=stack, spill_st=st, spill_ld=ld)
+    row["wgmma"] = "wgmma.mma_async" in k.asm.get("ptx", "")
+    row["secs"] = time.time() - t0
+    if row["smem"] > SMEM_LIMIT[arch]:
+        row["status"] = "SMEM>max"
+    elif row.get("spill_st", 0) or row.get("spill_ld", 0):
+        row["status"] = "ok/spill"
+    else:
+        row["status"] = "ok"
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------
+# cases: what each launcher passes on a GPU
+
+
+def _ptr(dt):
+    return f"*{dt}"
+
+
+def layer_norm_cases(dtypes):
+    mod = _module("layer_norm")
+    cases = []
+    for C, m in MODELS.items():
+        M = m["L"] * m["NT"]
+        for dt in dtypes:
+            p = _ptr(dt)
+            # forward: target 4096 elements per program on a GPU
+            bc, br, nw = mod._block_sizes(C, 4096)
+            for swap, stats in [(False, True), (False, False), (True, True), (True, False)]:
+                n_outer, n_inner = (m["L"], m["NT"]) if swap else (1, 1)
+                cases.append(Case(
+                    "layer_norm", "_layer_norm_fwd_kernel", dt,
+                    f"C={C} SWAP={int(swap)} STATS={int(stats)} BR={br} BC={bc} w{nw}",
+                    dict(X=p, W=p, B=p, Y=p, Mean="*fp32", Rstd="*fp32", M=M, C=C, n_outer=n_outer,
+                         n_inner=n_inner, eps=1e-5),
+                    dict(SWAP_Y_ROWS=swap, STORE_STATS=stats, BLOCK_ROWS=br, BLOCK_C=bc), num_warps=nw))
+            bc, br, nw = mod._block_sizes(C, 2048)
+            for swap, dres in [(False, True), (True, False), (False, False)]:
+                n_outer, n_inner = (m["L"], m["NT"]) if swap else (1, 1)
+                cases.append(Case(
+                    "layer_norm", "_layer_norm_bwd_kernel", dt,
+                    f"C={C} SWAP={int(swap)} DRES={int(dres)} BR={br} BC={bc} w{nw}",
+                    dict(DY=p, X=p, W=p, Mean="*fp32", Rstd="*fp32", DX=p, DRES=p, PartialDW="*fp32",
+                         PartialDB="*fp32", M=M, C=C, n_outer=n_outer, n_inner=n_inner, rows_per_program=br * 7),
+                    dict(SWAP_DY_ROWS=swap, HAS_DRES=dres, BLOCK_ROWS=br, BLOCK_C=bc), num_warps=nw))
+    return cases
+
+
+def _linear_case(mod, dt, label, M, N, K, stride_am, stride_ak, stride_wn, stride_wk, n_outer, n_inner,
+                 rows_per_scale, flags, cfg, group):
+    p = _ptr(dt)
+    meta = dict(cfg.kwargs)
+    consts = dict(flags, EVEN_K=(K % 64 == 0), INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", **meta)
+    return Case(
+        "ffn", "_linear_kernel", dt,
+        f"{label} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}",
+        dict(A=p, W=p, Bias=p, Out=p, Aux=p, Aux2=p, Res=p, RowScale=p, M=M, N=N, K=K,
+             stride_am=stride_am, stride_ak=stride_ak, stride_wn=stride_wn, stride_wk=stride_wk,
+             n_outer=n_outer, n_inner=n_inner, rows_per_scale=rows_per_scale),
+        consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages, group=group)
+
+
+def ffn_cases(dtypes, all_variants=True):
+    """The autotuned GEMM: every autotune config x the epilogue variants the FFN and spatial attention use.
+
+    M, N, K only specialise through divisibility by 16 (EVEN_K: all model K are multiples of 64), so C = 768
+    stands for both widths; the variants differ in the epilogue flags and strides."""
+    mod = _module("ffn")
+    C, m = 768, MODELS[768]
+    M = m["L"] * m["NT"]
+    base = dict(HAS_BIAS=True, EPILOGUE=0, STORE_PRE=False, HAS_RES=False, HAS_ROW_SCALE=False, SWAP_OUT_ROWS=False)
+    # (label, M, N, K, strides a (m, k), strides w (n, k), n_outer, n_inner, rows_per_scale, flags)
+    variants = [
+        ("c_fc(gelu,pre)", M, 4 * C, C, C, 1, C, 1, 1, 1, 1, dict(base, EPILOGUE=1, STORE_PRE=True)),
+        ("c_proj(res,scale)", M, C, 4 * C, 4 * C, 1, 4 * C, 1, 1, 1, m["NT"],
+         dict(base, HAS_RES=True, HAS_ROW_SCALE=True)),
+        ("dgrad(gelu')", M, 4 * C, C, C, 1, 1, 4 * C, 1, 1, 1, dict(base, HAS_BIAS=False, EPILOGUE=2)),
+        ("out_proj(swap)", M, C, C, C, 1, C, 1, m["NT"], m["L"], 1, dict(base, SWAP_OUT_ROWS=True)),
+    ]
+    if all_variants:
+        variants += [
+            ("c_fc(gelu)", M, 4 * C, C, C, 1, C, 1, 1, 1, 1, dict(base, EPILOGUE=1)),
+            ("c_proj(res)", M, C, 4 * C, 4 * C, 1, 4 * C, 1, 1, 1, 1, dict(base, HAS_RES=True)),
+            ("qkv", M, 3 * C, C, C, 1, C, 1, 1, 1, 1, dict(base)),
+        ]
+    cases = []
+    for dt in dtypes:
+        for v in variants:
+            label = v[0]
+            for cfg in mod._configs():
+                cases.append(_linear_case(mod, dt, *v, cfg, group=f"ffn {label} {dt}"))
+    return cases
+
+
+def local_temporal_mhra_cases(dtypes):
+    mod = _module("local_temporal_mhra")
+    cases = []
+
+    class _Cuda:  # the launchers read the config from a tensor's device
+        class device:
+            type = "cuda"
+
+    orig = mod._interpreting
+    mod._interpreting = lambda t: False
+    try:
+        for C, m in MODELS.items():
+            Cp, T, NT = m["Cp"], m["T"], m["NT"]
+            M = (m["L"] - 1) * NT
+            for dt in dtypes:
+                p = _ptr(dt)
+                cfg = mod._gemm_config(_Cuda, _torch_dtype(dt))
+                nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+                ieee = dt == "fp32"
+                common = dict(a_ptr=p, b_ptr=p, out_ptr=p, res_ptr=p, e_ptr=p, col_bias_ptr="*fp32",
+                              col_coef_ptr="*fp32", row_scale_ptr="*fp32", k_bias_ptr="*fp32", mix_w_ptr="*fp32",
+                              mix_b_ptr="*fp32", T=T, NT=NT)
+                tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{ns} w{nw}"
+                # forward GEMM2 with the temporal mix: K = C', N = C, b = conv2 (C, C') transposed
+                for rs in (False, True):
+                    cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
+                                      f"C={C} fwd MIX ROW_SCALE={int(rs)} {tiles}",
+                                      dict(common, M=M, N=C, K=Cp, stride_bk=1, stride_bn=Cp),
+                                      dict(HAS_MIX=True, HAS_ROW_SCALE=rs, HAS_E=False, IEEE=ieee, **cfg),
+                                      num_warps=nw, num_stages=ns))
+                # backward dX GEMM: A = dY1 (M, C'), B = W1' (C', C) row-major
+                for e in (True, False):
+                    cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
+                                      f"C={C} bwd-dX E={int(e)} {tiles}",
+                                      dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
+                                      dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=e, IEEE=ieee, **cfg),
+                                      num_warps=nw, num_stages=ns))
+                cases.append(Case("local_temporal_mhra", "_bn_stats_partial_kernel", dt, f"C={C} BM=32 BC=128 w4",
+                                  dict(x_ptr=p, part_mean_ptr="*fp32", part_m2_ptr="*fp32", M=M, C=C,
+                                       rows_per_prog=32 * 13),
+                                  dict(BLOCK_M=32, BLOCK_C=128)))
+                for rs, rd in [(True, True), (False, False)]:
+                    cases.append(Case("local_temporal_mhra", "_temporal_mix_backward_kernel", dt,
+                                      f"C={C} ROW_SCALE={int(rs)} ROWDOT={int(rd)} BM=32 BK=128 w4",
+                                      dict(dz_ptr=p, y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32",
+                                           mix_b_ptr="*fp32", row_scale_ptr="*fp32", dy1_ptr=p, zs_ptr=p,
+                                           part_ptr="*fp32", rowdot_ptr="*fp32", M=M, K=Cp, T=T, NT=NT,
+                                           rows_per_prog=32 * 13),
+                                      dict(HAS_ROW_SCALE=rs, NEED_ROWDOT=rd, BLOCK_M=32, BLOCK_K=128)))
+                cases.append(Case("local_temporal_mhra", "_scaled_column_sum_kernel", dt,
+                                  f"C={C} ROW_SCALE=1 BM=32 BC=128 w4",
+                                  dict(g_ptr=p, row_scale_ptr="*fp32", part_ptr="*fp32", M=M, C=C, T=T, NT=NT,
+                                       rows_per_prog=32 * 13),
+                                  dict(HAS_ROW_SCALE=True, BLOCK_M=32, BLOCK_C=128)))
+        # dtype-independent (fp32 buffers only)
+        cases.append(Case("local_temporal_mhra", "_bn_stats_combine_kernel", "fp32", "BC=128 w4",
+                          dict(part_mean_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
+                               R=40, M=12544, C=768, rows_per_prog=32 * 13), dict(BLOCK_C=128)))
+        cases.append(Case("local_temporal_mhra", "_sum_partials_kernel", "fp32", "BLOCK=512 w4",
+                          dict(part_ptr="*fp32", out_ptr="*fp32", R=40, W=5 * 682), dict(BLOCK=512)))
+    finally:
+        mod._interpreting = orig
+    return cases
+
+
+def _torch_dtype(dt):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+
+
+def global_query_attention_cases(dtypes):
+    mod = _module("global_query_attention")
+    cases = []
+    for C, m in MODELS.items():
+        T, NT, H, W, L = m["T"], m["NT"], m["H"], m["W"], m["L"]
+        S = T * L
+        BLOCK_C = triton.next_power_of_2(C)
+        BLOCK_H = max(16, triton.next_power_of_2(H))
+        block_s = 16  # GPU default of _common
+        num_warps = 4 if BLOCK_C <= 256 else (8 if BLOCK_C <= 512 else 16)
+        tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s  # ~2*132 SMs / N splits
+        for dt in dtypes:
+            p = _ptr(dt)
+            use_dot = dt != "fp32"
+            common = dict(x_ptr=p, dpe_w_ptr="*fp32", dpe_b_ptr="*fp32", u_ptr="*fp32", T=T, NT=NT, C=C, H=H, W=W,
+                          S=S, tokens_per_split=tps, num_splits=33, eps=1e-5)
+            cases.append(Case(
+                "global_query_attention", "_gqa_forward_partial_kernel", dt,
+                f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} DOT={int(use_dot)} s1 w{num_warps}",
+                dict(common, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+                dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
+                     OPERAND_DTYPE=TL_DTYPES[dt], DOT_PRECISION=mod._dot_precision(_torch_dtype(dt))),
+                num_warps=num_warps, num_stages=1))
+            cases.append(Case(
+                "global_query_attention", "_gqa_backward_tokens_kernel", dt,
+                f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} w{num_warps}",
+                dict(common, dz_ptr="*fp32", lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", du_ptr="*fp32"),
+                dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H), num_warps=num_warps))
+            cases.append(Case(
+                "global_query_attention", "_gqa_backward_dpe_kernel", dt, f"C={C} BS=32 BC=64 w4",
+                dict(x_ptr=p, dy_ptr="*fp32", dpe_w_ptr="*fp32", dx_ptr=p, dw_part_ptr="*fp32",
+                     db_part_ptr="*fp32", T=T, NT=NT, C=C, W=W, S=S, tokens_per_split=32 * 5, num_splits=13),
+                dict(BLOCK_S=32, BLOCK_C=64), num_warps=4))
+    return cases
+
+
+def spatial_attention_cases(dtypes):
+    """spatial_attention.py has no kernels of its own: it launches layer_norm (swap_rows) and the ffn GEMM
+    (bias only / swap_out_rows), which the layer_norm and ffn cases cover (SWAP=1, 'qkv', 'out_proj')."""
+    return []
+
+
+OPS = {
+    "layer_norm": layer_norm_cases,
+    "ffn": ffn_cases,
+    "spatial_attention": spatial_attention_cases,
+    "local_temporal_mhra": local_temporal_mhra_cases,
+    "global_query_attention": global_query_attention_cases,
+}
+
+
+def _check_every_kernel_covered(cases, ops):
+    """Every @triton.jit kernel (name ending in _kernel) of the selected modules must have a case."""
+    missing = []
+    for op in ops:
+        mod = _module(op)
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+                if not any(c.op == op and c.kernel == name for c in cases):
+                    missing.append(f"{op}.{name}")
+    return missing
+
+
+def _fmt(v, width):
+    return ("-" if v is None else str(v)).rjust(width)
+
+
+def print_table(rows):
+    hdr = (f"{'arch':>4}  {'kernel':<32} {'dtype':<5} {'config':<52} {'status':<9} {'smem B':>7} {'regs':>4} "
+           f"{'spill st/ld':>11} {'stack':>5} {'s':>5}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        spill = None if "spill_st" not in r else f"{r['spill_st']}/{r['spill_ld']}"
+        print(f"sm{r['arch']:<2}  {r['kernel']:<32} {r['dtype']:<5} {r['config']:<52} {r['status']:<9} "
+              f"{_fmt(r.get('smem'), 7)} {_fmt(r.get('regs'), 4)} {_fmt(spill, 11)} {_fmt(r.get('stack'), 5)} "
+              f"{r['secs']:5.1f}")
+        if r["status"] == "ERROR":
+            print(f"      -> {r['error']}")
+
+
+def summarise(rows):
+    """Failures: errors and shared-memory overflows outside autotune groups, and autotune groups with no
+    config that fits."""
+    failures, notes = [], []
+    groups = {}
+    for r in rows:
+        if r["group"]:
+            groups.setdefault((r["arch"], r["group"]), []).append(r)
+        elif r["status"] in ("ERROR", "SMEM>max"):
+            failures.append(f"sm{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: {r['status']} "
+                            f"{r.get('error', '')}{r.get('smem', '')}")
+    for (arch, g), rs in groups.items():
+        fit = [r for r in rs if r["status"] in ("ok", "ok/spill")]
+        bad = [r for r in rs if r["status"] not in ("ok", "ok/spill")]
+        if not fit:
+            failures.append(f"sm{arch} autotuned {g}: NO config compiles within shared memory")
+        elif bad:
+            notes.append(f"sm{arch} autotuned {g}: {len(fit)}/{len(rs)} configs usable; skipped by the autotuner: "
+                         + ", ".join(f"{r['config'].split()[-3]} ({r['status']}"
+                                     + (f" {r['smem']} B)" if 'smem' in r else ")") for r in bad))
+    spills = [r for r in rows if r["status"] == "ok/spill"]
+    return failures, notes, spills
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="90,80", help="compute capabilities, comma separated (default 90,80)")
+    ap.add_argument("--ops", default=",".join(OPS), help="ops, comma separated")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compiles (processes)")
+    ap.add_argument("--ffn-main-variants", action="store_true",
+                    help="FFN GEMM: only c_fc / c_proj / dgrad / out_proj (skip the lighter epilogue variants)")
+    args = ap.parse_args(argv)
+    archs = [int(a) for a in args.arch.split(",")]
+    ops = [o for o in args.ops.split(",") if o]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    for d in dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d}")
+
+    cases = []
+    for op in ops:
+        if op == "ffn":
+            cases += ffn_cases(dtypes, all_variants=not args.ffn_main_variants)
+        else:
+            cases += OPS[op](dtypes)
+    missing = _check_every_kernel_covered(cases, ops)
+    jobs = [(c, a) for a in archs for c in cases]
+    print(f"triton {triton.__version__}: {len(jobs)} compiles ({len(cases)} cases x archs {archs}), "
+          f"{args.jobs} processes, cache {os.environ['TRITON_CACHE_DIR']}", flush=True)
+    t0 = time.time()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as ex:
+            rows = list(ex.map(compile_case, [j[0] for j in jobs], [j[1] for j in jobs]))
+    else:
+        rows = [compile_case(c, a) for c, a in jobs]
+    print(f"compiled in {time.time() - t0:.0f} s\n")
+    print_table(rows)
+    failures, notes, spills = summarise(rows)
+    print("\nshared-memory limits used: " + ", ".join(f"sm{a}: {SMEM_LIMIT[a]} B" for a in archs))
+    if missing:
+        print("\nkernels without a case (add them): " + ", ".join(missing))
+    print(f"\nregister spills: {len(spills)} of {len(rows)} compiles")
+    for n in notes:
+        print("note: " + n)
+    if failures:
+        print(f"\nFAILURES ({len(failures)}):")
+        for f in failures:
+            print("  " + f)
+    else:
+        print("\nno failures: every launcher configuration compiles and fits shared memory")
+    return 1 if failures or missing else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    sys.exit(main())
