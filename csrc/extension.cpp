@@ -11,7 +11,7 @@ TORCH_LIBRARY(uniformerv2_cuda, m) {
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "uniformerv2-kernels CUDA ops", -1,
-                                      nullptr};
+                                      nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 }

@@ -15,11 +15,11 @@
 // t = m % T and video (m % NT) / T; the temporal conv mixes rows m-1, m, m+1 (zero outside [0, T)).
 // Memory-bound parts are the kernels here; the GEMMs run on cuBLAS through ATen:
 //   forward:  BN statistics (training: per-chunk Welford partials, merged in a fixed order), BN folded into
-//             conv1 (tiny ATen ops), Y1 = X W1'^T (cuBLAS), Z = temporal mix of Y1 + b1' (kernel, rounded to
+//             conv1 (tiny ATen ops), Y1 = (X - mean) W1'^T (cuBLAS), Z = temporal mix of Y1 + b1' (kernel, rounded to
 //             x.dtype like the Triton GEMM operand), acc = Z W2^T (cuBLAS, fp32 output), and the epilogue
 //             out = x + branch_scale[video] * (acc + b2) (kernel).
 //   backward: dZ = G W2 (cuBLAS); the mix backward (kernel: dY1, Zs = scale * Z recomputed, per-chunk column
-//             partial sums for the dw/bias gradients); dW2 = G^T Zs and P = dY1^T X (cuBLAS, fp32 output);
+//             partial sums for the dw/bias gradients); dW2 = G^T Zs and P = dY1^T (X - mean) (cuBLAS, fp32 out);
 //             db2 (kernel, column partials); BN parameter gradients from P (tiny ATen ops); dX = G + dY1 W1'
 //             with the BatchNorm-backward correction (cuBLAS, fp32 output, then the epilogue kernel).
 // Every reduction is a per-chunk partial buffer summed by torch in a fixed order: no atomics, so two
@@ -231,7 +231,9 @@ __global__ void temporal_mix_bwd_kernel(const T* __restrict__ dz, const T* __res
       const float yc = y_cur[i] + kb[i];
       const float yp = has_prev ? y_prev[i] + kb[i] : 0.0f;
       const float yn = has_next ? y_next[i] + kb[i] : 0.0f;
-      const float dy = w0[i] * d_next + w1[i] * d + w2[i] * d_prev;
+      // dY1 as stored (rounded to T): the BatchNorm backward subtracts these sums from dY1 W1', and both
+      // sides must see the same values or the cancellation leaves rounding noise.
+      const float dy = round_to<T>(w0[i] * d_next + w1[i] * d + w2[i] * d_prev);
       o_dy1[i] = dy;
       o_zs[i] = z * scale;
       acc_db[i] += d;
@@ -409,12 +411,18 @@ at::Tensor fresh(const at::Tensor& t, at::ScalarType dtype) {
   return t.contiguous().to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
+// X - mean per channel, computed in fp32 and stored in X's dtype.
+at::Tensor centre(const at::Tensor& xp, const at::Tensor& mean) {
+  return xp.to(at::kFloat).sub(mean.unsqueeze(0)).to(xp.scalar_type()).contiguous();
+}
+
 struct Folded {
   at::Tensor rstd, s, w1, w1_folded, b1_folded;
 };
 
-// BatchNorm folded into the first 1x1 conv: W1' = W1 * (gamma * rstd) per input channel (in dtype),
-// b1' = b1 + W1 (beta - gamma * rstd * mean) (fp32).
+// BatchNorm folded into the first 1x1 conv, applied to the centred rows X - mean:
+// Y1 = (X - mean) W1'^T + b1', W1' = W1 * (gamma * rstd) per input channel (in dtype), b1' = b1 + W1 beta
+// (fp32). Folding the mean into b1' instead cancels when a channel's |mean| >> std (CLIP streams).
 Folded fold(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
             const at::Tensor& conv1_weight, const at::Tensor& conv1_bias, double eps, at::ScalarType dtype, int64_t Cp,
             int64_t C) {
@@ -423,7 +431,7 @@ Folded fold(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& bn_
   f.s = bn_weight.to(at::kFloat).mul(f.rstd);
   f.w1 = conv1_weight.reshape({Cp, C}).to(at::kFloat);
   f.w1_folded = f.w1.mul(f.s).to(dtype).contiguous();
-  f.b1_folded = conv1_bias.to(at::kFloat).add(at::mv(f.w1, bn_bias.to(at::kFloat).sub(f.s.mul(mean)))).contiguous();
+  f.b1_folded = conv1_bias.to(at::kFloat).add(at::mv(f.w1, bn_bias.to(at::kFloat))).contiguous();
   return f;
 }
 
@@ -493,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_temporal_mhra_f
     var = fresh(running_var->reshape({C}), at::kFloat);
   }
   const Folded f = fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype, Cp, C);
-  at::Tensor y1 = at::mm(xp, f.w1_folded.t());  // (M, C') cuBLAS
+  at::Tensor y1 = at::mm(centre(xp, mean), f.w1_folded.t());  // (M, C') cuBLAS
   const at::Tensor mix_w = dw_weight.reshape({Cp, 3}).to(at::kFloat).contiguous();
   const at::Tensor mix_b = dw_bias.to(at::kFloat).contiguous();
   at::Tensor z = temporal_mix_forward(y1, f.b1_folded, mix_w, mix_b, T);
@@ -625,13 +633,13 @@ local_temporal_mhra_bwd(const at::Tensor& grad_out, const at::Tensor& x, const a
 
   const at::Tensor d_w2 = mm_fp32_out(gp.t(), zs);  // (C, C')
   zs.reset();
-  // BatchNorm and conv1 parameters from P = dY1^T X (fp32, C' x C)
-  const at::Tensor p = mm_fp32_out(dy1.t(), xp);
-  const at::Tensor d_s = f.w1.mul(p.sub(d_b1_folded.unsqueeze(1).mul(mean.unsqueeze(0)))).sum(0);
+  // BatchNorm and conv1 parameters from P = dY1^T (X - mean) (fp32, C' x C); X centred first, as in the forward.
+  const at::Tensor xc = centre(xp, mean);
+  const at::Tensor p = mm_fp32_out(dy1.t(), xc);
+  const at::Tensor d_s = f.w1.mul(p).sum(0);
   const at::Tensor d_bn_weight = d_s.mul(f.rstd);
   const at::Tensor d_bn_bias = at::mv(f.w1.t(), d_b1_folded);
-  const at::Tensor d_w1 =
-      p.mul(f.s).add(d_b1_folded.unsqueeze(1).mul(bn_bias.to(at::kFloat).sub(f.s.mul(mean)).unsqueeze(0)));
+  const at::Tensor d_w1 = p.mul(f.s).add(d_b1_folded.unsqueeze(1).mul(bn_bias.to(at::kFloat).unsqueeze(0)));
 
   at::Tensor dx = at::empty_like(x);
   dx.select(0, 0).copy_(g.select(0, 0));
@@ -641,8 +649,9 @@ local_temporal_mhra_bwd(const at::Tensor& grad_out, const at::Tensor& x, const a
     // dX = G + dY1 W1' - s * (dbeta + (x - mean) * rstd * dgamma) / M
     const double inv_m = 1.0 / static_cast<double>(M);
     const at::Tensor coef = f.s.mul(f.rstd).mul(d_bn_weight).mul(inv_m);
-    const at::Tensor col_bias = f.s.mul(d_bn_bias).mul(inv_m).sub(coef.mul(mean)).neg().contiguous();
-    rows_epilogue(acc, col_bias, at::Tensor(), gp, coef.neg().contiguous(), xp, dx_rows, T, NT);
+    // s * dbeta taken with the rounded W1' the GEMM used, so the rows of dX sum as they should.
+    const at::Tensor col_bias = at::mv(f.w1_folded.to(at::kFloat).t(), d_b1_folded).mul(inv_m).neg().contiguous();
+    rows_epilogue(acc, col_bias, at::Tensor(), gp, coef.neg().contiguous(), xc, dx_rows, T, NT);
   } else {
     rows_epilogue(acc, at::zeros({C}, fopts), at::Tensor(), gp, at::Tensor(), at::Tensor(), dx_rows, T, NT);
   }
