@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests of the Triton paths run on the GPU where there is one (real kernels), else interpreted on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -4,14 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import requires_cuda
+from conftest import DEVICE, requires_cuda
 from uniformerv2_kernels import backends
 from uniformerv2_kernels.ops.ffn import fused_ffn
 from uniformerv2_kernels.reference import ffn as reference
 from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
 from uniformerv2_kernels.testing import assert_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_NAMES = ("dx", "d_ln_w", "d_ln_b", "d_fc_w", "d_fc_b", "d_proj_w", "d_proj_b", "d_row_scale")
 
 

@@ -12,7 +12,7 @@ import torch
 import uniformerv2
 from uniformerv2_kernels.testing import assert_close, assert_close_lowp, rel_error
 
-from conftest import requires_cuda
+from conftest import DEVICE, requires_cuda
 from test_model import randomise_
 
 SMALL = dict(input_resolution=32, patch_size=8, width=96, layers=4, heads=2, return_list=[2, 3],
@@ -52,7 +52,7 @@ def run(model, video, train):
     return logits.detach(), grads, stats
 
 
-def compare_fused_to_reference(dtype, train, device="cpu", backend="triton", **kw):
+def compare_fused_to_reference(dtype, train, device=DEVICE, backend="triton", **kw):
     torch.manual_seed(0)
     base = small_model(**kw)
     video = torch.randn(2, 3, SMALL["num_frames"], 32, 32, device=device)
@@ -91,16 +91,16 @@ def test_fused_matches_reference_with_temporal_downsample_and_drop_path():
     """Sth-Sth style stem and stochastic depth: the fused path draws the same drop-path masks."""
     torch.manual_seed(0)
     base = small_model(temporal_downsample=True, num_frames=6, backbone_drop_path_rate=0.3, drop_path_rate=0.3)
-    video = torch.randn(2, 3, 6, 32, 32)
-    ref = copy.deepcopy(base).double()
-    fused = copy.deepcopy(base).set_fused(True, backend="triton")
+    video = torch.randn(2, 3, 6, 32, 32, device=DEVICE)
+    ref = copy.deepcopy(base).double().to(DEVICE)
+    fused = copy.deepcopy(base).to(DEVICE).set_fused(True, backend="triton")
     torch.manual_seed(5)
     out64, grads64, _ = run(ref, video.double(), train=True)
     torch.manual_seed(5)
     out, grads, _ = run(fused, video, train=True)
-    assert_close(out, out64, name="logits")
+    assert_close(out, out64, name="logits", tf32=DEVICE == "cuda")
     for name in grads64:
-        assert_close_model_grad(grads[name], grads64[name], None, name)
+        assert_close_model_grad(grads[name], grads64[name], None, name, tf32=DEVICE == "cuda")
 
 
 # Known gap, measured under fp16 autocast: the gradient of ln_pre.bias (the sum of dX over every token,
@@ -112,11 +112,11 @@ AUTOCAST_KNOWN_GAP = {"ln_pre.bias"}
 def _autocast_runs():
     torch.manual_seed(0)
     base = small_model()
-    video = torch.randn(2, 3, SMALL["num_frames"], 32, 32)
-    out64, grads64, _ = run(copy.deepcopy(base).double(), video.double(), train=True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        out_amp, grads_amp, _ = run(copy.deepcopy(base), video, train=True)
-        out, grads, _ = run(copy.deepcopy(base).set_fused(True, backend="triton"), video, train=True)
+    video = torch.randn(2, 3, SMALL["num_frames"], 32, 32, device=DEVICE)
+    out64, grads64, _ = run(copy.deepcopy(base).double().to(DEVICE), video.double(), train=True)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out_amp, grads_amp, _ = run(copy.deepcopy(base).to(DEVICE), video, train=True)
+        out, grads, _ = run(copy.deepcopy(base).to(DEVICE).set_fused(True, backend="triton"), video, train=True)
     return (out, grads), (out64, grads64), (out_amp, grads_amp)
 
 
@@ -130,8 +130,9 @@ def test_fused_matches_reference_under_autocast():
                           floor=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="known precision gap of the Triton local MHRA backward under fp16 "
-                   "autocast (ln_pre.bias gradient 6x the reference's error); see AUTOCAST_KNOWN_GAP")
+# strict where it was measured (the interpreter on the CPU); on a GPU the kernels round differently
+@pytest.mark.xfail(strict=DEVICE == "cpu", reason="known precision gap of the Triton local MHRA backward under "
+                   "fp16 autocast (ln_pre.bias gradient 6x the reference's error); see AUTOCAST_KNOWN_GAP")
 def test_autocast_known_gap_ln_pre_bias():
     (_, grads), (_, grads64), (_, grads_amp) = _autocast_runs()
     for name in AUTOCAST_KNOWN_GAP:
@@ -169,8 +170,8 @@ def test_switch_does_not_change_the_real_ssv2_model():
 
 def test_compiled_fused_model_matches_eager():
     torch.manual_seed(0)
-    model = small_model(layers=2, return_list=[1]).set_fused(True, backend="triton").eval()
-    video = torch.randn(1, 3, 4, 32, 32)
+    model = small_model(layers=2, return_list=[1]).to(DEVICE).set_fused(True, backend="triton").eval()
+    video = torch.randn(1, 3, 4, 32, 32, device=DEVICE)
     with torch.no_grad():
         eager = model(video)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(video)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import DEVICE, requires_cuda
 from uniformerv2_kernels import backends
 from uniformerv2_kernels.ops.global_query_attention import global_query_attention
 from uniformerv2_kernels.reference import global_query_attention as ref
@@ -27,7 +27,7 @@ op_module = importlib.import_module("uniformerv2_kernels.ops.global_query_attent
 ARG_NAMES = ("x", "dpe_weight", "dpe_bias", "ln_weight", "ln_bias", "query", "in_proj_weight", "in_proj_bias")
 
 
-def make_inputs(hw, N, T, C, dtype=torch.float64, device="cpu"):
+def make_inputs(hw, N, T, C, dtype=torch.float64, device=DEVICE):
     """Fresh random inputs; every parameter randomised (DPE bias, ln_3 affine and in_proj biases included)."""
     L = 1 + hw
     g = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
@@ -87,7 +87,7 @@ def test_analytic_backward_gradcheck_float64():
 
 def test_analytic_backward_matches_autograd_of_literal():
     tensors = make_inputs(hw=9, N=3, T=2, C=12)
-    grad_out = torch.randn(1, 3, 12, dtype=torch.float64)
+    grad_out = torch.randn(1, 3, 12, dtype=torch.float64, device=DEVICE)
     out_lit, grads_lit = value_and_grads(ref.global_query_attention_literal, tensors, 2, 4, grad_out)
     _, z, lse = call(ref.global_query_attention_folded_with_stats, tensors, 2, 4)
     grads = ref.global_query_attention_folded_backward(grad_out, *tensors[:1], 2, *tensors[1:], z, lse, 4)
@@ -126,7 +126,7 @@ def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, us
 @pytest.mark.parametrize("hw,N,T,C,heads,num_splits,block_s,use_dot", TRITON_CASES)
 def test_triton_fp32_matches_literal_reference(hw, N, T, C, heads, num_splits, block_s, use_dot):
     tensors64 = make_inputs(hw, N, T, C)
-    grad_out = torch.randn(1, N, C, dtype=torch.float64)
+    grad_out = torch.randn(1, N, C, dtype=torch.float64, device=DEVICE)
     out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
     tensors = [t.float() for t in tensors64]
     out, grads = _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot)
@@ -140,7 +140,7 @@ def test_triton_fp32_matches_literal_reference(hw, N, T, C, heads, num_splits, b
 @pytest.mark.parametrize("hw,N,T,C,heads", [(9, 3, 3, 64, 2), (196, 1, 1, 96, 3), (4, 1, 8, 96, 1)])
 def test_triton_fp16_matches_literal_reference(hw, N, T, C, heads):
     tensors64 = make_inputs(hw, N, T, C)
-    grad_out = torch.randn(1, N, C, dtype=torch.float64)
+    grad_out = torch.randn(1, N, C, dtype=torch.float64, device=DEVICE)
     out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
     tensors = [t.half() for t in tensors64]
     out16, grads16 = value_and_grads(ref.global_query_attention_literal, tensors, T, heads, grad_out)
@@ -169,7 +169,7 @@ def test_triton_on_gpu_matches_literal_reference(hw, N, T, C, heads, dtype):
 
 def test_triton_backward_is_deterministic():
     tensors = [t.float() for t in make_inputs(hw=9, N=3, T=3, C=64)]
-    grad_out = torch.randn(1, 3, 64)
+    grad_out = torch.randn(1, 3, 64, device=DEVICE)
     _, first = _triton_value_and_grads(tensors, 3, 2, grad_out, 3, 16)
     _, second = _triton_value_and_grads(tensors, 3, 2, grad_out, 3, 16)
     for name, a, b in zip(ARG_NAMES, first, second):
@@ -194,7 +194,7 @@ def test_opcheck(backend):
         _, z, lse = torch.ops.uniformerv2.global_query_attention_fwd(x, 2, dw, db, lw, lb, q, w, b, 2, 1e-5, backend)
     torch.library.opcheck(
         torch.ops.uniformerv2.global_query_attention_bwd.default,
-        (torch.randn(1, 2, 64, dtype=dtype), x.detach(), 2, dw.detach(), db.detach(), lw.detach(), lb.detach(),
+        (torch.randn(1, 2, 64, dtype=dtype, device=DEVICE), x.detach(), 2, dw.detach(), db.detach(), lw.detach(), lb.detach(),
          q.detach(), w.detach(), b.detach(), z, lse, 2, 1e-5, backend),
     )
 
@@ -221,7 +221,7 @@ def test_compiled_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     tensors = [t.float() for t in make_inputs(hw=4, N=3, T=3, C=64)]
     x, q = tensors[0], tensors[5]
-    grad_out = torch.randn(1, 3, 64)
+    grad_out = torch.randn(1, 3, 64, device=DEVICE)
     results = []
     for compiled in (False, True):
         module = _GlobalAttention(tensors, 2, backend)
@@ -250,7 +250,7 @@ def test_backend_selection():
 
 
 def test_bad_inputs_name_the_argument():
-    good = make_inputs(hw=4, N=2, T=3, C=12, dtype=torch.float32)
+    good = make_inputs(hw=4, N=2, T=3, C=12, dtype=torch.float32, device="cpu")
 
     def run(T=3, heads=3, eps=1e-5, **replace):
         tensors = [replace.get(n, t) for n, t in zip(ARG_NAMES, good)]

@@ -4,14 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import requires_cuda
+from conftest import DEVICE, requires_cuda
 from uniformerv2_kernels import backends
 import uniformerv2_kernels.ops.layer_norm as ops_layer_norm  # the module, not the re-exported function
 from uniformerv2_kernels.ops.layer_norm import clip_layer_norm
 from uniformerv2_kernels.reference import layer_norm as reference
 from uniformerv2_kernels.testing import assert_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _params(C, dtype=torch.float32, device=DEVICE):

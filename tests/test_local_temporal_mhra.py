@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import requires_cuda
+from conftest import DEVICE, requires_cuda
 from uniformerv2_kernels import backends
 import importlib
 
@@ -15,7 +15,6 @@ from uniformerv2_kernels.ops.local_temporal_mhra import local_temporal_mhra
 from uniformerv2_kernels.reference import local_temporal_mhra as reference
 from uniformerv2_kernels.testing import assert_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PARAM_NAMES = ("bn_weight", "bn_bias", "conv1_weight", "conv1_bias", "dw_weight", "dw_bias", "conv2_weight",
                "conv2_bias")
 

@@ -6,14 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import requires_cuda
+from conftest import DEVICE, requires_cuda
 from uniformerv2_kernels import backends
 from uniformerv2_kernels.ops.spatial_attention import attention_backend, spatial_attention
 from uniformerv2_kernels.reference import spatial_attention as reference
 from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
 from uniformerv2_kernels.testing import assert_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the module (the package re-exports the function under the same name)
 ops_attention = importlib.import_module("uniformerv2_kernels.ops.spatial_attention")
 NAMES = ("out", "dx", "d_ln_w", "d_ln_b", "d_in_w", "d_in_b", "d_out_w", "d_out_b")
