@@ -315,25 +315,27 @@ def global_query_attention_cases(dtypes):
         S = T * L
         BLOCK_C = triton.next_power_of_2(C)
         BLOCK_H = max(16, triton.next_power_of_2(H))
-        block_s = 16  # GPU default of _common
-        num_warps = 4 if BLOCK_C <= 256 else (8 if BLOCK_C <= 512 else 16)
-        tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s  # ~2*132 SMs / N splits
         for dt in dtypes:
             p = _ptr(dt)
             use_dot = dt != "fp32"
             common = dict(x_ptr=p, dpe_w_ptr="*fp32", dpe_b_ptr="*fp32", u_ptr="*fp32", T=T, NT=NT, C=C, H=H, W=W,
-                          S=S, tokens_per_split=tps, num_splits=33, eps=1e-5)
+                          S=S, num_splits=33, eps=1e-5)
+            block_s, num_warps = mod._token_tile("forward", BLOCK_C, use_dot, None)  # the GPU launch config
+            tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s  # ~2*132 SMs / N splits
             cases.append(Case(
                 "global_query_attention", "_gqa_forward_partial_kernel", dt,
                 f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} DOT={int(use_dot)} s1 w{num_warps}",
-                dict(common, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+                dict(common, tokens_per_split=tps, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
                 dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
                      OPERAND_DTYPE=TL_DTYPES[dt], DOT_PRECISION=mod._dot_precision(_torch_dtype(dt))),
                 num_warps=num_warps, num_stages=1))
+            block_s, num_warps = mod._token_tile("backward", BLOCK_C, False, None)
+            tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s
             cases.append(Case(
                 "global_query_attention", "_gqa_backward_tokens_kernel", dt,
                 f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} w{num_warps}",
-                dict(common, dz_ptr="*fp32", lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", du_ptr="*fp32"),
+                dict(common, tokens_per_split=tps, dz_ptr="*fp32", lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32",
+                     du_ptr="*fp32"),
                 dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H), num_warps=num_warps))
             cases.append(Case(
                 "global_query_attention", "_gqa_backward_dpe_kernel", dt, f"C={C} BS=32 BC=64 w4",

@@ -30,11 +30,11 @@ Backward (``backward``):
   4. torch: the query-path gradients from du (gamma, W_q, W_k, b_q, query).
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer.
 
-GPU status: never run on a GPU yet. Compiled ahead of time for sm_90 (triton.compile with a GPUTarget)
-at C = 1024: forward (bf16, BLOCK_S 16, 16 warps, num_stages 1) 66 KB shared memory (1.9 MB with the
-default num_stages 3, see benchmarks/aot_compile_check.py), backward token kernel < 1 KB, so
-they launch; ptxas reports register spills (stack ~5-7 KB) for the full-C tiles: tile sizes and warps are
-untuned guesses.
+GPU status: never run on a GPU yet. Compiled ahead of time for sm_90 (triton.compile with a GPUTarget,
+benchmarks/aot_compile_check.py) at C = 768 and 1024: forward (16-bit, 16 tokens, 16 warps, num_stages 1)
+66 KB shared memory (1.9 MB with the default num_stages 3), backward < 16 KB. The 27 DPE taps are a
+runtime loop, not unrolled: unrolled, the compiler hoisted all 27 tile loads and spilled 2-15 KB per
+thread; as a loop, <= 150 B (tile sizes: ``_token_tile``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _normalized_tile(
     cmask2 = c_mask[None, :]
     y = tl.load(x_ptr + center[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
     y = y.to(tl.float32)
-    for k in tl.static_range(27):
+    for k in range(27):  # a runtime loop on purpose: unrolled, all 27 tile loads are hoisted and spill
         dt_ = k // 9 - 1
         dh_ = (k // 3) % 3 - 1
         dw_ = k % 3 - 1
@@ -252,7 +252,7 @@ def _gqa_backward_dpe_kernel(
         xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)
         acc_b += tl.sum(tl.where(is_patch[:, None], dyc, 0.0), axis=0)
         dx = dyc
-        for k in tl.static_range(27):
+        for k in range(27):
             # y_j += w_k x_{j + off_k}  =>  dx_i += w_k dy_{i - off_k},  dw_k += x_i dy_{i - off_k}
             tt = t - (k // 9 - 1)
             h2 = hh - ((k // 3) % 3 - 1)
@@ -301,20 +301,36 @@ def _token_splits(S: int, N: int, block_s: int, num_splits: int | None, device: 
     return tokens_per_split, triton.cdiv(S, tokens_per_split)
 
 
-def _common(x, T, dpe_weight, dpe_bias, num_heads, block_s):
+def _token_tile(kernel: str, BLOCK_C: int, use_dot: bool, block_s: int | None) -> tuple[int, int]:
+    """(BLOCK_S, num_warps) of the forward / backward token kernels.
+
+    On a GPU with full-width rows (C > 512) these are the configs with the fewest register spills in an
+    ahead-of-time sm_90 compile at C = 768 and 1024 (benchmarks/aot_compile_check.py; not timed on a GPU
+    yet): forward 16 tokens with tensor-core dots (a dot needs >= 16 rows; 24 B of spills), 8 tokens with
+    the fp32 CUDA-core loops (none; 16 tokens spill ~200 B), 16 warps; backward 8 tokens and 8 warps
+    (~10-120 B; 16 tokens and 16 warps spilled ~1-1.4 KB). Under the interpreter, 64-token tiles keep
+    the number of (slow) program instances small.
+    """
+    if triton_interpret():
+        return block_s or 64, 4
+    if BLOCK_C <= 512:
+        return block_s or 16, (4 if BLOCK_C <= 256 else 8)
+    if kernel == "forward":
+        return block_s or (16 if use_dot else 8), 16
+    return block_s or 8, 8
+
+
+def _common(x, T, dpe_weight, dpe_bias, num_heads):
     L, NT, C = x.shape
     N = NT // T
     W = int(round((L - 1) ** 0.5))
     H = num_heads
     BLOCK_C = triton.next_power_of_2(C)
     BLOCK_H = max(16, triton.next_power_of_2(H))
-    if block_s is None:
-        block_s = 64 if triton_interpret() else 16
-    num_warps = 4 if BLOCK_C <= 256 else (8 if BLOCK_C <= 512 else 16)
     x = x.contiguous()
     dpe_w = dpe_weight.reshape(C, 27).t().float().contiguous()  # (27, C), tap k = kt*9 + kh*3 + kw
     dpe_b = dpe_bias.float().contiguous()
-    return x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, block_s, num_warps, dpe_w, dpe_b
+    return x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b
 
 
 def forward(
@@ -322,9 +338,10 @@ def forward(
     eps=1e-5, *, num_splits=None, block_s=None, use_dot=None,
 ):
     """Returns (out (1, N, C) in x.dtype, z (N, H, C) fp32, lse (N, H) fp32)."""
-    x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, block_s, num_warps, dpe_w, dpe_b = _common(
-        x, T, dpe_weight, dpe_bias, num_heads, block_s
-    )
+    x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b = _common(x, T, dpe_weight, dpe_bias, num_heads)
+    if use_dot is None:
+        use_dot = x.dtype != torch.float32
+    block_s, num_warps = _token_tile("forward", BLOCK_C, use_dot, block_s)
     S = T * L
     f32 = torch.float32
     _, _, u = _ref.folded_query(query.to(f32), in_proj_weight.to(f32), in_proj_bias.to(f32), ln_weight.to(f32), H)
@@ -333,8 +350,6 @@ def forward(
     m = torch.empty((N, splits, H), device=x.device, dtype=f32)
     lsum = torch.empty((N, splits, H), device=x.device, dtype=f32)
     acc = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
-    if use_dot is None:
-        use_dot = x.dtype != torch.float32
     _gqa_forward_partial_kernel[(N, splits)](
         x, dpe_w, dpe_b, u, m, lsum, acc,
         T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
@@ -359,9 +374,8 @@ def backward(
     num_heads, eps=1e-5, *, num_splits=None, block_s=None, dpe_block_c=None,
 ):
     """Gradients for (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias)."""
-    x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, block_s, num_warps, dpe_w, dpe_b = _common(
-        x, T, dpe_weight, dpe_bias, num_heads, block_s
-    )
+    x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b = _common(x, T, dpe_weight, dpe_bias, num_heads)
+    block_s, num_warps = _token_tile("backward", BLOCK_C, False, block_s)
     S = T * L
     f32 = torch.float32
     z = z.to(f32).contiguous()
