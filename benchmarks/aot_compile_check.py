@@ -279,12 +279,12 @@ def local_temporal_mhra_cases(dtypes):
                                   dict(BLOCK_M=32, BLOCK_C=128)))
                 for rs, rd in [(True, True), (False, False)]:
                     cases.append(Case("local_temporal_mhra", "_temporal_mix_backward_kernel", dt,
-                                      f"C={C} ROW_SCALE={int(rs)} ROWDOT={int(rd)} BM=32 BK=128 w4",
+                                      f"C={C} ROW_SCALE={int(rs)} ROWDOT={int(rd)} BM=32 BK=64 w8",
                                       dict(dz_ptr=p, y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32",
                                            mix_b_ptr="*fp32", row_scale_ptr="*fp32", dy1_ptr=p, zs_ptr=p,
                                            part_ptr="*fp32", rowdot_ptr="*fp32", M=M, K=Cp, T=T, NT=NT,
                                            rows_per_prog=32 * 13),
-                                      dict(HAS_ROW_SCALE=rs, NEED_ROWDOT=rd, BLOCK_M=32, BLOCK_K=128)))
+                                      dict(HAS_ROW_SCALE=rs, NEED_ROWDOT=rd, BLOCK_M=32, BLOCK_K=64), num_warps=8))
                 cases.append(Case("local_temporal_mhra", "_scaled_column_sum_kernel", dt,
                                   f"C={C} ROW_SCALE=1 BM=32 BC=128 w4",
                                   dict(g_ptr=p, row_scale_ptr="*fp32", part_ptr="*fp32", M=M, C=C, T=T, NT=NT,
