@@ -286,3 +286,19 @@ def test_bad_inputs_name_the_argument():
     meta = torch.randn(12, device="meta")
     with pytest.raises(ValueError, match="dpe_bias is on meta"):
         run(dpe_bias=meta)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_does_not_reach_the_op_body(backend):
+    """fp16 operands, as the model passes them under autocast: the op's fp32 query folding and value
+    projection must not be retyped to fp16 by autocast, so autocast changes nothing."""
+    tensors = make_inputs(hw=9, N=2, T=3, C=64, dtype=torch.float16)
+    grad_out = torch.randn(1, 2, 64, device=DEVICE)
+    results = []
+    for amp in (False, True):
+        with torch.autocast(device_type=DEVICE, dtype=torch.float16, enabled=amp):
+            results.append(value_and_grads(global_query_attention, tensors, 3, 2, grad_out, backend=backend))
+    (out, grads), (out_amp, grads_amp) = results
+    assert out_amp.dtype == torch.float16 and torch.equal(out_amp, out)
+    for name, a, b in zip(ARG_NAMES, grads_amp, grads):
+        assert torch.equal(a, b), name

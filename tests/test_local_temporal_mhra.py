@@ -382,3 +382,25 @@ def test_bad_inputs_name_the_argument():
         call(x=torch.randn(1, 4, C))
     with pytest.raises(TypeError, match="x"):
         call(x=x.int())
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_does_not_reach_the_op_body(backend):
+    """As in mixed-precision training: fp16 stream, fp32 parameters, forward and backward inside autocast.
+    The op picks its own precision (its fp32 BatchNorm folding once ran in fp16 under autocast and lost the
+    BN-backward cancellation), so results are bitwise those of the same call without autocast."""
+    N, T, hw, C = 2, 3, 9, 48
+    x, g, bs = stream(N, T, hw, C)
+    x, g, bs = x.half().to(DEVICE), g.half().to(DEVICE), bs.float().to(DEVICE)
+    results = []
+    for amp in (False, True):
+        m = make_module(C).float().to(DEVICE).train()
+        with torch.autocast(device_type=DEVICE, dtype=torch.float16, enabled=amp):
+            results.append(run_with_grads(lambda m, x, bs: call_op(m, x, T, True, bs, backend=backend), m, x, g,
+                                          bs))
+    (out, grads, stats), (out_amp, grads_amp, stats_amp) = results
+    assert out_amp.dtype == torch.float16 and torch.equal(out_amp, out)
+    for i, (a, b) in enumerate(zip(grads_amp, grads)):
+        assert torch.equal(a, b), f"gradient {i}"
+    for a, b in zip(stats_amp, stats):
+        assert torch.equal(a, b)

@@ -32,6 +32,13 @@ ENV_BACKEND = "UNIFORMERV2_BACKEND"
 GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset()
 
 
+def autocast_off(t: torch.Tensor) -> torch.autocast:
+    """Context for a custom op's body: autocast reaches the bodies of custom ops (they have no autocast
+    kernel), where it would retype their internal torch matmuls to 16 bits. Each op picks its own precision
+    (fp32 folding, statistics and small products; the input's dtype for the big GEMMs)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call; the message lists every backend's reasons."""
 

@@ -52,17 +52,18 @@ def _global_query_attention_fwd(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps)
-    if backend == "triton":
-        return _triton().forward(*args)
-    if backend == "cuda":
-        return tuple(torch.ops.uniformerv2_cuda.global_query_attention_fwd(*args))
-    # Reference: the folded form (it yields z and lse), in fp32 for fp16/bf16 inputs, fp64 for fp64.
-    dt = _stats_dtype(x)
-    out, z, lse = reference.global_query_attention_folded_with_stats(
-        *[a.to(dt) if isinstance(a, torch.Tensor) else a for a in args]
-    )
-    return out.to(x.dtype), z, lse
+    with backends.autocast_off(x):
+        args = (x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps)
+        if backend == "triton":
+            return _triton().forward(*args)
+        if backend == "cuda":
+            return tuple(torch.ops.uniformerv2_cuda.global_query_attention_fwd(*args))
+        # Reference: the folded form (it yields z and lse), in fp32 for fp16/bf16 inputs, fp64 for fp64.
+        dt = _stats_dtype(x)
+        out, z, lse = reference.global_query_attention_folded_with_stats(
+            *[a.to(dt) if isinstance(a, torch.Tensor) else a for a in args]
+        )
+        return out.to(x.dtype), z, lse
 
 
 @_global_query_attention_fwd.register_fake
@@ -97,14 +98,15 @@ def _global_query_attention_bwd(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     grad_out = grad_out.contiguous()
-    args = (grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
-            num_heads, eps)
-    if backend == "triton":
-        grads = _triton().backward(*args)
-    elif backend == "cuda":
-        grads = torch.ops.uniformerv2_cuda.global_query_attention_bwd(*args)
-    else:
-        grads = reference.global_query_attention_folded_backward(*args)
+    with backends.autocast_off(x):
+        args = (grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
+                num_heads, eps)
+        if backend == "triton":
+            grads = _triton().backward(*args)
+        elif backend == "cuda":
+            grads = torch.ops.uniformerv2_cuda.global_query_attention_bwd(*args)
+        else:
+            grads = reference.global_query_attention_folded_backward(*args)
     return tuple(g.contiguous() for g in grads)
 
 

@@ -20,11 +20,6 @@ CUDA_OPS: tuple[str, ...] = ("clip_layer_norm_fwd", "clip_layer_norm_bwd")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _autocast_off(t: torch.Tensor):
-    """The op computes in its input dtype: autocast (which custom ops pass through) must not retype the body."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-
 def _triton():
     from ..triton import layer_norm as triton_layer_norm  # imported lazily: needs TRITON_INTERPRET set first
 
@@ -50,7 +45,7 @@ def cuda_reasons(x: torch.Tensor) -> list[str]:
 def _clip_layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _autocast_off(x):
+    with backends.autocast_off(x):
         if backend == "triton":
             return _triton().forward(x, weight, bias, eps)
         if backend == "cuda":
@@ -78,7 +73,7 @@ def _clip_layer_norm_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_y = grad_y.contiguous()
-    with _autocast_off(x):
+    with backends.autocast_off(x):
         if backend == "triton":
             return _triton().backward(grad_y, x, weight, mean, rstd, weight.dtype, bias.dtype)
         if backend == "cuda":

@@ -59,23 +59,24 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, mean, biased var, saved Y1). mean/var: batch statistics (training) or a copy of the
     running ones (eval), fp32 (fp64 for fp64 reference calls). Y1 is empty for the reference backend."""
-    if backend == "triton":
-        return _triton_module().forward(
+    with backends.autocast_off(x):
+        if backend == "triton":
+            return _triton_module().forward(
+                x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
+                conv2_weight, conv2_bias, training, eps, branch_scale,
+            )
+        if backend == "cuda":
+            return tuple(torch.ops.uniformerv2_cuda.local_temporal_mhra_fwd(
+                x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
+                conv2_weight, conv2_bias, training, eps, branch_scale,
+            ))
+        if backend != "reference":
+            raise ValueError(f"{OP_NAME}: unknown backend {backend!r}")
+        out, mean, var = reference.local_temporal_mhra_reference(
             x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
             conv2_weight, conv2_bias, training, eps, branch_scale,
         )
-    if backend == "cuda":
-        return tuple(torch.ops.uniformerv2_cuda.local_temporal_mhra_fwd(
-            x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
-            conv2_weight, conv2_bias, training, eps, branch_scale,
-        ))
-    if backend != "reference":
-        raise ValueError(f"{OP_NAME}: unknown backend {backend!r}")
-    out, mean, var = reference.local_temporal_mhra_reference(
-        x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
-        conv2_weight, conv2_bias, training, eps, branch_scale,
-    )
-    return out, mean.clone(), var.clone(), x.new_empty(0)
+        return out, mean.clone(), var.clone(), x.new_empty(0)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -122,23 +123,24 @@ def _bwd_op(
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d bn_weight, d bn_bias, d conv1_weight, d conv1_bias, d dw_weight, d dw_bias, d conv2_weight,
     d conv2_bias, d branch_scale (empty unless need_branch_scale_grad))."""
-    if backend == "triton":
-        return _triton_module().backward(
-            grad_out, x, y1, mean, var, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
-            conv2_weight, conv2_bias, training, eps, branch_scale, need_branch_scale_grad,
+    with backends.autocast_off(x):
+        if backend == "triton":
+            return _triton_module().backward(
+                grad_out, x, y1, mean, var, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
+                conv2_weight, conv2_bias, training, eps, branch_scale, need_branch_scale_grad,
+            )
+        if backend == "cuda":
+            return tuple(torch.ops.uniformerv2_cuda.local_temporal_mhra_bwd(
+                grad_out, x, y1, mean, var, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
+                conv2_weight, conv2_bias, training, eps, branch_scale, need_branch_scale_grad,
+            ))
+        if backend != "reference":
+            raise ValueError(f"{OP_NAME}: unknown backend {backend!r}")
+        grads = reference.local_temporal_mhra_reference_backward(
+            grad_out, x, T, mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
+            conv2_weight, conv2_bias, training, eps, branch_scale,
         )
-    if backend == "cuda":
-        return tuple(torch.ops.uniformerv2_cuda.local_temporal_mhra_bwd(
-            grad_out, x, y1, mean, var, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
-            conv2_weight, conv2_bias, training, eps, branch_scale, need_branch_scale_grad,
-        ))
-    if backend != "reference":
-        raise ValueError(f"{OP_NAME}: unknown backend {backend!r}")
-    grads = reference.local_temporal_mhra_reference_backward(
-        grad_out, x, T, mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
-        conv2_weight, conv2_bias, training, eps, branch_scale,
-    )
-    d_bs = grads[-1] if need_branch_scale_grad else x.new_empty(0)
+        d_bs = grads[-1] if need_branch_scale_grad else x.new_empty(0)
     return grads[:-1] + (d_bs,)
 
 

@@ -39,11 +39,6 @@ ENV_ATTENTION = "UNIFORMERV2_ATTENTION"  # "xformers" / "sdpa" / unset (automati
 _backend_choice: tuple[str, str] | None = None
 
 
-def _autocast_off(t: torch.Tensor):
-    """The op computes in its input dtype: autocast (which custom ops pass through) must not retype the body."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-
 def _triton():
     from ..triton import spatial_attention as triton_spatial_attention  # lazily (TRITON_INTERPRET first)
 
@@ -131,7 +126,7 @@ def _qkv_fwd(
     in_proj_bias: torch.Tensor, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qkv (B*L, 3C) frame-major, mean (L*B,), rstd (L*B,)) for x (L, B, C)."""
-    with _autocast_off(x):
+    with backends.autocast_off(x):
         if backend == "triton":
             return _triton().qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps)
         if backend == "cuda":
@@ -155,7 +150,7 @@ def _qkv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_ln_weight, d_ln_bias, d_in_proj_weight, d_in_proj_bias)."""
     grad_qkv = grad_qkv.contiguous()
-    with _autocast_off(x):
+    with backends.autocast_off(x):
         if backend == "triton":
             grads = _triton().qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps)
         elif backend == "cuda":
@@ -197,7 +192,7 @@ _qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 def _out_fwd(o: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor, L: int, B: int,
              backend: str) -> torch.Tensor:
     """out_proj of o (B*L, C) frame-major, returned as the stream (L, B, C)."""
-    with _autocast_off(o):
+    with backends.autocast_off(o):
         if backend == "triton":
             return _triton().out_forward(o, out_proj_weight, out_proj_bias, L, B)
         if backend == "cuda":
@@ -214,7 +209,7 @@ def _(o, out_proj_weight, out_proj_bias, L, B, backend):
 def _out_bwd(grad_out: torch.Tensor, o: torch.Tensor, out_proj_weight: torch.Tensor,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_o (B*L, C), d_out_proj_weight, d_out_proj_bias)."""
-    with _autocast_off(o):
+    with backends.autocast_off(o):
         if backend == "triton":
             grads = _triton().out_backward(grad_out, o, out_proj_weight)
         elif backend == "cuda":
@@ -304,6 +299,6 @@ def spatial_attention(
     name = select_backend(x, (ln_weight, ln_bias, *proj), backend)
     in_w, in_b, out_w, out_b = (p.contiguous() for p in proj)
     qkv, _, _ = _qkv_fwd(x.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), in_w, in_b, float(eps), name)
-    with _autocast_off(x):  # the core computes in x.dtype as well (qkv is already x.dtype)
+    with backends.autocast_off(x):  # the core computes in x.dtype as well (qkv is already x.dtype)
         o = _attention_core(qkv, L, B, num_heads, name)
     return _out_fwd(o.contiguous(), out_w, out_b, L, B, name)
