@@ -141,6 +141,16 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+def csrc_digest():
+    """uniformerv2_kernels/_sources.py's digest, loaded by path (the package is not importable yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sources", os.path.join(ROOT, "uniformerv2_kernels", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.csrc_digest(ROOT)
+
+
 def write_build_info(torch, cuda_home, archs):
     path = os.path.join(ROOT, "uniformerv2_kernels", "_build_info.py")
     with open(path, "w") as f:
@@ -149,6 +159,7 @@ def write_build_info(torch, cuda_home, archs):
         f.write(f"CUDA_VERSION = {torch.version.cuda!r}\n")
         f.write(f"CUDA_HOME = {cuda_home!r}\n")
         f.write(f"ARCH_LIST = {archs!r}\n")
+        f.write(f"CSRC_SHA256 = {csrc_digest()!r}\n")
 
 
 ext_modules, cmdclass = cuda_extension()

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The GPU suite: one call on a lent GPU machine (no internet; Python 3.12, torch 2.11, triton 3.6, nvcc).
+# The GPU suite for a lent GPU machine (no internet; Python 3.12, torch 2.11, triton 3.6, nvcc), in three
+# `run` calls of at most 10 minutes each, back to back so the machine stays warm (a later call then finds
+# the extension built by the first and skips the build; on a fresh machine it builds again, ~1-2 min):
 #
-#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh
+#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh tests   # env, build, tests
+#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
+#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh e2e     # build, end-to-end
+#
+# With no argument (or `all`) every step runs in one call, cut by the time budget (later steps skipped).
 #
 # Steps (each logged with its exit code and seconds; a failing step does not stop the next one):
 #   env      nvidia-smi, nvcc, python/torch/triton versions, commit             -> env.txt
@@ -41,7 +47,14 @@ LOG="$OUT/suite.log"
 PYTHON="${PYTHON:-python3}"
 BUDGET="${SUITE_BUDGET_S:-560}"
 RESERVE=30
-STEPS=",${SUITE_STEPS:-env,build,tests,ops,e2e,e2e_compile},"
+case "${1:-all}" in
+    all) DEFAULT_STEPS="env,build,tests,ops,e2e,e2e_compile" ;;
+    tests) DEFAULT_STEPS="env,build,tests" ;;
+    ops) DEFAULT_STEPS="env,build,ops" ;;
+    e2e) DEFAULT_STEPS="env,build,e2e,e2e_compile" ;;
+    *) echo "usage: $0 [all|tests|ops|e2e]" >&2; exit 2 ;;
+esac
+STEPS=",${SUITE_STEPS:-$DEFAULT_STEPS},"
 OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10}"
 E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 1000 --warmup 100}"
 DEVICE="${SUITE_DEVICE:-cuda}"  # cpu only to try the script itself on a machine without a GPU
@@ -132,20 +145,35 @@ if want build; then
         esac
     fi
     log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default}"
+    # (python -c, not heredocs: `export -f` does not carry a heredoc inside a function to the child bash)
     build() {
-        UNIFORMERV2_BUILD_CUDA=1 "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -v -e . ||
-            { echo "pip install -e failed; trying setup.py build_ext --inplace"; \
-              UNIFORMERV2_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace; }
-        "$PYTHON" - <<'EOF'
+        # A later call on the same (still warm) machine finds the extension of an earlier call: the build
+        # info records torch, the archs and a digest of csrc/, so an up-to-date one is kept.
+        if PYTHONPATH="$PWD" "$PYTHON" -c "$BUILD_IS_CURRENT"; then
+            echo "the CUDA extension is already built from these sources for this torch and arch: build skipped"
+        else
+            UNIFORMERV2_BUILD_CUDA=1 "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -v -e . ||
+                { echo "pip install -e failed; trying setup.py build_ext --inplace"; \
+                  UNIFORMERV2_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace; }
+        fi
+        PYTHONPATH="$PWD" "$PYTHON" -c "$BUILD_STATUS"
+    }
+    BUILD_IS_CURRENT='
+import os, sys
+from uniformerv2_kernels import backends
+want = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+sys.exit(0 if backends.cuda_extension_error() is None and want in ("", backends.build_info().get("ARCH_LIST")) else 1)
+'
+    BUILD_STATUS='
 from uniformerv2_kernels import backends
 print("build info:", backends.build_info())
 for name, reasons in backends.status().items():
-    print(f"{name}: {'available' if not reasons else '; '.join(reasons)}")
+    print(name + ": " + ("available" if not reasons else "; ".join(reasons)))
 err = backends.cuda_extension_error()
 if err:
     raise SystemExit(f"CUDA extension unusable: {err}")
-EOF
-    }
+'
+    export BUILD_IS_CURRENT BUILD_STATUS
     export -f build
     export PYTHON
     run_step build 240 bash -c build
@@ -163,7 +191,7 @@ if want tests; then
     XDIST=""
     if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 4"; fi
     # shellcheck disable=SC2086
-    run_step tests 200 "$PYTHON" -m pytest tests -q -rs --durations=15 -p no:cacheprovider $XDIST ${SUITE_TEST_ARGS:-}
+    run_step tests 420 "$PYTHON" -m pytest tests -q -rs --durations=15 -p no:cacheprovider $XDIST ${SUITE_TEST_ARGS:-}
 fi
 
 # ------------------------------------------------------------------------------------------- benches

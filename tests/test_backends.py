@@ -95,6 +95,20 @@ def test_cuda_extension_is_built_and_registers_ops():
     assert backends.build_info()["TORCH_VERSION"] == torch.__version__
 
 
+def test_extension_built_from_other_sources_is_refused(monkeypatch):
+    """Kernels edited after the build must not run silently: the recorded csrc/ digest must match."""
+    if importlib.util.find_spec("uniformerv2_kernels._C") is None:
+        pytest.skip("the CUDA extension was not built in this environment")
+    from uniformerv2_kernels._sources import csrc_digest
+
+    recorded = {"TORCH_VERSION": torch.__version__, "CSRC_SHA256": "0" * 64}
+    monkeypatch.setattr(backends, "build_info", lambda: recorded)
+    module, err = backends._import_extension()
+    assert module is None and "stale" in err and "rebuild" in err
+    recorded["CSRC_SHA256"] = csrc_digest(ROOT)
+    assert backends._import_extension()[1] is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_quick_gelu_matches_torch():
     z = torch.randn(1000, device="cuda")

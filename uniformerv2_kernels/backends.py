@@ -17,6 +17,7 @@ limits) through ``extra_reasons``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -72,6 +73,9 @@ def _load_extension() -> tuple[object | None, str | None]:
 
 def _import_extension() -> tuple[object | None, str | None]:
     """Imports the compiled extension; returns (module, None) or (None, why not)."""
+    if importlib.util.find_spec("uniformerv2_kernels._C") is not None and _csrc_changed_since_build():
+        return None, ("the CUDA extension is stale: csrc/ changed since it was built "
+                      "(rebuild: pip install --no-build-isolation -e .)")
     try:
         module = importlib.import_module("uniformerv2_kernels._C")
     except ModuleNotFoundError:
@@ -93,6 +97,18 @@ def build_info() -> dict:
     except ImportError:
         return {}
     return {k: v for k, v in vars(info).items() if k.isupper()}
+
+
+def _csrc_changed_since_build() -> bool:
+    """True when setup.py recorded a digest of csrc/ and this checkout's csrc/ differs (kernels edited but
+    not rebuilt). A wheel install has no csrc/ to compare against."""
+    recorded = build_info().get("CSRC_SHA256")
+    if recorded is None:
+        return False
+    from ._sources import csrc_digest
+
+    current = csrc_digest(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return current is not None and current != recorded
 
 
 def cuda_extension_error() -> str | None:
