@@ -200,7 +200,7 @@ if want ops; then
         name="$(basename "$script" .py)"
         [ "$name" = bench_e2e ] && continue
         # shellcheck disable=SC2086
-        run_step "$name" 75 "$PYTHON" "$script" --device "$DEVICE" --out "$STAGE/results" $OP_ARGS
+        run_step "$name" 105 "$PYTHON" "$script" --device "$DEVICE" --out "$STAGE/results" $OP_ARGS
     done
 fi
 if want e2e; then
