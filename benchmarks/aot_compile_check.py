@@ -248,7 +248,7 @@ def local_temporal_mhra_cases(dtypes):
     mod._interpreting = lambda t: False
     try:
         for C, m in MODELS.items():
-            Cp, T, NT = m["Cp"], m["T"], m["NT"]
+            Cp, T, NT = mod.y1_width(m["Cp"]), m["T"], m["NT"]  # the launchers pad C' to aligned rows
             M = (m["L"] - 1) * NT
             for dt in dtypes:
                 p = _ptr(dt)
@@ -259,11 +259,11 @@ def local_temporal_mhra_cases(dtypes):
                               col_coef_ptr="*fp32", row_scale_ptr="*fp32", k_bias_ptr="*fp32", mix_w_ptr="*fp32",
                               mix_b_ptr="*fp32", T=T, NT=NT)
                 tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{ns} w{nw}"
-                # forward GEMM2 with the temporal mix: K = C', N = C, b = conv2 (C, C') transposed
+                # forward GEMM2 with the temporal mix: K = C' (padded), N = C, b = conv2^T (C', C) row-major
                 for rs in (False, True):
                     cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
                                       f"C={C} fwd MIX ROW_SCALE={int(rs)} {tiles}",
-                                      dict(common, M=M, N=C, K=Cp, stride_bk=1, stride_bn=Cp),
+                                      dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
                                       dict(HAS_MIX=True, HAS_ROW_SCALE=rs, HAS_E=False, IEEE=ieee, **cfg),
                                       num_warps=nw, num_stages=ns))
                 # backward dX GEMM: A = dY1 (M, C'), B = W1' (C', C) row-major

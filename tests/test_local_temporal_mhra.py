@@ -249,6 +249,24 @@ def test_triton_matches_official_module(N, T, hw, C, dtype, training, momentum, 
     _check_against_official(N, T, hw, C, dtype, training, momentum, with_bs, DEVICE)
 
 
+def test_triton_pads_the_hidden_width_with_exact_zeros():
+    """C' = 33 is stored as 48 aligned columns (y1_width); the extra columns must be exactly zero, or they
+    would leak into the second GEMM and the gradients."""
+    from uniformerv2_kernels.triton import local_temporal_mhra as tri
+
+    N, T, hw, C = 2, 3, 4, 50
+    x, _, bs = stream(N, T, hw, C)
+    m = make_module(C).float().to(DEVICE)
+    p = module_params(m)
+    out, mean, var, y1 = tri.forward(x.float().to(DEVICE), T, p["bn_weight"], p["bn_bias"], None, None,
+                                     p["conv1_weight"], p["conv1_bias"], p["dw_weight"], p["dw_bias"],
+                                     p["conv2_weight"], p["conv2_bias"], True, 1e-5, bs.float().to(DEVICE))
+    Cp = p["conv1_weight"].shape[0]
+    assert (Cp, tri.y1_width(Cp), tri.y1_width(512), tri.y1_width(682)) == (33, 48, 512, 688)
+    assert y1.shape == (hw * N * T, 48)
+    assert torch.count_nonzero(y1[:, Cp:]) == 0 and torch.count_nonzero(y1[:, :Cp]) > 0
+
+
 def test_reference_backend_matches_official_module():
     _check_against_official(2, 3, 9, 48, torch.float32, True, 0.1, True, "cpu", backend="reference")
     _check_against_official(1, 2, 4, 48, torch.float16, False, 0.1, False, "cpu", backend="reference")

@@ -89,7 +89,12 @@ def _fwd_fake(x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight,
     L, NT, C = x.shape
     Cp = conv1_weight.shape[0]
     stat = x.new_empty(C, dtype=_stat_dtype(x))
-    y1 = x.new_empty(0) if backend == "reference" else x.new_empty((L - 1) * NT, Cp)
+    if backend == "reference":
+        y1 = x.new_empty(0)
+    elif backend == "triton":  # padded to aligned rows (triton/local_temporal_mhra.py: y1_width)
+        y1 = x.new_empty((L - 1) * NT, _triton_module().y1_width(Cp))
+    else:
+        y1 = x.new_empty((L - 1) * NT, Cp)
     return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat), y1
 
 

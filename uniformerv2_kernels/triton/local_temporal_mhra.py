@@ -349,6 +349,24 @@ def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def y1_width(Cp: int) -> int:
+    """Columns of the saved Y1 (and of every (M, C') buffer): C' rounded up to a multiple of 16, the extra
+    columns exactly zero (zero rows of W1', zero mix taps and biases, zero columns of W2). Row strides that
+    are multiples of 16 elements keep 16-byte aligned rows for cuBLAS and Triton: at L/14's C' = 682 the
+    sm_90 AOT compile of the fused GEMM had no pipelined loads (35 KB of shared memory instead of ~170 KB)
+    and spilled ~720 B/thread; padded to 688 it compiles like B/16's C' = 512, no spills
+    (benchmarks/aot_compile_check.py).
+    The cost: 0.9% more work at C' = 682, none where C' is already a multiple of 16."""
+    return -(-Cp // 16) * 16
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with zero rows appended up to `rows` (t itself when it has them already)."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))]).contiguous()
+
+
 # --------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------
@@ -433,13 +451,15 @@ def forward(
     x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
     conv2_weight, conv2_bias, training, eps, branch_scale,
 ):
-    """Returns (out (L, N*T, C), mean (C,) fp32, biased var (C,) fp32, Y1 = (X - mean) @ W1'^T (M, C') in x.dtype).
+    """Returns (out (L, N*T, C), mean (C,) fp32, biased var (C,) fp32, Y1 = (X - mean) @ W1'^T in x.dtype,
+    (M, y1_width(C')) with zero columns past C').
 
     x must be contiguous. mean/var are the batch statistics in training and the running ones in eval.
     """
     L, NT, C = x.shape
     M = (L - 1) * NT
     Cp = conv1_weight.shape[0]
+    Kp = y1_width(Cp)
     dtype = x.dtype
     xp = x[1:].reshape(M, C)
     if training:
@@ -447,13 +467,14 @@ def forward(
     else:
         mean, var = running_mean.float(), running_var.float()
     _, _, _, w1_folded, b1_folded = _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype)
-    y1 = _centre(xp, mean) @ w1_folded.t()  # cuBLAS
+    y1 = _centre(xp, mean) @ _pad_rows(w1_folded, Kp).t()  # cuBLAS; (M, Kp), columns >= C' are zero
     out = torch.empty_like(x)
     out[0].copy_(x[0])
-    mix = (b1_folded, dw_weight.reshape(Cp, 3).float().contiguous(), dw_bias.float().contiguous())
+    mix = (_pad_rows(b1_folded, Kp), _pad_rows(dw_weight.reshape(Cp, 3).float(), Kp),
+           _pad_rows(dw_bias.float(), Kp))
     fused_matmul(
-        y1, conv2_weight.reshape(C, Cp).to(dtype).contiguous(), out[1:].view(M, C), xp,
-        conv2_bias.float().contiguous(), T, NT, b_transposed=True,
+        y1, _pad_rows(conv2_weight.reshape(C, Cp).t().to(dtype), Kp), out[1:].view(M, C), xp,
+        conv2_bias.float().contiguous(), T, NT, b_transposed=False,
         row_scale=branch_scale.float().contiguous() if branch_scale is not None else None, mix=mix,
     )
     return out, mean.clone() if not training else mean, var.clone() if not training else var, y1
@@ -468,40 +489,42 @@ def backward(
     L, NT, C = x.shape
     M = (L - 1) * NT
     Cp = conv1_weight.shape[0]
+    Kp = y1_width(Cp)  # every (M, C') buffer has Kp columns, zero past C' (see y1_width)
     dtype = x.dtype
     dev = x.device
     g = grad_out.contiguous()
     gp = g[1:].reshape(M, C)
     xp = x[1:].reshape(M, C)
     rstd, s, w1, w1_folded, b1_folded = _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype)
-    w2 = conv2_weight.reshape(C, Cp).to(dtype)
+    w1, w1_folded, b1_folded = _pad_rows(w1, Kp), _pad_rows(w1_folded, Kp), _pad_rows(b1_folded, Kp)
+    w2t = _pad_rows(conv2_weight.reshape(C, Cp).t().to(dtype), Kp)  # (Kp, C)
     row_scale = branch_scale.float().contiguous() if branch_scale is not None else None
 
-    dz = gp @ w2  # (M, C') cuBLAS
-    dy1 = torch.empty((M, Cp), device=dev, dtype=dtype)
+    dz = gp @ w2t.t()  # (M, Kp) cuBLAS
+    dy1 = torch.empty((M, Kp), device=dev, dtype=dtype)
     zs = torch.empty_like(dy1)
     interp = _interpreting(x)
     # 32x64 tiles, 8 warps: no register spills in an sm_90 AOT compile at C' = 512 and 682 (32x128 with 4
     # warps spilled 0.2-1 KB per thread; benchmarks/aot_compile_check.py)
     BLOCK_M, BLOCK_K, mix_warps = (32, 32, 4) if interp else (32, 64, 8)
-    k_blocks = triton.cdiv(Cp, BLOCK_K)
+    k_blocks = triton.cdiv(Kp, BLOCK_K)
     per_prog, R = _row_split(x, M, k_blocks, BLOCK_M)
-    part = torch.empty((R, 5, Cp), device=dev, dtype=torch.float32)
+    part = torch.empty((R, 5, Kp), device=dev, dtype=torch.float32)
     rowdot = torch.empty((k_blocks, M) if need_branch_scale_grad else (1,), device=dev, dtype=torch.float32)
     dummy = b1_folded
     _temporal_mix_backward_kernel[(R, k_blocks)](
-        dz, y1, b1_folded, dw_weight.reshape(Cp, 3).float().contiguous(), dw_bias.float().contiguous(),
+        dz, y1, b1_folded, _pad_rows(dw_weight.reshape(Cp, 3).float(), Kp), _pad_rows(dw_bias.float(), Kp),
         row_scale if row_scale is not None else dummy, dy1, zs, part, rowdot,
-        M, Cp, T, NT, per_prog,
+        M, Kp, T, NT, per_prog,
         HAS_ROW_SCALE=row_scale is not None, NEED_ROWDOT=need_branch_scale_grad,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=mix_warps,
     )
-    sums = _sum_partials(part.view(R, 5 * Cp)).view(5, Cp)
-    d_dw_bias = sums[0].clone()  # clones: outputs of a custom op must not alias each other
-    d_dw_weight = sums[1:4].t().contiguous()  # (C', 3)
-    d_b1_folded = sums[4].clone()
+    sums = _sum_partials(part.view(R, 5 * Kp)).view(5, Kp)
+    d_dw_bias = sums[0, :Cp].clone()  # clones: outputs of a custom op must not alias each other
+    d_dw_weight = sums[1:4, :Cp].t().contiguous()  # (C', 3)
+    d_b1_folded = sums[4].clone()  # (Kp,), zero past C'
 
-    d_w2 = _mm_fp32_out(gp.t(), zs)  # (C, C') cuBLAS
+    d_w2 = _mm_fp32_out(gp.t(), zs)[:, :Cp].contiguous()  # (C, C') cuBLAS
     BLOCK_MC, BLOCK_C = (64, 64) if interp else (32, 128)
     c_blocks = triton.cdiv(C, BLOCK_C)
     per_prog_c, R_c = _row_split(x, M, c_blocks, BLOCK_MC)
@@ -516,7 +539,7 @@ def backward(
     # the GEMM: forming dY1^T X - colsum(dY1) mean^T afterwards cancels catastrophically when a channel's
     # |mean| >> std (CLIP streams have such channels), at the cost of one extra pass over X.
     xc = _centre(xp, mean)
-    pc = _mm_fp32_out(dy1.t(), xc)
+    pc = _mm_fp32_out(dy1.t(), xc)  # (Kp, C), zero rows past C'
     d_s = (w1 * pc).sum(0)
     d_bn_weight = d_s * rstd
     d_bn_bias = w1.t() @ d_b1_folded
@@ -548,11 +571,11 @@ def backward(
         dx,
         d_bn_weight.to(bn_weight.dtype),
         d_bn_bias.to(bn_bias.dtype),
-        d_w1.to(conv1_weight.dtype).view(conv1_weight.shape),
-        d_b1_folded.to(conv1_bias.dtype),
+        d_w1[:Cp].to(conv1_weight.dtype).reshape(conv1_weight.shape),
+        d_b1_folded[:Cp].to(conv1_bias.dtype, copy=True),
         d_dw_weight.to(dw_weight.dtype).reshape(dw_weight.shape),
         d_dw_bias.to(dw_bias.dtype),
-        d_w2.to(conv2_weight.dtype).view(conv2_weight.shape),
+        d_w2.to(conv2_weight.dtype).reshape(conv2_weight.shape),
         d_b2.to(conv2_bias.dtype),
         d_branch_scale,
     )
