@@ -531,7 +531,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_query_attention_fwd(
 
   const int bs = tile_tokens(forward_smem_floats, C, H, op);
   const size_t smem = forward_smem_floats(bs, C, H) * sizeof(float);
-  const auto [per_split, splits] = token_splits(d.S, N, bs);
+  // named variables, not a structured binding: lambdas may capture those only from C++20 (torch 2.11 builds
+  // extensions as C++17)
+  const std::pair<int64_t, int64_t> split = token_splits(d.S, N, bs);
+  const int64_t per_split = split.first, splits = split.second;
   TORCH_CHECK(N <= 65535, op, ": N = ", N, " videos exceed the grid limit 65535");
   at::Tensor m_part = at::empty({N, splits, H}, fopts);
   at::Tensor l_part = at::empty({N, splits, H}, fopts);
@@ -596,7 +599,10 @@ global_query_attention_bwd(const at::Tensor& grad_out, const at::Tensor& x, int6
 
   const int bs = tile_tokens(backward_smem_floats, C, H, op);
   const size_t smem = backward_smem_floats(bs, C, H) * sizeof(float);
-  const auto [per_split, splits] = token_splits(d.S, N, bs);
+  // named variables, not a structured binding: lambdas may capture those only from C++20 (torch 2.11 builds
+  // extensions as C++17)
+  const std::pair<int64_t, int64_t> split = token_splits(d.S, N, bs);
+  const int64_t per_split = split.first, splits = split.second;
   TORCH_CHECK(N <= 65535, op, ": N = ", N, " videos exceed the grid limit 65535");
   at::Tensor dy = at::empty({ck.L, d.NT, C}, fopts);
   at::Tensor du_part = at::empty({N, splits, H, C}, fopts);
