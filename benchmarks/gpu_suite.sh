@@ -7,7 +7,9 @@
 #   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
 #   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh e2e     # build, end-to-end
 #
-# With no argument (or `all`) every step runs in one call, cut by the time budget (later steps skipped).
+#   GIT_COMMIT=... bash benchmarks/gpu_suite.sh profile  # optional 4th call: Nsight Compute per kernel
+#
+# With no argument (or `all`) every step except profile runs in one call, cut by the time budget.
 #
 # Steps (each logged with its exit code and seconds; a failing step does not stop the next one):
 #   env      nvidia-smi, nvcc, python/torch/triton versions, commit             -> env.txt
@@ -52,7 +54,8 @@ case "${1:-all}" in
     tests) DEFAULT_STEPS="env,build,tests" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
     e2e) DEFAULT_STEPS="env,build,e2e,e2e_compile" ;;
-    *) echo "usage: $0 [all|tests|ops|e2e]" >&2; exit 2 ;;
+    profile) DEFAULT_STEPS="env,build,profile" ;;
+    *) echo "usage: $0 [all|tests|ops|e2e|profile]" >&2; exit 2 ;;
 esac
 STEPS=",${SUITE_STEPS:-$DEFAULT_STEPS},"
 OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10}"
@@ -215,6 +218,23 @@ if want e2e_compile; then
         --configs k400_b16_f8x224 --providers eager,compile,fused,fused+compile --mode fwd,fwd+bwd $E2E_ARGS
 fi
 
+if want profile; then
+    # Nsight Compute on one forward+backward of every fused op (b16, 8 frames, 16 clips, bf16): DRAM bytes
+    # against L2 / L1 bytes per kernel, occupancy, registers (benchmarks/profile_kernels.py)
+    NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1 || true)"
+    if [ -n "$NCU" ]; then
+        # shellcheck disable=SC2046
+        run_step profile 300 "$NCU" --csv --print-units base --clock-control none --target-processes all \
+            --nvtx --nvtx-include profiled/ --kernel-name regex:'^_' --metrics "$("$PYTHON" benchmarks/profile_kernels.py --metrics)" \
+            "$PYTHON" benchmarks/profile_kernels.py --device cuda --dtype bfloat16 ${SUITE_PROFILE_ARGS:-}
+        "$PYTHON" benchmarks/profile_kernels.py --summarize "$STAGE/logs/profile.log" \
+            >"$STAGE/results/ncu_kernels.md" 2>&1 || true
+    else
+        log "SKIP profile: no ncu found"
+        printf '%s\t%s\t%s\n' profile "skipped (no ncu)" 0 >>"$STATUS_FILE"
+    fi
+fi
+
 # ------------------------------------------------------------------------------------------ summary
 {
     echo "# GPU suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $GIT_COMMIT"
@@ -235,6 +255,12 @@ fi
         echo '```'
     fi
     echo
+    if [ -f "$STAGE/results/ncu_kernels.md" ]; then
+        echo "## Nsight Compute, one forward+backward per op (benchmarks/profile_kernels.py)"
+        echo
+        cat "$STAGE/results/ncu_kernels.md"
+        echo
+    fi
     echo "## Benchmarks"
     echo
     shopt -s nullglob
