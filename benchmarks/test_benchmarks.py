@@ -254,3 +254,33 @@ def test_script_runs_quick_on_cpu(script, tmp_path):
     with open(saved[0]) as f:
         rows = list(csv.DictReader(f))
     assert any(r["status"] == "ok" for r in rows), "no provider ran on the CPU"
+
+
+# ---- the profiling driver (benchmarks/profile_kernels.py) without a GPU ----
+
+
+def test_profile_driver_runs_every_op_interpreted():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, os.path.join(HERE, "profile_kernels.py"), "--interpret", "--model", "tiny",
+           "--frames", "3", "--batch", "2", "--dtype", "float32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("profiled step") == 5, proc.stdout
+
+
+def test_profile_summary_of_ncu_csv(tmp_path):
+    import profile_kernels
+
+    header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = [("0", "_gqa_forward_partial_kernel", "gpu__time_duration.sum", "50,000"),
+            ("0", "_gqa_forward_partial_kernel", "dram__bytes_read.sum", "40,000,000"),
+            ("0", "_gqa_forward_partial_kernel", "lts__t_bytes.sum", "400,000,000"),
+            ("1", "_gqa_forward_partial_kernel", "gpu__time_duration.sum", "50,000"),
+            ("1", "_gqa_forward_partial_kernel", "dram__bytes_read.sum", "40,000,000"),
+            ("1", "_gqa_forward_partial_kernel", "lts__t_bytes.sum", "400,000,000")]
+    log = tmp_path / "ncu.log"
+    log.write_text("==PROF== noise\n[profile] a line of the driver\n" + header
+                   + "".join(f'"{i}","{k}","{m}","x","{v}"\n' for i, k, m, v in rows))
+    table = profile_kernels.summarize(str(log))
+    # two launches, 100 us, 80 MB of DRAM traffic at 800 GB/s, L2 traffic 10x the DRAM traffic
+    assert "| _gqa_forward_partial_kernel | 2 | 100.0 | 80.0 | 800 | 10.0x |" in table, table
