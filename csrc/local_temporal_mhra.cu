@@ -55,7 +55,10 @@ __global__ void bn_stats_partial_kernel(const T* __restrict__ x, float* __restri
   const int64_t chunk = blockIdx.y;
   const int64_t r_begin = chunk * rows_per_chunk;
   const int64_t r_end = std::min(M, r_begin + rows_per_chunk);
-  float mean[V], m2[V];
+  // statistics of x - x[0]: values near the mean instead of the raw ones, whose |mean| can be ~100x the
+  // std in CLIP streams (the updates would round at the mean's magnitude); the combine adds x[0] back
+  float mean[V], m2[V], shift[V];
+  load_floats<T, V>(x + c0, shift);
 #pragma unroll
   for (int i = 0; i < V; ++i) mean[i] = m2[i] = 0.0f;
   for (int64_t r = r_begin; r < r_end; ++r) {
@@ -64,6 +67,7 @@ __global__ void bn_stats_partial_kernel(const T* __restrict__ x, float* __restri
     load_floats<T, V>(x + r * C + c0, v);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
+      v[i] -= shift[i];
       const float d = v[i] - mean[i];
       mean[i] += d * inv_n;
       m2[i] += d * (v[i] - mean[i]);
@@ -74,9 +78,11 @@ __global__ void bn_stats_partial_kernel(const T* __restrict__ x, float* __restri
 }
 
 // Merges the chunks' partials in chunk order (Chan et al.); mean and biased variance (divisor M).
-__global__ void bn_stats_combine_kernel(const float* __restrict__ part_mean, const float* __restrict__ part_m2,
-                                        float* __restrict__ mean_out, float* __restrict__ var_out, int64_t chunks,
-                                        int64_t M, int64_t C, int64_t rows_per_chunk) {
+template <typename T>
+__global__ void bn_stats_combine_kernel(const T* __restrict__ x, const float* __restrict__ part_mean,
+                                        const float* __restrict__ part_m2, float* __restrict__ mean_out,
+                                        float* __restrict__ var_out, int64_t chunks, int64_t M, int64_t C,
+                                        int64_t rows_per_chunk) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   float mean_a = 0.0f, m2_a = 0.0f;
@@ -90,7 +96,9 @@ __global__ void bn_stats_combine_kernel(const float* __restrict__ part_mean, con
     mean_a += delta * frac;
     m2_a += m2_b + delta * delta * n_a * frac;
   }
-  mean_out[c] = mean_a;
+  float shift[1];
+  load_floats<T, 1>(x + c, shift);
+  mean_out[c] = shift[0] + mean_a;  // the partials are of x - x[0]
   var_out[c] = m2_a / static_cast<float>(M);
 }
 
@@ -338,8 +346,8 @@ std::pair<at::Tensor, at::Tensor> bn_stats(const at::Tensor& xp) {
           xptr, part_mean.mutable_data_ptr<float>(), part_m2.mutable_data_ptr<float>(), M, C, split.rows_per_chunk);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_stats_combine_kernel<<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
-        part_mean.const_data_ptr<float>(), part_m2.const_data_ptr<float>(), mean.mutable_data_ptr<float>(),
+    bn_stats_combine_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+        xptr, part_mean.const_data_ptr<float>(), part_m2.const_data_ptr<float>(), mean.mutable_data_ptr<float>(),
         var.mutable_data_ptr<float>(), split.chunks, M, C, split.rows_per_chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
