@@ -21,7 +21,6 @@ from ..reference import global_query_attention as reference
 OP_NAME = "global_query_attention"
 IMPLEMENTED = ("cuda", "triton", "reference")
 CUDA_OPS: tuple[str, ...] = ("global_query_attention_fwd", "global_query_attention_bwd")
-CUDA_MAX_SHARED_FLOATS = 36864  # (H + 2) * C fp32 values in shared memory: 144 KiB fits A100 and H100
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_C = 2048
 TRITON_MAX_HEADS = 64
@@ -156,9 +155,15 @@ def cuda_reasons(x: torch.Tensor, num_heads: int) -> list[str]:
     reasons = []
     if x.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the CUDA kernels (fp32/fp16/bf16)")
-    if (num_heads + 2) * x.shape[-1] > CUDA_MAX_SHARED_FLOATS:
-        reasons.append(f"(num_heads + 2) * C = {(num_heads + 2) * x.shape[-1]} > {CUDA_MAX_SHARED_FLOATS}: the "
-                       "CUDA kernels' (H, C) accumulator and token rows do not fit shared memory")
+    if x.is_cuda:
+        # the backward kernel's shared memory at its smallest token tile (csrc: backward_smem_floats, bs = 1):
+        # an (H, C) accumulator, two token rows and per-head scalars, against this GPU's per-block limit
+        H, C = num_heads, x.shape[-1]
+        need = 4 * ((H + 2) * C + 2 * H + 1)
+        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+        if need > limit:
+            reasons.append(f"(num_heads + 2) * C = {(H + 2) * C} fp32 values: {need} B of shared memory, more "
+                           f"than this GPU's {limit} B per block")
     return reasons
 
 
