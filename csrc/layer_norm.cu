@@ -239,6 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   const NoAutocast no_autocast;
   check_contiguous(x, op, "x");
   check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension, got shape ", x.sizes());
   const int64_t C = x.size(-1);
   const int64_t rows = x.numel() / C;
   check_same_device(grad_y_in, x, op, "grad_y");
@@ -248,6 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   check_same_device(weight, x, op, "weight");
   check_numel(weight, C, op, "weight");
   auto check_stat = [&](const at::Tensor& t, const char* name) {
+    check_same_device(t, x, op, name);
     check_contiguous(t, op, name);
     check_numel(t, rows, op, name);
     TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
@@ -265,9 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty_like(x);
-  if (rows == 0) {
-    at::Tensor z = at::zeros({C}, x.options().dtype(at::kFloat));
-    return {dx, z.to(weight_grad_dtype), z.to(bias_grad_dtype)};
+  if (rows == 0) {  // two separate tensors: a custom op's outputs must not alias
+    return {dx, at::zeros({C}, x.options().dtype(weight_grad_dtype)), at::zeros({C}, x.options().dtype(bias_grad_dtype))};
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partial_dw, partial_db;

@@ -457,7 +457,8 @@ MhraShapes check_mhra(const char* op, const at::Tensor& x, int64_t frames, const
   TORCH_CHECK(frames > 0, op, ": T must be positive, got ", frames);
   const int64_t L = x.size(0), NT = x.size(1), C = x.size(2);
   TORCH_CHECK(L >= 2, op, ": x needs L >= 2 (a class token and patch tokens), got shape ", x.sizes());
-  TORCH_CHECK(NT % frames == 0, op, ": x dimension 1 (N*T = ", NT, ") must be a multiple of T = ", frames);
+  TORCH_CHECK(NT > 0 && NT % frames == 0, op, ": x dimension 1 (N*T = ", NT, ") must be a positive multiple of T = ",
+              frames);
   TORCH_CHECK(C > 0, op, ": x must have C > 0 channels");
   check_same_device(conv1_weight, x, op, "conv1_weight");
   TORCH_CHECK(conv1_weight.dim() >= 2 && conv1_weight.numel() == conv1_weight.size(0) * C && conv1_weight.size(0) > 0,
@@ -497,6 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_temporal_mhra_f
   const at::Tensor xp = x.narrow(0, 1, sh.L - 1).view({M, C});
   at::Tensor mean, var;
   if (training) {
+    TORCH_CHECK(M > 1, op, ": expected more than 1 value per channel when training, got ", M, " patch rows");
     std::tie(mean, var) = bn_stats(xp);
   } else {
     TORCH_CHECK(running_mean.has_value() && running_mean->defined(), op, ": running_mean is required in eval mode");

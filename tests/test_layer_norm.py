@@ -160,3 +160,13 @@ def test_bad_inputs_name_the_argument():
         clip_layer_norm(x.int(), w, b)
     with pytest.raises(ValueError, match="eps"):
         clip_layer_norm(x, w, b, eps=0.0)
+
+
+def test_empty_input_gives_separate_zero_gradients():
+    """No rows: zero weight/bias gradients, as two tensors (a custom op's outputs must not alias)."""
+    x = torch.randn(0, 64, device=DEVICE, requires_grad=True)
+    w, b = (p.requires_grad_() for p in _params(64))
+    for backend in ("triton", "reference"):
+        w.grad = b.grad = None
+        clip_layer_norm(x, w, b, backend=backend).sum().backward()
+        assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(b.grad) == 0, backend

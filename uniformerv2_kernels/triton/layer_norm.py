@@ -176,9 +176,9 @@ def backward(
     weight_grad_dtype = weight_grad_dtype or weight.dtype
     bias_grad_dtype = bias_grad_dtype or weight.dtype
     dx = torch.empty_like(x)
-    if M == 0:
-        z = torch.zeros(C, dtype=torch.float32, device=x.device)
-        return dx, z.to(weight_grad_dtype), z.to(bias_grad_dtype)
+    if M == 0:  # two separate tensors: a custom op's outputs must not alias
+        return (dx, torch.zeros(C, dtype=weight_grad_dtype, device=x.device),
+                torch.zeros(C, dtype=bias_grad_dtype, device=x.device))
     block_c, block_rows, num_warps = _block_sizes(C, 16384 if triton_interpret() else 2048)
     programs = _num_programs(M, block_rows, x.device)
     rows_per_program = triton.cdiv(triton.cdiv(M, block_rows), programs) * block_rows
