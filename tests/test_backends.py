@@ -124,3 +124,38 @@ def test_auto_picks_cuda_only_for_gpu_verified_ops(monkeypatch):
     assert backends.select("my_op", [torch.zeros(1)], backend="cuda") == "cuda"
     monkeypatch.setattr(backends, "GPU_VERIFIED_CUDA_OPS", frozenset({"my_op"}))
     assert backends.select("my_op", [torch.zeros(1)]) == "cuda"
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    """Put the matmul precision settings back as they were (legacy flag and torch >= 2.9 setting)."""
+    matmul = torch.backends.cuda.matmul
+    legacy_readable = getattr(matmul, "fp32_precision", "none") == "none"
+    saved = (getattr(matmul, "fp32_precision", None), matmul.allow_tf32 if legacy_readable else None)
+    yield
+    if saved[0] is not None:
+        matmul.fp32_precision = saved[0]
+    if saved[1] is not None:
+        matmul.allow_tf32 = saved[1]
+
+
+def test_tf32_follows_both_precision_apis(restore_fp32_precision):
+    """torch >= 2.9 users may set fp32_precision, after which reading the legacy allow_tf32 flag raises:
+    the kernels' TF32 decision must read whichever API is in use (it once crashed every fp32 FFN call)."""
+    matmul = torch.backends.cuda.matmul
+    matmul.allow_tf32 = False
+    assert backends.tf32_allowed() is False
+    matmul.allow_tf32 = True
+    assert backends.tf32_allowed() is True
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision setting")
+    matmul.fp32_precision = "tf32"
+    assert backends.tf32_allowed() is True
+    matmul.fp32_precision = "ieee"
+    assert backends.tf32_allowed() is False
+    from uniformerv2_kernels.ops.ffn import fused_ffn
+
+    x = torch.randn(3, 2, 32)
+    params = [torch.randn(32), torch.randn(32), torch.randn(128, 32), torch.randn(128), torch.randn(32, 128),
+              torch.randn(32)]
+    fused_ffn(x, *params)  # the automatic backend (Triton under the interpreter) reads the setting

@@ -16,6 +16,7 @@ limits) through ``extra_reasons``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -33,11 +34,31 @@ ENV_BACKEND = "UNIFORMERV2_BACKEND"
 GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset()
 
 
-def autocast_off(t: torch.Tensor) -> torch.autocast:
-    """Context for a custom op's body: autocast reaches the bodies of custom ops (they have no autocast
-    kernel), where it would retype their internal torch matmuls to 16 bits. Each op picks its own precision
-    (fp32 folding, statistics and small products; the input's dtype for the big GEMMs)."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
+@contextlib.contextmanager
+def op_body(t: torch.Tensor):
+    """Context for a custom op's body, from its first tensor argument:
+    - autocast off: autocast reaches the bodies of custom ops (they have no autocast kernel), where it would
+      retype their internal torch matmuls to 16 bits; each op picks its own precision (fp32 folding,
+      statistics and small products; the input's dtype for the big GEMMs);
+    - the tensors' CUDA device current: Triton launches on the current device, which need not be theirs."""
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        if t.is_cuda:
+            with torch.cuda.device(t.device):
+                yield
+        else:
+            yield
+
+
+def tf32_allowed() -> bool:
+    """Whether fp32 matmuls may use TF32, as torch.matmul decides it. Reads the fp32_precision settings of
+    torch >= 2.9 (reading the legacy ``allow_tf32`` flag raises once those are set), else ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 class BackendUnavailableError(RuntimeError):

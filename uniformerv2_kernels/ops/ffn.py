@@ -46,7 +46,7 @@ def _fused_ffn_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, mean, rstd, h); mean/rstd/h are empty when save_for_backward is False."""
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             return _triton().forward(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale,
                                      eps, save_for_backward)
@@ -92,7 +92,7 @@ def _fused_ffn_bwd(
            torch.Tensor]:
     """Returns (dx, d_ln_w, d_ln_b, d_fc_w, d_fc_b, d_proj_w, d_proj_b, d_row_scale or empty)."""
     grad_out = grad_out.contiguous()
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             grads = _triton().backward(grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,
                                        row_scale, mean, rstd, h, eps, need_row_scale_grad)

@@ -51,7 +51,7 @@ def _global_query_attention_fwd(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         args = (x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps)
         if backend == "triton":
             return _triton().forward(*args)
@@ -97,7 +97,7 @@ def _global_query_attention_bwd(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     grad_out = grad_out.contiguous()
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         args = (grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
                 num_heads, eps)
         if backend == "triton":

@@ -45,7 +45,7 @@ def cuda_reasons(x: torch.Tensor) -> list[str]:
 def _clip_layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             return _triton().forward(x, weight, bias, eps)
         if backend == "cuda":
@@ -73,7 +73,7 @@ def _clip_layer_norm_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_y = grad_y.contiguous()
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             return _triton().backward(grad_y, x, weight, mean, rstd, weight.dtype, bias.dtype)
         if backend == "cuda":

@@ -59,7 +59,7 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, mean, biased var, saved Y1). mean/var: batch statistics (training) or a copy of the
     running ones (eval), fp32 (fp64 for fp64 reference calls). Y1 is empty for the reference backend."""
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             return _triton_module().forward(
                 x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
@@ -128,7 +128,7 @@ def _bwd_op(
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d bn_weight, d bn_bias, d conv1_weight, d conv1_bias, d dw_weight, d dw_bias, d conv2_weight,
     d conv2_bias, d branch_scale (empty unless need_branch_scale_grad))."""
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             return _triton_module().backward(
                 grad_out, x, y1, mean, var, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,

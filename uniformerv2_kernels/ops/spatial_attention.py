@@ -59,11 +59,14 @@ def _probe_xformers() -> tuple[str, str]:
     if not torch.cuda.is_available():
         return "sdpa", f"xformers {xformers.__version__} imports but there is no CUDA device (it has no CPU path)"
     try:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(2, 13, 2, 64, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
-        q.requires_grad_()
-        out = xops.memory_efficient_attention(q, k, v, scale=1.0 / 8.0)
-        out.float().sum().backward()
+        # grad on even when the first call comes from no_grad / inference_mode code (an eval pass): the
+        # probe runs a backward, and its answer is kept for the whole process
+        with torch.inference_mode(False), torch.enable_grad():
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v = (torch.randn(2, 13, 2, 64, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
+            q.requires_grad_()
+            out = xops.memory_efficient_attention(q, k, v, scale=1.0 / 8.0)
+            out.float().sum().backward()
         expected = F.scaled_dot_product_attention(q.detach().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         err = (out.detach().float() - expected.transpose(1, 2).float()).abs().max().item()
         torch.cuda.synchronize()
@@ -126,7 +129,7 @@ def _qkv_fwd(
     in_proj_bias: torch.Tensor, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qkv (B*L, 3C) frame-major, mean (L*B,), rstd (L*B,)) for x (L, B, C)."""
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             return _triton().qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps)
         if backend == "cuda":
@@ -150,7 +153,7 @@ def _qkv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_ln_weight, d_ln_bias, d_in_proj_weight, d_in_proj_bias)."""
     grad_qkv = grad_qkv.contiguous()
-    with backends.autocast_off(x):
+    with backends.op_body(x):
         if backend == "triton":
             grads = _triton().qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps)
         elif backend == "cuda":
@@ -192,7 +195,7 @@ _qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 def _out_fwd(o: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor, L: int, B: int,
              backend: str) -> torch.Tensor:
     """out_proj of o (B*L, C) frame-major, returned as the stream (L, B, C)."""
-    with backends.autocast_off(o):
+    with backends.op_body(o):
         if backend == "triton":
             return _triton().out_forward(o, out_proj_weight, out_proj_bias, L, B)
         if backend == "cuda":
@@ -209,7 +212,7 @@ def _(o, out_proj_weight, out_proj_bias, L, B, backend):
 def _out_bwd(grad_out: torch.Tensor, o: torch.Tensor, out_proj_weight: torch.Tensor,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_o (B*L, C), d_out_proj_weight, d_out_proj_bias)."""
-    with backends.autocast_off(o):
+    with backends.op_body(o):
         if backend == "triton":
             grads = _triton().out_backward(grad_out, o, out_proj_weight)
         elif backend == "cuda":
@@ -299,6 +302,6 @@ def spatial_attention(
     name = select_backend(x, (ln_weight, ln_bias, *proj), backend)
     in_w, in_b, out_w, out_b = (p.contiguous() for p in proj)
     qkv, _, _ = _qkv_fwd(x.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), in_w, in_b, float(eps), name)
-    with backends.autocast_off(x):  # the core computes in x.dtype as well (qkv is already x.dtype)
+    with backends.op_body(x):  # the core computes in x.dtype as well (qkv is already x.dtype)
         o = _attention_core(qkv, L, B, num_heads, name)
     return _out_fwd(o.contiguous(), out_w, out_b, L, B, name)

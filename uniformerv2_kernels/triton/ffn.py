@@ -19,7 +19,7 @@ The same GEMM kernel serves the spatial attention's QKV and output projections (
 writes the output rows in the stream's (token, batch) order while the GEMM walks (batch, token) rows).
 
 All accumulation is fp32; low-precision results are rounded once when stored. For fp32 operands the dot
-products use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set (as torch.matmul does).
+products use TF32 exactly when torch.matmul would (``backends.tf32_allowed``: ``allow_tf32`` or ``fp32_precision``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpret
+from ..backends import tf32_allowed, triton_interpret
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -151,7 +151,7 @@ def _kernel_and_meta():
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpret
+from ..backends import tf32_allowed, triton_interpret
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
@@ -342,7 +342,7 @@ def _row_split(t: torch.Tensor, M: int, col_blocks: int, block_m: int) -> tuple[
 
 def _ieee(dtype: torch.dtype) -> bool:
     """fp32 dots in full precision unless the user allowed tf32 for matmuls (DESIGN 5 tolerances)."""
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dtype == torch.float32 and not tf32_allowed()
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
