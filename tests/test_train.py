@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import sys
 
 import pytest
@@ -162,24 +163,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
-    """2 CPU processes (gloo, DDP): both ranks end with bitwise-identical weights, and the run matches a
-    single process with the same global batch (no BatchNorm, no dropout: the maths is the same)."""
-    args = ["--preset", "synthetic", *TINY, "model.overrides.no_lmhra=true", "model.overrides.mlp_dropout=[0, 0]",
-            "model.overrides.cls_dropout=0", "data.synthetic.train_size=32", "data.synthetic.val_size=6",
-            "train.batch_size=8", "train.max_steps=3", "train.rank_report=true", "eval.batch_size=4"]
-    out2 = tmp_path / "ddp"
+def _torchrun_two_processes(args, out_dir):
+    """uniformerv2.train in 2 CPU processes (gloo); returns the two ranks' rank reports."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "uniformerv2.train", *args,
-         "--output-dir", str(out2)],
+         "--output-dir", str(out_dir)],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = json.loads((out2 / "rank0.json").read_text())
-    r1 = json.loads((out2 / "rank1.json").read_text())
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+DDP_ARGS = ["--preset", "synthetic", *TINY, "model.overrides.mlp_dropout=[0, 0]", "model.overrides.cls_dropout=0",
+            "data.synthetic.train_size=32", "data.synthetic.val_size=6", "train.batch_size=8", "train.max_steps=3",
+            "train.rank_report=true", "eval.batch_size=4"]
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    """2 CPU processes (gloo, DDP): both ranks end with bitwise-identical weights, and the run matches a
+    single process with the same global batch (no BatchNorm, no dropout: the maths is the same)."""
+    args = [*DDP_ARGS, "model.overrides.no_lmhra=true"]
+    out2 = tmp_path / "ddp"
+    r0, r1 = _torchrun_two_processes(args, out2)
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["param_digest"] == r1["param_digest"]
     assert len(r0["local_losses"]) == len(r1["local_losses"]) == 3
@@ -194,6 +202,13 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert single["local_losses"] == pytest.approx(r0["mean_losses"], rel=2e-4, abs=1e-5)
     # (weights are not compared: AdamW turns rounding-level gradient differences of near-zero gradients
     # into full-size steps; the losses of steps 2 and 3 already check the updated weights)
+
+
+def test_torchrun_ranks_share_batchnorm_statistics(tmp_path):
+    """With the local MHRA (BatchNorm3d), each rank updates its running statistics with its own shard;
+    evaluation and checkpoints must use one set (rank 0's), or ranks evaluate different models."""
+    r0, r1 = _torchrun_two_processes([*DDP_ARGS, "model.overrides.no_lmhra=false"], tmp_path / "ddp")
+    assert r0["param_digest"] == r1["param_digest"]
 
 
 # ---------------------------------------------------------------------------------------- main job
@@ -241,3 +256,40 @@ def test_k710_head_mapping_grad_checkpointing_and_bf16(tmp_path):
     ck2 = torch.load(out2 / "last.pt", weights_only=False)
     assert ck2["model_build"]["use_checkpoint"] is True and ck2["global_step"] == 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _rows(out2))
+
+
+FAILING_RANK = '''
+import os, sys
+from uniformerv2 import synthetic, train
+
+original = synthetic.MovingShapes.__getitem__
+
+def failing(self, i):  # rank 1 cannot read its data from its 9th sample on
+    failing.calls = getattr(failing, "calls", 0) + 1
+    if os.environ.get("RANK") == "1" and failing.calls > 8:
+        raise RuntimeError("simulated unreadable video on rank 1")
+    return original(self, i)
+
+synthetic.MovingShapes.__getitem__ = failing
+train.main(sys.argv[1:])
+'''
+
+
+def test_torchrun_stops_when_one_rank_fails(tmp_path):
+    """An error on one rank (out of memory, bad data) must end the job, not leave the failing rank in a
+    barrier while the others wait in their next collective until the 30-minute process-group timeout."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+         *[a for a in DDP_ARGS if a != "train.max_steps=3"], "train.max_steps=6", "model.overrides.no_lmhra=true",
+         "--output-dir", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode != 0
+    assert "simulated unreadable video on rank 1" in proc.stdout + proc.stderr
+    assert time.time() - start < 120, "the job hung after one rank failed"

@@ -54,10 +54,14 @@ def setup(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(rank, world, local_rank, dev, initialised)
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, sync: bool = True) -> None:
+    """Leaves the process group. sync=False after an error: a failing rank must not enter a barrier the
+    others never reach (they wait in the next collective; the job would hang until the timeout instead of
+    torchrun stopping it)."""
     if info.initialised and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        if sync:
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
@@ -79,6 +83,15 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Every buffer of module (BatchNorm running statistics) from rank src to all ranks. After a training
+    step each rank's BatchNorm has updated its running statistics with its own batch; DDP re-broadcasts
+    them only at the next forward of the wrapped model, so evaluation and checkpoints need this first."""
+    if info.distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
 
 
 def broadcast_object(obj, info: DistInfo, src: int = 0):

@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     if args.num_workers is not None:
         overrides.append(f"data.num_workers={args.num_workers}")
     info = du.setup()
+    ok = False
     try:
         model, cfg, names = load_trained(args.checkpoint, overrides, args.config, args.model, info.device,
                                          args.fused)
@@ -304,8 +305,9 @@ def main(argv=None) -> int:
             print(f"top-1: {result['acc1']:.2f}%  top-5: {result['acc5']:.2f}%  "
                   f"mean class accuracy: {result['mean_class_acc']:.2f}%")
             print(f"wrote {out_dir}/results.json, per_class.csv, confusion.png")
+        ok = True
     finally:
-        du.cleanup(info)
+        du.cleanup(info, sync=ok)
     return 0
 
 

@@ -245,9 +245,11 @@ def autocast_context(device: torch.device, amp: str):
 
 
 def rng_state() -> dict:
+    """This process's RNG streams: CPU, numpy, python, and the CUDA stream of its own device only (the one
+    a rank uses; saving every visible GPU's would break a resume with another GPU layout)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -255,8 +257,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints kept every visible device's state
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def atomic_save(obj, path: str) -> None:
@@ -354,10 +361,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def train(cfg: dict, resume: str | None = None) -> dict:
     """Runs training as configured; returns a summary dict (final/best accuracy, steps, time)."""
     info = du.setup()
+    ok = False
     try:
-        return _train(cfg, resume, info)
+        result = _train(cfg, resume, info)
+        ok = True
+        return result
     finally:
-        du.cleanup(info)
+        du.cleanup(info, sync=ok)
 
 
 def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
@@ -397,18 +407,13 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
                              o_cfg["warmup_epochs"], t_cfg["epochs"], iters_per_epoch)
     amp = t_cfg["amp"]
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
-    if info.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(t_cfg["find_unused_parameters"]))
-    if t_cfg.get("compile"):
-        model = torch.compile(model)
 
-    # state
+    # state (loaded before the DDP wrap, whose construction broadcasts rank 0's weights to every rank)
     start_epoch, start_step, global_step, best_acc1 = 0, 0, 0, -1.0
     rng_restore = None
-    if resume == "auto":
-        resume = os.path.join(out_dir, "last.pt") if os.path.exists(os.path.join(out_dir, "last.pt")) else None
+    if resume == "auto":  # decided on rank 0 (node-local folders or a stale NFS cache could disagree)
+        last = os.path.join(out_dir, "last.pt")
+        resume = du.broadcast_object(last if info.is_main and os.path.exists(last) else None, info)
     if resume:
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
         core.load_state_dict(ckpt["model_state"])
@@ -432,6 +437,12 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
         torch.manual_seed(seed + info.rank)  # dropout / drop-path streams differ per rank
     if rng_restore is not None:
         set_rng_state(rng_restore)
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(t_cfg["find_unused_parameters"]))
+    if t_cfg.get("compile"):
+        model = torch.compile(model)
 
     metrics = MetricsLog(out_dir, info.is_main, resume_step=global_step if resume else None)
     reporter = FailureReporter()
@@ -445,6 +456,7 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
     last_eval = None
 
     def save(epoch: int, step_in_epoch: int, name: str = "last.pt") -> None:
+        du.broadcast_buffers(core, info)  # the checkpoint holds rank 0's; every rank continues with them
         states = du.all_gather_objects(rng_state(), info)
         if info.is_main:
             atomic_save({
@@ -461,6 +473,7 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
             return None
         from .evaluate import evaluate_model
 
+        du.broadcast_buffers(core, info)  # one set of BatchNorm running statistics on every rank
         result = evaluate_model(core, val_set, cfg, info, num_classes, progress=t_cfg["progress"],
                                 reporter=reporter, desc=f"eval epoch {epoch + 1}")
         last_eval = global_step
