@@ -293,3 +293,17 @@ def test_torchrun_stops_when_one_rank_fails(tmp_path):
     assert proc.returncode != 0
     assert "simulated unreadable video on rank 1" in proc.stdout + proc.stderr
     assert time.time() - start < 120, "the job hung after one rank failed"
+
+
+def test_fused_auto_waits_for_gpu_verified_kernels(monkeypatch):
+    """model.fused=auto uses the fused kernels on CUDA only once they have passed their tests on a GPU."""
+    from uniformerv2_kernels import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "TRITON_GPU_VERIFIED", False)
+    assert train.resolve_fused("auto") is False
+    assert train.resolve_fused("true") is True and train.resolve_fused(False) is False
+    monkeypatch.setattr(backends, "TRITON_GPU_VERIFIED", True)
+    assert train.resolve_fused("auto") is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.resolve_fused("auto") is False

@@ -36,7 +36,7 @@ DEFAULTS: dict = {
         "pretrained_strict": True,
         "clip": None,              # CLIP visual weights to initialise the backbone
         "k710_head": None,         # map a K710 head of `pretrained`: "k400" or a file of indices
-        "fused": "auto",           # auto = fused kernels when CUDA is available
+        "fused": "auto",           # auto = fused kernels on CUDA once GPU-verified (train.resolve_fused)
         "grad_checkpointing": False,
         "checkpoint_num": None,    # blocks to checkpoint (default: all)
     },

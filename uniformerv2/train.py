@@ -137,8 +137,17 @@ def model_build_args(cfg: dict, num_classes: int) -> dict:
 
 
 def resolve_fused(value) -> bool:
+    """model.fused / --fused: true, false, or auto = the fused kernels on a CUDA machine once they have
+    passed their tests on a GPU (uniformerv2_kernels.backends.TRITON_GPU_VERIFIED), else the reference."""
     if value in ("auto", None):
-        return torch.cuda.is_available()
+        if not torch.cuda.is_available():
+            return False
+        from uniformerv2_kernels import backends
+
+        if not backends.TRITON_GPU_VERIFIED:
+            logger.warning("model.fused=auto: the fused kernels have not yet passed their tests on a GPU, so "
+                           "the reference model runs; model.fused=true uses them anyway")
+        return backends.TRITON_GPU_VERIFIED
     if isinstance(value, str):
         return value.lower() in ("1", "true", "yes", "on")
     return bool(value)

@@ -41,6 +41,8 @@ def report() -> str:
     verified = ", ".join(sorted(backends.GPU_VERIFIED_CUDA_OPS)) or "none yet"
     lines.append(f"  CUDA kernels picked automatically (verified on a GPU): {verified}; "
                  "others only with backend='cuda'")
+    lines.append("  Triton kernels verified on a GPU: " + ("yes" if backends.TRITON_GPU_VERIFIED else
+                 "not yet (interpreter only); model.fused=auto keeps the reference model on CUDA"))
     name, reason = attention_backend()
     lines.append(f"  spatial attention: {name} ({reason})")
     lines.append("")
