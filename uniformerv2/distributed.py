@@ -39,7 +39,10 @@ def setup(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():  # two ranks on one GPU would fail later, in NCCL
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                               "visible: run at most one process per GPU (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device("cpu")
