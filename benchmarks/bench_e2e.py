@@ -64,6 +64,9 @@ def extra_args(p):
                    help="autocast: fp32 weights + torch.autocast(dtype); cast: model.to(dtype)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra reference run per case)")
+    p.add_argument("--table", default="e2e",
+                   help="name of the markdown table / plot / partial CSV (rows always go to e2e.csv); the GPU "
+                        "suite's compile step uses e2e_compile so it does not overwrite the first table")
 
 
 def resolve_configs(args) -> list[tuple[str, str, dict]]:
@@ -188,6 +191,10 @@ def main(argv=None):
     batches = args.batch or ([2] if args.quick else [16])
     frames_list = args.frames or [None]
     rows = []
+    # every row also goes to <table>.partial.csv when measured: a run cut short by a timeout keeps them
+    args.partial = None if args.no_save else os.path.join(args.out, f"{args.table}.partial.csv")
+    if args.partial and os.path.exists(args.partial):
+        os.remove(args.partial)
     for label, preset, overrides in resolve_configs(args):
         for frames in frames_list:
             for batch in batches:
@@ -199,7 +206,9 @@ def main(argv=None):
     print(H.format_table(rows))
     print()
     if not args.no_save and rows:
-        H.save("e2e", rows, args, title)
+        H.save("e2e", rows, args, title, table=args.table)
+    if args.partial and os.path.exists(args.partial):
+        os.remove(args.partial)
     return rows
 
 
@@ -254,11 +263,16 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             gc.collect()
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
+        if flops and row["status"] == "ok":
+            row["flops"] = flops
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         rows.append(row)
+        if args.partial:
+            H.append_csv([row], args.partial)
         status = f"{row['ms']:.4g} ms" if row["status"] == "ok" else f"{row['status']}: {row['note']}"
         print(f"  [e2e] {case_name} | {task} | {prov}: {status}", file=sys.stderr, flush=True)
-    for row in rows:
-        if flops and row["status"] == "ok":
+    for row in rows:  # rows measured before the FLOP count existed (a fused provider listed first)
+        if flops and row["status"] == "ok" and row.get("flops") is None:
             row["flops"] = flops
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
     return rows
@@ -267,8 +281,10 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
 def _fused_backend(args) -> str:
     from uniformerv2_kernels import backends
 
-    if args.device.type == "cuda":
-        return "cuda/triton (per op, as the registry picks)"
+    if args.device.type == "cuda":  # the registry picks cuda only for GPU-verified ops unless forced
+        forced = os.environ.get(backends.ENV_BACKEND)
+        verified = ", ".join(sorted(backends.GPU_VERIFIED_CUDA_OPS))
+        return forced or ("triton" + (f" (cuda for {verified})" if verified else ""))
     return "triton (interpreted)" if backends.triton_interpret() else "reference (CPU)"
 
 

@@ -3,9 +3,12 @@
 # `run` calls of at most 10 minutes each, back to back so the machine stays warm (a later call then finds
 # the extension built by the first and skips the build; on a fresh machine it builds again, ~1-2 min):
 #
-#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh tests   # env, build, tests
-#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
-#   GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh e2e     # build, end-to-end
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, tests
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, end-to-end
+#
+# <commit>: `git describe --always --dirty --abbrev=12` on the development machine (the device machine gets
+# the working tree without .git, uncommitted changes included: -dirty says so).
 #
 #   GIT_COMMIT=... bash benchmarks/gpu_suite.sh profile  # optional 4th call: Nsight Compute per kernel
 #
@@ -33,7 +36,7 @@
 # SUITE_KEEP_FILES=1 also leaves the unpacked tree in $OUT/files.
 #
 # Environment knobs: SUITE_STEPS (comma list, default env,build,tests,ops,e2e,e2e_compile), SUITE_BUDGET_S,
-# SUITE_OP_ARGS (default "--frames 8,16 --batch 16 --rep 40 --warmup 10"), SUITE_E2E_ARGS
+# SUITE_OP_ARGS (default "--frames 8,16 --batch 16 --rep 40 --warmup 10 --mode fwd,fwd+bwd"), SUITE_E2E_ARGS
 # (default "--batch 16 --rep 1000 --warmup 100"), SUITE_TEST_ARGS (extra pytest arguments), PYTHON.
 set -euo pipefail
 
@@ -58,7 +61,7 @@ case "${1:-all}" in
     *) echo "usage: $0 [all|tests|ops|e2e|profile]" >&2; exit 2 ;;
 esac
 STEPS=",${SUITE_STEPS:-$DEFAULT_STEPS},"
-OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10}"
+OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10 --mode fwd,fwd+bwd}"
 E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 1000 --warmup 100}"
 DEVICE="${SUITE_DEVICE:-cuda}"  # cpu only to try the script itself on a machine without a GPU
 START=$SECONDS
@@ -214,8 +217,10 @@ fi
 if want e2e_compile; then
     # a separate CSV name would lose the shared table; the rows carry the provider, so one e2e.csv holds both
     # shellcheck disable=SC2086
+    # eager and fused come from the e2e step (same CSV); its own table name keeps that step's table
     run_step bench_e2e_compile 300 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
-        --configs k400_b16_f8x224 --providers eager,compile,fused,fused+compile --mode fwd,fwd+bwd $E2E_ARGS
+        --configs k400_b16_f8x224 --providers compile,fused+compile --mode fwd,fwd+bwd --table e2e_compile \
+        $E2E_ARGS
 fi
 
 if want profile; then

@@ -456,6 +456,16 @@ def peak_memory_mb(step, device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+# Failures a "backward by difference" retry must not swallow: out of memory, and a sticky CUDA fault
+# (torch.AcceleratorError, e.g. an illegal address, where torch has it).
+DEVICE_ERRORS = tuple(e for e in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e)
+
+
+def _clear_grads(leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
@@ -484,8 +494,8 @@ def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None
             if mode == "backward":  # some backwards free what they saved: a second run on one graph fails
                 step()
             synchronize(args.device)
-        except RuntimeError:
-            if mode != "backward":
+        except RuntimeError as exc:
+            if mode != "backward" or isinstance(exc, DEVICE_ERRORS):
                 raise
             fallback = True  # e.g. torch.compile's donated buffers refuse retain_graph=True
         row["first_ms"] = (time.perf_counter() - t0) * 1e3
@@ -498,11 +508,16 @@ def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None
 
             t_fb = time_fn(fb_step, args.device, args.warmup, args.rep, leaves)
             t_f = time_fn(fwd_step, args.device, args.warmup, args.rep, leaves)
-            ms = max(t_fb - t_f, 1e-6)
+            if t_fb <= t_f:  # timing noise; a clamped difference would report absurd GB/s
+                raise RuntimeError(f"backward by difference is not positive: fwd+bwd {t_fb:.3g} ms <= "
+                                   f"fwd {t_f:.3g} ms")
+            ms = t_fb - t_f
             note.append("backward = time(fwd+bwd) - time(fwd with autograd)")
+            _clear_grads(leaves)  # the peak of one step, not one step plus the last timed run's gradients
             row["peak_mb"] = peak_memory_mb(fb_step, args.device)
         else:
             ms = time_fn(step, args.device, args.warmup, args.rep, leaves)
+            _clear_grads(leaves)
             row["peak_mb"] = peak_memory_mb(step, args.device)
         del step
     except Exception as exc:  # keep going: one broken provider must not hide the others
@@ -516,7 +531,13 @@ def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None
         inputs = None
         gc.collect()
         if torch.device(args.device).type == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001 - a kernel fault poisons the CUDA context for good
+                args.cuda_lost = _first_line(exc)
+                row.update(status="error", note=f"{_first_line(exc)} (CUDA context lost: later rows cannot run)")
+                return row  # noqa: B012 - this row names the culprit; the caller stops and saves
     nbytes, flops = case.work(mode)
     row.update(status="ok", ms=ms, note="; ".join(note))
     if nbytes:
@@ -877,7 +898,12 @@ def run_benchmark(name: str, cases: Sequence[Case], providers: Sequence[Provider
     partial = None if args.no_save else os.path.join(args.out, f"{name}.partial.csv")
     if partial and os.path.exists(partial):
         os.remove(partial)
+    args.cuda_lost = None
     for case in cases:
+        # Fresh dynamo caches per case: the compile providers get static graphs for each shape instead of
+        # hitting the recompile limit (8 per function) across shapes and grad modes, after which dynamo
+        # silently runs the eager code under the "compile" label.
+        torch._dynamo.reset()
         for mode in args.modes:
             for prov in providers:
                 torch.manual_seed(args.seed)
@@ -887,6 +913,13 @@ def run_benchmark(name: str, cases: Sequence[Case], providers: Sequence[Provider
                     append_csv([row], partial)
                 status = f"{row['ms']:.4g} ms" if row["status"] == "ok" else f"{row['status']}: {row['note']}"
                 print(f"  [{name}] {case.name} | {mode} | {prov.name}: {status}", file=sys.stderr, flush=True)
+                if args.cuda_lost:
+                    break
+            if args.cuda_lost:
+                break
+        if args.cuda_lost:
+            print(f"  [{name}] stopping: {args.cuda_lost}; saving the rows measured so far", file=sys.stderr)
+            break
     if baseline:
         add_speedups(rows, baseline)
     print(f"\n## {title}\n{env_header(rows)}\n")
@@ -896,21 +929,23 @@ def run_benchmark(name: str, cases: Sequence[Case], providers: Sequence[Provider
         save(name, rows, args, title)
     if partial and os.path.exists(partial):
         os.remove(partial)
+    if args.cuda_lost:
+        raise SystemExit(3)
     return rows
 
 
-def save(name: str, rows: Sequence[dict], args, title: str | None = None) -> None:
-    """Appends to <out>/<name>.csv; writes <out>/<name>_<devtag>.md and .png (devtag: cpu, h100, ...;
-    ``_quick`` added for --quick runs)."""
+def save(name: str, rows: Sequence[dict], args, title: str | None = None, table: str | None = None) -> None:
+    """Appends to <out>/<name>.csv; writes <out>/<table or name>_<devtag>.md and .png (devtag: cpu, h100,
+    ...; ``_quick`` added for --quick runs)."""
     title = title or name
     tag = device_tag(args.device) + ("_quick" if args.quick else "")
     csv_path = os.path.join(args.out, f"{name}.csv")
     append_csv(rows, csv_path)
-    md_path = os.path.join(args.out, f"{name}_{tag}.md")
+    md_path = os.path.join(args.out, f"{table or name}_{tag}.md")
     with open(md_path, "w") as f:
         f.write(f"# {title}\n\n{env_header(rows)}\n\n{format_table(rows, markdown=True)}\n")
     try:
-        png = plot(rows, os.path.join(args.out, f"{name}_{tag}.png"), title)
+        png = plot(rows, os.path.join(args.out, f"{table or name}_{tag}.png"), title)
     except Exception as exc:  # a plot must never cost the numbers
         png = None
         print(f"plot failed: {_first_line(exc)}", file=sys.stderr)
