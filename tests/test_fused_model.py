@@ -47,7 +47,8 @@ def compare_fused_to_reference(dtype, train, device=DEVICE, backend="triton", **
     fused = copy.deepcopy(base).to(device=device, dtype=dtype).set_fused(True, backend=backend)
 
     out64, grads64, stats64 = run(ref64, video.double(), train)
-    out_low, grads_low, _ = run(ref_low, video.to(dtype), train) if dtype != torch.float32 else (None, {}, None)
+    out_low, grads_low, stats_low = (run(ref_low, video.to(dtype), train) if dtype != torch.float32
+                                     else (None, {}, None))
     out, grads, stats = run(fused, video.to(dtype), train)
 
     assert_close(out, out64, out_low, name="logits", tf32=device == "cuda")
@@ -59,8 +60,11 @@ def compare_fused_to_reference(dtype, train, device=DEVICE, backend="triton", **
         for name in stats64:
             if name.endswith("num_batches_tracked"):
                 assert torch.equal(stats[name].cpu(), stats64[name].cpu()), name
-            else:
-                assert rel_error(stats[name], stats64[name]) < (1e-5 if dtype == torch.float32 else 5e-3), name
+            elif dtype == torch.float32:
+                assert rel_error(stats[name], stats64[name]) < 1e-5, name
+            else:  # the buffers are stored in fp16/bf16: within 2x the reference model's own error (as outputs)
+                err, err_low = rel_error(stats[name], stats64[name]), rel_error(stats_low[name], stats64[name])
+                assert err <= max(5e-3, 2 * err_low), f"{name}: {err:.3e} (reference in {dtype}: {err_low:.3e})"
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -151,6 +155,18 @@ def test_compiled_fused_model_matches_eager():
 
 
 @requires_cuda
+def test_cuda_model_runs_spatial_attention_on_triton(monkeypatch):
+    """Only the spatial attention lacks a CUDA kernel: a 'cuda' model must not fail on it (it did on the
+    first GPU run), while the other ops keep the CUDA request."""
+    from uniformerv2.model import spatial_attention_backend
+
+    monkeypatch.delenv("UNIFORMERV2_BACKEND", raising=False)
+    assert spatial_attention_backend("cuda") == "triton"
+    assert spatial_attention_backend("triton") == "triton" and spatial_attention_backend(None) is None
+    monkeypatch.setenv("UNIFORMERV2_BACKEND", "cuda")
+    assert spatial_attention_backend(None) == "triton"
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_matches_reference_cuda(dtype, backend):

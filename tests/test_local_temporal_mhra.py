@@ -426,9 +426,11 @@ def test_autocast_does_not_reach_the_op_body(backend):
 
 def test_batch_statistics_of_channels_with_a_large_mean():
     """CLIP streams have channels whose |mean| is ~100x their std: the mean must stay within one rounding
-    of exact there, since centring passes its error to every normalised value. (Here the interpreter's
-    pairwise sums keep even unshifted sums under one ulp; the discriminating check is whole-model: before
-    the shifted sums, tests/test_fused_model.py's fp32 gradients failed the 1e-5 bound at 2.2e-5.)"""
+    of exact there (plus an fp32 summation-order term of 16 eps * std: a GPU's tree sums over 3001 rows
+    measured 2.5e-7 std, over the 1e-7 std this test first allowed), since centring passes its error to
+    every normalised value. (The interpreter's pairwise sums keep even unshifted sums under one ulp; the
+    discriminating check is whole-model: before the shifted sums, tests/test_fused_model.py's fp32
+    gradients failed the 1e-5 bound at 2.2e-5.)"""
     from uniformerv2_kernels.triton import local_temporal_mhra as tri
 
     gen = torch.Generator().manual_seed(3)
@@ -439,6 +441,8 @@ def test_batch_statistics_of_channels_with_a_large_mean():
     mean, var = tri.bn_stats(x)
     exact = x.double().cpu()
     mean64, var64 = exact.mean(0), exact.var(0, unbiased=False)
-    ulp = torch.finfo(torch.float32).eps * mean64.abs()
-    assert ((mean.double().cpu() - mean64).abs() <= ulp + 1e-7 * var64.sqrt()).all()
+    eps = torch.finfo(torch.float32).eps
+    err = (mean.double().cpu() - mean64).abs()
+    bound = eps * mean64.abs() + 16 * eps * var64.sqrt()
+    assert (err <= bound).all(), f"worst channel: error / bound = {(err / bound).max().item():.2f}"
     assert rel_error(var.double().cpu(), var64) < 1e-6

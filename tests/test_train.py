@@ -79,6 +79,7 @@ def test_schedule_param_groups_and_sampler():
 
 
 def test_real_videos_train_two_steps_evaluate_predict(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV (av) is not installed: real videos cannot be written or read")
     vids = tmp_path / "videos"
     train_list, labels = write_videos(str(vids), 8, num_frames=16, resolution=40, codec="mpeg4")
     val_list, _ = write_videos(str(vids), 4, num_frames=12, resolution=40, codec="libx264", split="val")
@@ -100,7 +101,7 @@ def test_real_videos_train_two_steps_evaluate_predict(tmp_path, capsys):
     assert len(val) == 1 and 0 <= val[0]["acc1"] <= 100
     for name in ("last.pt", "best.pt", "metrics.csv", "curves.png", "config.yaml"):
         assert (out / name).stat().st_size > 0, name
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=False, map_location="cpu")
     assert {"model_state", "optimizer_state", "scaler", "scheduler", "epoch", "rng", "cfg"} <= set(ckpt)
     assert ckpt["global_step"] == 2 and ckpt["classes"] == list(CLASSES)
     assert "transformer.resblocks.0.lmhra1.pos_embed.0.running_mean" in ckpt["model_state"]
@@ -145,8 +146,8 @@ def test_resume_continues_exactly(tmp_path):
     a, b = [r["loss"] for r in _rows(straight)], [r["loss"] for r in _rows(split)]
     assert len(a) == 6 and a == b and first == a[:3]
     assert len(set(a)) == 6
-    sa = torch.load(straight / "last.pt", weights_only=False)
-    sb = torch.load(split / "last.pt", weights_only=False)
+    sa = torch.load(straight / "last.pt", weights_only=False, map_location="cpu")
+    sb = torch.load(split / "last.pt", weights_only=False, map_location="cpu")
     assert (sa["epoch"], sa["step_in_epoch"], sa["global_step"]) == (sb["epoch"], sb["step_in_epoch"], 6)
     for k, v in sa["model_state"].items():
         assert torch.equal(v, sb["model_state"][k]), k
@@ -165,7 +166,8 @@ def _free_port():
 
 def _torchrun_two_processes(args, out_dir):
     """uniformerv2.train in 2 CPU processes (gloo); returns the two ranks' rank reports."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # CPU processes even where a GPU is visible (two ranks cannot share one GPU: distributed.setup refuses)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
@@ -244,7 +246,7 @@ def test_k710_head_mapping_grad_checkpointing_and_bf16(tmp_path):
     out = tmp_path / "mapped"
     train.main([*base, "--output-dir", str(out), f"model.pretrained={tmp_path / 'k710.pth'}",
                 f"model.k710_head={tmp_path / 'idx.txt'}", "train.max_steps=0"])
-    ck = torch.load(out / "last.pt", weights_only=False)
+    ck = torch.load(out / "last.pt", weights_only=False, map_location="cpu")
     assert ck["global_step"] == 0 and ck["model_build"]["num_classes"] == 4
     idx = torch.tensor([5, 700, 3, 9])
     assert torch.equal(ck["model_state"]["transformer.proj.2.weight"], src.transformer.proj[2].weight[idx])
@@ -253,7 +255,7 @@ def test_k710_head_mapping_grad_checkpointing_and_bf16(tmp_path):
     out2 = tmp_path / "ckpt_bf16"
     train.main([*base, "--output-dir", str(out2), "model.grad_checkpointing=true", "train.amp=bf16",
                 "train.max_steps=1"])
-    ck2 = torch.load(out2 / "last.pt", weights_only=False)
+    ck2 = torch.load(out2 / "last.pt", weights_only=False, map_location="cpu")
     assert ck2["model_build"]["use_checkpoint"] is True and ck2["global_step"] == 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _rows(out2))
 
@@ -280,7 +282,8 @@ def test_torchrun_stops_when_one_rank_fails(tmp_path):
     barrier while the others wait in their next collective until the 30-minute process-group timeout."""
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # CPU processes even where a GPU is visible (two ranks cannot share one GPU: distributed.setup refuses)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     start = time.time()

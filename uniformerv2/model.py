@@ -49,10 +49,20 @@ def drop_path_scale(x: torch.Tensor, drop_prob: float, training: bool) -> torch.
     if drop_prob == 0.0 or not training:
         return None
     keep_prob = 1.0 - drop_prob
-    scale = x.new_empty(x.shape[0]).bernoulli_(keep_prob)
+    # Drawn in fp32 whatever x's dtype: the same seed gives the same masks for an fp64, fp32 or bf16 model
+    # (CUDA's generator draws different streams per dtype), and keep_prob is not rounded to bf16.
+    scale = torch.empty(x.shape[0], device=x.device, dtype=torch.float32).bernoulli_(keep_prob)
     if keep_prob > 0.0:
         scale.div_(keep_prob)
-    return scale
+    return scale.to(x.dtype)
+
+
+def spatial_attention_backend(backend: str | None) -> str | None:
+    """The spatial (CLIP) attention has Triton and reference kernels only: a model asked for the CUDA
+    backend (per call or by UNIFORMERV2_BACKEND) runs it on Triton, and every other op on its CUDA kernel."""
+    from uniformerv2_kernels import backends
+
+    return "triton" if backends.requested_backend(backend) == "cuda" else backend
 
 
 def apply_scale(branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -158,7 +168,7 @@ class ResidualAttentionBlock(nn.Module):
                 return _ops().spatial_attention(
                     x, self.ln_1.weight, self.ln_1.bias, self.attn.in_proj_weight, self.attn.in_proj_bias,
                     self.attn.out_proj.weight, self.attn.out_proj.bias, self.n_head, eps=self.ln_1.eps,
-                    backend=self.backend)
+                    backend=spatial_attention_backend(self.backend))
             if use_checkpoint:
                 return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
             return fn(x)

@@ -317,5 +317,7 @@ def _update_running_stats(mean, var, running_mean, running_var, num_batches_trac
             num_batches_tracked.add_(1)
         factor = reference.batchnorm_momentum_factor(momentum, num_batches_tracked)
         unbiased = var * (count / (count - 1))
-        running_mean.copy_(factor * mean + (1 - factor) * running_mean)
-        running_var.copy_(factor * unbiased + (1 - factor) * running_var)
+        # in fp32, rounded once into the buffers' dtype (as ATen's kernels do): fp16/bf16 buffers times a
+        # Python float would round (1 - factor) * running first
+        running_mean.copy_(factor * mean + (1 - factor) * running_mean.float())
+        running_var.copy_(factor * unbiased + (1 - factor) * running_var.float())
