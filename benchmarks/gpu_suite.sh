@@ -195,7 +195,10 @@ fi
 # -------------------------------------------------------------------------------------------- tests
 if want tests; then
     XDIST=""
-    if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 4"; fi
+    # 16 cores, one GPU: Triton's compiles are CPU-bound. -n 8 took 390 s on the first H100 run.
+    if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 12"; fi
+    # a hung test must not eat the whole step (pytest-timeout is on the GPU image)
+    if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then XDIST="$XDIST --timeout=300"; fi
     # shellcheck disable=SC2086
     run_step tests 420 "$PYTHON" -m pytest tests -q -rs --durations=15 -p no:cacheprovider $XDIST ${SUITE_TEST_ARGS:-}
 fi
@@ -230,7 +233,7 @@ if want profile; then
     if [ -n "$NCU" ]; then
         # shellcheck disable=SC2046
         run_step profile 300 "$NCU" --csv --print-units base --clock-control none --target-processes all \
-            --nvtx --nvtx-include profiled/ --kernel-name regex:'^_' --metrics "$("$PYTHON" benchmarks/profile_kernels.py --metrics)" \
+            --profile-from-start off --kernel-name regex:'^_' --metrics "$("$PYTHON" benchmarks/profile_kernels.py --metrics)" \
             "$PYTHON" benchmarks/profile_kernels.py --device cuda --dtype bfloat16 ${SUITE_PROFILE_ARGS:-}
         "$PYTHON" benchmarks/profile_kernels.py --summarize "$STAGE/logs/profile.log" \
             >"$STAGE/results/ncu_kernels.md" 2>&1 || true

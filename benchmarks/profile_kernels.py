@@ -5,13 +5,15 @@ timings cannot: per kernel, the DRAM bytes against the L2 and L1 bytes (is a mem
 HBM, or by re-reading its neighbours from cache, as the global attention's on-the-fly DPE may be?), the
 achieved occupancy and the registers:
 
-    ncu --csv --print-units base --clock-control none --nvtx --nvtx-include profiled/ --kernel-name regex:'^_' \
+    ncu --csv --print-units base --clock-control none --profile-from-start off --kernel-name regex:'^_' \
         --metrics $(python benchmarks/profile_kernels.py --metrics) \
         python benchmarks/profile_kernels.py --device cuda --dtype bfloat16 > ncu.log
     python benchmarks/profile_kernels.py --summarize ncu.log     # markdown table per kernel
 
-Each op runs twice: a warm-up that compiles (and autotunes) the Triton kernels, then the profiled step inside
-an NVTX range "profiled", which `--nvtx --nvtx-include profiled/` selects. Without a GPU, `--interpret` runs the same driver on tiny shapes under the Triton
+Each op runs twice: a warm-up that compiles (and autotunes) the Triton kernels, then the profiled step between
+cudaProfilerStart and cudaProfilerStop, which `--profile-from-start off` selects. (Not an NVTX range: a range
+is per thread, and autograd launches the backward from its own thread; the first H100 run, filtered by
+NVTX, saw no backward kernel.) Without a GPU, `--interpret` runs the same driver on tiny shapes under the Triton
 interpreter, to check the driver itself.
 
     python benchmarks/profile_kernels.py --interpret --model tiny --frames 3 --batch 2
@@ -114,12 +116,12 @@ def main(argv=None) -> int:
         for t in leaves:
             t.grad = None
         print(f"[profile] {op} {args.backend} {case.name} {args.dtype}: profiled step", flush=True)
-        if device.type == "cuda":  # `ncu --nvtx --nvtx-include profiled/` skips the warm-up (and autotuning)
-            torch.cuda.nvtx.range_push("profiled")
+        if device.type == "cuda":  # `ncu --profile-from-start off` skips the warm-up (and autotuning)
+            torch.cuda.profiler.start()
         step()
         H.synchronize(device)
         if device.type == "cuda":
-            torch.cuda.nvtx.range_pop()
+            torch.cuda.profiler.stop()
     return 0
 
 
