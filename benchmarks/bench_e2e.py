@@ -245,6 +245,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             H.synchronize(args.device)
             row["first_ms"] = (time.perf_counter() - t0) * 1e3
             ms = H.time_fn(step, args.device, args.warmup, args.rep)
+            row["host_ms"] = H.host_time_ms(step, args.device, reps=5)  # a model step is long: 5 suffice
             row["peak_mb"] = H.peak_memory_mb(step, args.device)
             note = []
             if fused:

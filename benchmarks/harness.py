@@ -80,6 +80,10 @@ once, each output written once, unless the caller's formula says otherwise).
 ``reset_peak_memory_stats()`` (absolute: inputs, parameters and any saved graph included), in MiB.
 On CPU there is no allocator high-water mark to read: the column is empty and the table prints ``n/a``.
 ``first_ms``: wall time of the first call (compilation, autotuning, cache loading included).
+``host_ms`` (CUDA only): median wall time of one step's Python call started on an idle GPU, without waiting
+for its kernels: what the host spends launching a step. When it is close to ``ms`` the step is bound by
+launch overhead (checks, dispatch, Triton's launcher), not by the GPU; the first H100 run suggested this
+for the small ops (the CLIP LayerNorm op took 0.19 ms at b16 where its kernel ran 27 us).
 ``speedup``: baseline ms / this ms, same case and mode.
 Each CSV row also carries the date (UTC), device name, torch / triton / CUDA / python versions, the git
 commit (``-dirty`` when the tree has changes), dtype and whether it is a --quick run.
@@ -95,6 +99,7 @@ import gc
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -456,6 +461,24 @@ def peak_memory_mb(step, device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def host_time_ms(step, device, grad_to_none: Sequence[torch.Tensor] | None = None, reps: int = 15) -> float | None:
+    """Median milliseconds the host spends in one ``step()`` call that starts on an idle GPU (CUDA only).
+
+    A step that synchronises inside (``.item()``, a host copy) includes its GPU time here too."""
+    if torch.device(device).type != "cuda":
+        return None
+    times = []
+    for _ in range(reps):
+        for t in grad_to_none or ():
+            t.grad = None
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e3
+
+
 # Failures a "backward by difference" retry must not swallow: out of memory, and a sticky CUDA fault
 # (torch.AcceleratorError, e.g. an illegal address, where torch has it).
 DEVICE_ERRORS = tuple(e for e in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e)
@@ -517,6 +540,7 @@ def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None
             row["peak_mb"] = peak_memory_mb(fb_step, args.device)
         else:
             ms = time_fn(step, args.device, args.warmup, args.rep, leaves)
+            row["host_ms"] = host_time_ms(step, args.device, leaves)
             _clear_grads(leaves)
             row["peak_mb"] = peak_memory_mb(step, args.device)
         del step
@@ -640,7 +664,7 @@ def device_tag(device) -> str:
 
 CSV_COLUMNS = (
     "date", "bench", "case", "shape", "mode", "provider", "status", "ms", "gbps", "tflops", "items_per_s",
-    "items_unit", "peak_mb", "first_ms", "speedup", "bytes", "flops", "dtype", "quick", "note",
+    "items_unit", "peak_mb", "first_ms", "host_ms", "speedup", "bytes", "flops", "dtype", "quick", "note",
     "device", "torch", "triton", "cuda", "driver", "xformers", "python", "commit", "host", "triton_interpret",
 )
 
@@ -710,7 +734,8 @@ def _fmt(v, digits=3):
 def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
     """The result table (ok and error rows; skipped providers are listed once below it, with reasons)."""
     shown = [r for r in rows if r["status"] != "skipped"]
-    has = {k: any(r.get(k) is not None for r in shown) for k in ("gbps", "tflops", "items_per_s", "speedup")}
+    has = {k: any(r.get(k) is not None for r in shown)
+           for k in ("gbps", "tflops", "items_per_s", "host_ms", "speedup")}
     on_gpu = any(r.get("peak_mb") is not None for r in shown)
     units = sorted({r["items_unit"] for r in shown if r.get("items_unit")})
     header = ["case", "mode", "provider", "ms"]
@@ -721,6 +746,8 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
     if has["items_per_s"]:
         header.append(f"{'/'.join(units) or 'items'}/s")
     header += ["peak MiB", "first ms"]
+    if has["host_ms"]:
+        header.append("host ms")
     if has["speedup"]:
         header.append("speed-up")
     header.append("note")
@@ -736,6 +763,8 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
             cells.append(_fmt(r.get("items_per_s")))
         cells.append(_fmt(r.get("peak_mb"), 4) if r.get("peak_mb") is not None else ("n/a" if not on_gpu else ""))
         cells.append(_fmt(r.get("first_ms")))
+        if has["host_ms"]:
+            cells.append(_fmt(r.get("host_ms")))
         if has["speedup"]:
             cells.append(f"{r['speedup']:.2f}x" if r.get("speedup") else "")
         cells.append(r.get("note") or "")
@@ -954,7 +983,7 @@ def save(name: str, rows: Sequence[dict], args, title: str | None = None, table:
 
 # ------------------------------------------------------------------------- reading results back (CLI)
 
-_NUMERIC = ("ms", "gbps", "tflops", "items_per_s", "peak_mb", "first_ms", "speedup", "bytes", "flops")
+_NUMERIC = ("ms", "gbps", "tflops", "items_per_s", "peak_mb", "first_ms", "host_ms", "speedup", "bytes", "flops")
 
 
 def read_csv(path: str) -> list[dict]:

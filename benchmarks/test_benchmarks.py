@@ -213,6 +213,22 @@ def test_measure_rows_throughput_and_skip_reasons(tmp_path):
     assert (tmp_path / "selftest_cpu_quick.md").read_text().count("| mm |") == 6  # 3 modes x (eager, broken)
 
 
+def test_host_time_is_cuda_only_and_shown_when_measured():
+    """host ms (launch overhead) is measured on CUDA only; the table shows the column when a row has it."""
+    assert H.host_time_ms(lambda: None, "cpu") is None
+    args = H.parse_args("", ["--device", "cpu"])
+    case = H.Case("c", lambda *a: {})
+    rows = []
+    for provider, host in (("eager", 0.05), ("triton", 0.19)):
+        row = H.new_row(provider, case, "forward", args)
+        row.update(status="ok", ms=0.2, host_ms=host)
+        rows.append(row)
+    table = H.format_table(rows, markdown=True)
+    assert "| host ms |" in table and "| 0.19 |" in table
+    rows[1]["host_ms"] = rows[0]["host_ms"] = None
+    assert "host ms" not in H.format_table(rows, markdown=True)
+
+
 def test_csv_with_another_header_is_moved_aside(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("a,b\n1,2\n")
