@@ -221,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_ffn_fwd(
     const at::Tensor& fc_bias, const at::Tensor& proj_weight, const at::Tensor& proj_bias,
     const std::optional<at::Tensor>& row_scale, double eps, bool save_for_backward) {
   const char* op = "fused_ffn_fwd";
-  const NoAutocast no_autocast;
   const FfnShapes s = check_ffn(op, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale);
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({s.M, s.C});
   auto [x_normed, mean, rstd] = layer_norm_forward_cuda(x2, ln_weight, ln_bias, eps, save_for_backward);
@@ -247,7 +247,6 @@ fused_ffn_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
               const at::Tensor& proj_bias, const std::optional<at::Tensor>& row_scale, const at::Tensor& mean,
               const at::Tensor& rstd, const at::Tensor& h_in, double eps, bool need_row_scale_grad) {
   const char* op = "fused_ffn_bwd";
-  const NoAutocast no_autocast;
   const FfnShapes s = check_ffn(op, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale);
   check_same_device(grad_out, x, op, "grad_out");
   check_numel(grad_out, x.numel(), op, "grad_out");
@@ -256,6 +255,7 @@ fused_ffn_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
   check_numel(h_in, s.M * s.hidden, op, "h");
   TORCH_CHECK(h_in.scalar_type() == x.scalar_type(), op, ": h must have the dtype of x");
   const bool has_scale = row_scale.has_value() && row_scale->defined();
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({s.M, s.C});
   const at::Tensor dout = grad_out.contiguous().reshape({s.M, s.C});

@@ -517,11 +517,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_query_attention_fwd(
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& query, const at::Tensor& in_proj_weight,
     const at::Tensor& in_proj_bias, int64_t num_heads, double eps) {
   const char* op = "global_query_attention_fwd";
-  const NoAutocast no_autocast;
   const Checked ck = check_gqa(op, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight,
                                in_proj_bias, num_heads);
   const Dims& d = ck.d;
   const int64_t N = ck.N, C = d.C, H = d.H;
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto fopts = x.options().dtype(at::kFloat);
@@ -566,7 +566,6 @@ global_query_attention_bwd(const at::Tensor& grad_out, const at::Tensor& x, int6
                            const at::Tensor& query, const at::Tensor& in_proj_weight, const at::Tensor& in_proj_bias,
                            const at::Tensor& z_in, const at::Tensor& lse_in, int64_t num_heads, double eps) {
   const char* op = "global_query_attention_bwd";
-  const NoAutocast no_autocast;
   const Checked ck = check_gqa(op, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight,
                                in_proj_bias, num_heads);
   const Dims& d = ck.d;
@@ -577,6 +576,7 @@ global_query_attention_bwd(const at::Tensor& grad_out, const at::Tensor& x, int6
   check_numel(z_in, N * H * C, op, "z");
   check_same_device(lse_in, x, op, "lse");
   check_numel(lse_in, N * H, op, "lse");
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto fopts = x.options().dtype(at::kFloat);

@@ -67,6 +67,8 @@ inline int device_max_shared_optin() {
 
 // Held by every op entry point: the ATen calls inside an op (GEMMs, small folds) run in the dtypes the op
 // chose, even when the caller has autocast on (custom ops pass autocast through to their bodies).
+// Constructed only after the input checks (which make no ATen calls), so that a bad input throws before any
+// guard object (this one, the CUDAGuard) exists in the entry point's frame.
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };

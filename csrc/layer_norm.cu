@@ -198,8 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(const at:
                                                                        const at::Tensor& bias, double eps,
                                                                        bool store_stats) {
   const char* op = "clip_layer_norm_fwd";
-  const NoAutocast no_autocast;
   check_ln_inputs(op, x, weight, bias);
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(-1);
   const int64_t rows = x.numel() / C;
@@ -236,7 +236,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
     const at::Tensor& rstd, at::ScalarType weight_grad_dtype, at::ScalarType bias_grad_dtype,
     const std::optional<at::Tensor>& grad_residual) {
   const char* op = "clip_layer_norm_bwd";
-  const NoAutocast no_autocast;
   check_contiguous(x, op, "x");
   check_float_dtype(x, op, "x");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension, got shape ", x.sizes());
@@ -256,15 +255,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   };
   check_stat(mean, "mean");
   check_stat(rstd, "rstd");
-  const at::Tensor grad_y = grad_y_in.contiguous();
-  at::Tensor dres;
-  if (grad_residual.has_value() && grad_residual->defined()) {
+  const bool has_residual = grad_residual.has_value() && grad_residual->defined();
+  if (has_residual) {
     check_same_device(*grad_residual, x, op, "grad_residual");
     check_numel(*grad_residual, x.numel(), op, "grad_residual");
     TORCH_CHECK(grad_residual->scalar_type() == x.scalar_type(), op, ": grad_residual must have the dtype of x");
-    dres = grad_residual->contiguous();
   }
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  at::Tensor dres;
+  if (has_residual) dres = grad_residual->contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty_like(x);
   if (rows == 0) {  // two separate tensors: a custom op's outputs must not alias

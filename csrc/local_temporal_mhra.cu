@@ -489,17 +489,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_temporal_mhra_f
     const at::Tensor& dw_bias, const at::Tensor& conv2_weight, const at::Tensor& conv2_bias, bool training,
     double eps, const std::optional<at::Tensor>& branch_scale) {
   const char* op = "local_temporal_mhra_fwd";
-  const NoAutocast no_autocast;
   const MhraShapes sh = check_mhra(op, x, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
                                    conv2_weight, conv2_bias, branch_scale);
   const int64_t C = sh.C, Cp = sh.Cp, M = sh.M;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto dtype = x.scalar_type();
-  const at::Tensor xp = x.narrow(0, 1, sh.L - 1).view({M, C});
-  at::Tensor mean, var;
   if (training) {
     TORCH_CHECK(M > 1, op, ": expected more than 1 value per channel when training, got ", M, " patch rows");
-    std::tie(mean, var) = bn_stats(xp);
   } else {
     TORCH_CHECK(running_mean.has_value() && running_mean->defined(), op, ": running_mean is required in eval mode");
     TORCH_CHECK(running_var.has_value() && running_var->defined(), op, ": running_var is required in eval mode");
@@ -507,6 +501,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_temporal_mhra_f
     check_same_device(*running_var, x, op, "running_var");
     check_numel(*running_mean, C, op, "running_mean");
     check_numel(*running_var, C, op, "running_var");
+  }
+  const NoAutocast no_autocast;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dtype = x.scalar_type();
+  const at::Tensor xp = x.narrow(0, 1, sh.L - 1).view({M, C});
+  at::Tensor mean, var;
+  if (training) {
+    std::tie(mean, var) = bn_stats(xp);
+  } else {
     mean = fresh(running_mean->reshape({C}), at::kFloat);
     var = fresh(running_var->reshape({C}), at::kFloat);
   }
@@ -536,7 +539,6 @@ local_temporal_mhra_bwd(const at::Tensor& grad_out, const at::Tensor& x, const a
                         const at::Tensor& conv2_bias, bool training, double eps,
                         const std::optional<at::Tensor>& branch_scale, bool need_branch_scale_grad) {
   const char* op = "local_temporal_mhra_bwd";
-  const NoAutocast no_autocast;
   const MhraShapes sh = check_mhra(op, x, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
                                    conv2_weight, conv2_bias, branch_scale);
   const int64_t C = sh.C, Cp = sh.Cp, M = sh.M, NT = sh.NT;
@@ -553,6 +555,7 @@ local_temporal_mhra_bwd(const at::Tensor& grad_out, const at::Tensor& x, const a
   check_numel(var_in, C, op, "var");
   const bool has_scale = branch_scale.has_value() && branch_scale->defined();
   TORCH_CHECK(!need_branch_scale_grad || has_scale, op, ": need_branch_scale_grad needs a branch_scale");
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto fopts = x.options().dtype(at::kFloat);
