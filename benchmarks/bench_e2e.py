@@ -244,7 +244,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             step()
             H.synchronize(args.device)
             row["first_ms"] = (time.perf_counter() - t0) * 1e3
-            ms = H.time_fn(step, args.device, args.warmup, args.rep)
+            ms = H.time_fn(step, args.device, args.warmup, args.rep, min_reps=5)
             row["host_ms"] = H.host_time_ms(step, args.device, reps=5)  # a model step is long: 5 suffice
             row["peak_mb"] = H.peak_memory_mb(step, args.device)
             note = []

@@ -113,6 +113,14 @@ if want env; then
         nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
         echo "--- nvcc"
         nvcc --version 2>&1 || echo "no nvcc on PATH"
+        # the host compilers the extension build uses, and the C++ runtime Python loads: the first H100 run
+        # crashed (SIGSEGV) formatting a TORCH_CHECK message, with /opt/gcc as the host compiler
+        echo "--- host compilers"
+        for cc in "${CC:-gcc}" "${CXX:-g++}" /opt/gcc/bin/gcc; do
+            command -v "$cc" >/dev/null 2>&1 && echo "$cc: $(command -v "$cc"): $("$cc" --version 2>&1 | head -1)"
+        done
+        "$PYTHON" -c "import torch.utils.cpp_extension as c; print('torch picks', c.get_cxx_compiler())" 2>&1 || true
+        ldconfig -p 2>/dev/null | grep 'libstdc++.so.6 ' | head -3 || true
         echo "--- python"
         "$PYTHON" - <<'EOF' 2>&1 || true
 import platform, torch
@@ -188,6 +196,9 @@ if err:
     if "$PYTHON" -c "import uniformerv2_kernels.info" >/dev/null 2>&1; then
         "$PYTHON" -m uniformerv2_kernels.info >>"$STAGE/logs/build.log" 2>&1 || true
     fi
+    for so in "$REPO"/uniformerv2_kernels/_C*.so; do  # which C++ runtime the extension resolves to
+        [ -e "$so" ] && { echo "--- ldd $so"; ldd "$so" 2>&1 | grep -E 'libstdc|libgcc|not found'; } >>"$STAGE/logs/build.log"
+    done
 else
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -154,7 +154,6 @@ def test_compiled_fused_model_matches_eager():
     assert rel_error(compiled, eager) < 1e-6
 
 
-@requires_cuda
 def test_cuda_model_runs_spatial_attention_on_triton(monkeypatch):
     """Only the spatial attention lacks a CUDA kernel: a 'cuda' model must not fail on it (it did on the
     first GPU run), while the other ops keep the CUDA request."""
@@ -167,6 +166,7 @@ def test_cuda_model_runs_spatial_attention_on_triton(monkeypatch):
     assert spatial_attention_backend(None) == "triton"
 
 
+@requires_cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_matches_reference_cuda(dtype, backend):
