@@ -241,10 +241,18 @@ if want profile; then
     # Nsight Compute on one forward+backward of every fused op (b16, 8 frames, 16 clips, bf16): DRAM bytes
     # against L2 / L1 bytes per kernel, occupancy, registers (benchmarks/profile_kernels.py)
     NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1 || true)"
+    # torch.profiler first (seconds): host launch time vs GPU busy time per op, and the top kernels, ATen's
+    # and cuBLAS's included
+    # shellcheck disable=SC2086
+    TIMELINE_ARGS="--device cuda --dtype bfloat16"
+    [ "$DEVICE" = cpu ] && TIMELINE_ARGS="--interpret --model tiny --frames 3 --batch 2 --dtype float32"  # dry run
+    # shellcheck disable=SC2086
+    run_step timeline 120 "$PYTHON" benchmarks/profile_kernels.py $TIMELINE_ARGS \
+        --timeline "$STAGE/results/timeline.md" ${SUITE_PROFILE_ARGS:-}
     if [ -n "$NCU" ]; then
         # shellcheck disable=SC2046
         run_step profile 300 "$NCU" --csv --print-units base --clock-control none --target-processes all \
-            --profile-from-start off --kernel-name regex:'^_' --metrics "$("$PYTHON" benchmarks/profile_kernels.py --metrics)" \
+            --profile-from-start off --metrics "$("$PYTHON" benchmarks/profile_kernels.py --metrics)" \
             "$PYTHON" benchmarks/profile_kernels.py --device cuda --dtype bfloat16 ${SUITE_PROFILE_ARGS:-}
         "$PYTHON" benchmarks/profile_kernels.py --summarize "$STAGE/logs/profile.log" \
             >"$STAGE/results/ncu_kernels.md" 2>&1 || true
@@ -274,6 +282,10 @@ fi
         echo '```'
     fi
     echo
+    if [ -f "$STAGE/results/timeline.md" ]; then
+        sed 's/^# /## /' "$STAGE/results/timeline.md"
+        echo
+    fi
     if [ -f "$STAGE/results/ncu_kernels.md" ]; then
         echo "## Nsight Compute, one forward+backward per op (benchmarks/profile_kernels.py)"
         echo

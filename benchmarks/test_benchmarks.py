@@ -284,6 +284,19 @@ def test_profile_driver_runs_every_op_interpreted():
     assert proc.stdout.count("profiled step") == 5, proc.stdout
 
 
+def test_timeline_union_and_cpu_report():
+    import profile_kernels
+
+    assert profile_kernels._union_us([(0, 10), (5, 12), (20, 21), (1, 3)]) == 13
+    assert profile_kernels._union_us([]) == 0
+    a = torch.randn(64, 64)
+    info = profile_kernels.timeline(lambda: (a @ a).sum(), torch.device("cpu"), top=3)
+    assert info["wall_ms"] >= info["host_ms"] > 0 and len(info["top"]) <= 3
+    assert any("mm" in name for name, _, _ in info["top"])
+    md = profile_kernels.timeline_markdown("selftest", info)
+    assert md.startswith("### selftest") and "| op | calls | self CPU us |" in md
+
+
 def test_profile_summary_of_ncu_csv(tmp_path):
     import profile_kernels
 
