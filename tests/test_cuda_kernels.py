@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -391,22 +394,52 @@ def test_backwards_are_bitwise_deterministic():
 # ------------------------------------------------------------------------------------------------ input errors
 
 
+BAD_INPUTS_SCRIPT = r"""
+import math, sys, torch
+from uniformerv2_kernels import backends
+assert backends.has_cuda_op("global_query_attention_fwd"), backends.cuda_extension_error()
+g = torch.Generator().manual_seed(0)
+def rnd(*shape):
+    return torch.randn(*shape, generator=g).cuda()
+C = 32
+x, dw, db, lw, lb = rnd(5, 4, C), rnd(C, 1, 3, 3, 3), rnd(C), rnd(C), rnd(C)
+q, w, b = rnd(1, 2, C), rnd(3 * C, C) / math.sqrt(C), rnd(3 * C)
+fwd = torch.ops.uniformerv2_cuda.global_query_attention_fwd
+ln = torch.ops.uniformerv2_cuda.clip_layer_norm_fwd
+cases = [
+    ("x must be contiguous", lambda: fwd(x.transpose(0, 1).contiguous().transpose(0, 1), 2, dw, db, lw, lb, q, w, b, 2, 1e-5)),
+    ("in_proj_weight must be", lambda: fwd(x, 2, dw, db, lw, lb, q, w[:-1], b, 2, 1e-5)),
+    ("num_heads = 3 must divide C = 32", lambda: fwd(x, 2, dw, db, lw, lb, q, w, b, 3, 1e-5)),
+    ("x must be float32, float16 or bfloat16", lambda: fwd(x.double(), 2, dw, db, lw, lb, q, w, b, 2, 1e-5)),
+    ("weight must have 32 elements", lambda: ln(x, lw[:-1], lb, 1e-5)),
+]
+for expected, call in cases:
+    print("calling, expecting:", expected, flush=True)
+    try:
+        call()
+    except RuntimeError as exc:
+        if expected not in str(exc):
+            sys.exit(f"expected {expected!r}, got: {exc}")
+    else:
+        sys.exit(f"no error; expected {expected!r}")
+print("all raised")
+"""
+
+
 @requires_cuda
-def test_bad_inputs_name_the_argument():
-    t = [v.to(DEV, torch.float32) for v in _gqa_inputs(4, 2, 2, 32)]
-    x, dw, db, lw, lb, q, w, b = t
-    fwd = _cuda_op("global_query_attention_fwd")
-    with pytest.raises(RuntimeError, match="x must be contiguous"):
-        fwd(x.transpose(0, 1).contiguous().transpose(0, 1), 2, dw, db, lw, lb, q, w, b, 2, 1e-5)
-    with pytest.raises(RuntimeError, match="in_proj_weight must be"):
-        fwd(x, 2, dw, db, lw, lb, q, w[:-1], b, 2, 1e-5)
-    with pytest.raises(RuntimeError, match="num_heads = 3 must divide C = 32"):
-        fwd(x, 2, dw, db, lw, lb, q, w, b, 3, 1e-5)
-    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
-        fwd(x.double(), 2, dw, db, lw, lb, q, w, b, 2, 1e-5)
-    ln = _cuda_op("clip_layer_norm_fwd")
-    with pytest.raises(RuntimeError, match="weight must have 32 elements"):
-        ln(x, lw[:-1], lb, 1e-5)
+def test_bad_inputs_name_the_argument(tmp_path):
+    """Malformed inputs to the raw ops raise errors that name the argument. Run in a child process: on the
+    first H100 run one of these calls crashed the process (SIGSEGV), which killed the pytest-xdist worker
+    and hung the suite; a crash now fails this test with the call that crashed."""
+    _skip_unless_extension()
+    script = tmp_path / "bad_inputs.py"
+    script.write_text(BAD_INPUTS_SCRIPT)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", str(script)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = proc.stdout + proc.stderr
+    if proc.returncode < 0:
+        pytest.fail(f"the process died of signal {-proc.returncode} (a check must raise, not crash):\n{out[-3000:]}")
+    assert proc.returncode == 0 and "all raised" in proc.stdout, out[-3000:]
 
 
 # --------------------------------------------------------------------------- public ops with backend="cuda"
