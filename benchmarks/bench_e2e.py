@@ -52,7 +52,9 @@ QUICK_CONFIGS = {
     "tiny_ssv2": ("tiny", {}),
 }
 FULL_CONFIGS = ("k400_b16_f8x224", "ssv2_b16_f16x224")
-PROVIDERS = ("eager", "compile", "fused", "fused+compile")
+PROVIDERS = ("eager", "compile", "fused", "fused+compile", "fused-cuda")
+# fused-cuda: the fused model asked for the CUDA C++ kernels (the spatial attention, which has none, on
+# Triton); skipped with the reason where there is no GPU or no built extension
 TASKS = {"forward": "inference", "forward+backward": "train"}
 
 
@@ -225,8 +227,16 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                                               "ask for it with --providers")
             rows.append(row)
             continue
+        if prov == "fused-cuda":
+            why = _cuda_backend_unavailable(args)
+            if why:
+                row.update(status="skipped", note=why)
+                rows.append(row)
+                continue
         try:
             model = build(preset, overrides, frames, fused, args, seed=args.seed)
+            if prov == "fused-cuda":
+                model.set_fused(True, backend="cuda")
             randomise_buffers(model)
             x, labels, t_in, res = make_inputs(model, batch, args, seed=args.seed + 1)
             row["shape"] = (f"config={preset} N={batch} T_in={t_in} res={res} width={model.config.get('width')} "
@@ -248,7 +258,9 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             row["host_ms"] = H.host_time_ms(step, args.device, reps=5)  # a model step is long: 5 suffice
             row["peak_mb"] = H.peak_memory_mb(step, args.device)
             note = []
-            if fused:
+            if prov == "fused-cuda":
+                note.append("fused ops backend: cuda (spatial attention: triton)")
+            elif fused:
                 note.append("fused ops backend: " + _fused_backend(args))
             row.update(status="ok", ms=ms, items_per_s=batch / (ms * 1e-3), note="; ".join(note))
         except Exception as exc:
@@ -277,6 +289,15 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             row["flops"] = flops
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
     return rows
+
+
+def _cuda_backend_unavailable(args) -> str | None:
+    """Why the fused-cuda provider cannot run here, or None."""
+    from uniformerv2_kernels import backends
+
+    if args.device.type != "cuda":
+        return "the CUDA C++ kernels need a CUDA GPU"
+    return backends.cuda_extension_error()
 
 
 def _fused_backend(args) -> str:
