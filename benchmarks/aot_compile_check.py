@@ -336,8 +336,8 @@ def global_query_attention_cases(dtypes):
             cases.append(Case(
                 "global_query_attention", "_gqa_backward_tokens_kernel", dt,
                 f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} w{num_warps}",
-                dict(common, tokens_per_split=tps, dz_ptr="*fp32", lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32",
-                     du_ptr="*fp32"),
+                dict({k: v for k, v in common.items() if k != "num_splits"}, tokens_per_split=tps, dz_ptr="*fp32",
+                     lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", xhat_ptr="*fp32", ds_ptr="*fp32"),
                 dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H), num_warps=num_warps))
             cases.append(Case(
                 "global_query_attention", "_gqa_backward_dpe_kernel", dt, f"C={C} BS=32 BC=64 w4",

@@ -22,15 +22,16 @@ Backward (``backward``):
   1. torch: p_h = W_v,h^T dout_h, dz_h = gamma * p_h, D_h = dz_h . z_h, and the value-path gradients.
   2. ``_gqa_backward_tokens_kernel``, grid (N, splits): recomputes xhat per tile (DPE + LN), a_h(j) from
      the saved lse, ds_h(j) = a_h(j) (dz_h . xhat_j - D_h), dxhat_j = sum_h a_h(j) dz_h + ds_h(j) u_h, the
-     LayerNorm backward to dy_j (written to an fp32 buffer, layout of x), and partial
-     du_h = sum_j ds_h(j) xhat_j per program (summed afterwards in a fixed order).
+     LayerNorm backward to dy_j (written to an fp32 buffer, layout of x); it also writes xhat and ds (fp32).
+     torch: du_h = sum_j ds_h(j) xhat_j, one batched GEMM (N, H, S) @ (N, S, C).
   3. ``_gqa_backward_dpe_kernel``, grid (N, splits, C blocks): channel-separable DPE backward.
      dx_i = dy_i + sum_k w_k dy_{i - off_k} (patch tokens), and, from the same loads,
      dw_k = sum_i x_i dy_{i - off_k}, db = sum over patch tokens of dy; per-program partials.
   4. torch: the query-path gradients from du (gamma, W_q, W_k, b_q, query).
-No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer.
+No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer (or a GEMM).
 
-GPU status: never run on a GPU yet. Compiled ahead of time for sm_90 (triton.compile with a GPUTarget,
+GPU status: the tests passed on an H100 (2026-11-25, bf16 included), before du moved out of the token
+kernel (measured there: that kernel 1.9 ms per launch at B/16, 255 registers, 12% occupancy). Compiled ahead of time for sm_90 (triton.compile with a GPUTarget,
 benchmarks/aot_compile_check.py) at C = 768 and 1024: forward (16-bit, 16 tokens, 16 warps, num_stages 1)
 66 KB shared memory (1.9 MB with the default num_stages 3), backward < 16 KB. The 27 DPE taps are a
 runtime loop, not unrolled: unrolled, the compiler hoisted all 27 tile loads and spilled 2-15 KB per
@@ -161,14 +162,18 @@ def _gqa_forward_partial_kernel(
 
 @triton.jit
 def _gqa_backward_tokens_kernel(
-    x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, du_ptr,
-    T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
+    x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
+    T, NT, C, H, W, S, tokens_per_split, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Per token: a, ds, dxhat and the LayerNorm backward to dy; per program: partial du (CUDA cores).
+    """Per token: a, ds, dxhat and the LayerNorm backward to dy; also writes xhat (N, S, C) and ds (N, S, H)
+    in fp32 for du = ds^T xhat, one batched GEMM afterwards (CUDA cores here).
 
     The per-head vectors u_h, dz_h are re-read from L1/L2 for each tile (a loop over heads keeps the
-    register and shared-memory footprint at one [BLOCK_S, BLOCK_C] tile plus du).
+    register and shared-memory footprint at about two [BLOCK_S, BLOCK_C] tiles). du is not accumulated
+    here: an [H, C] accumulator per program held 64 fp32 registers per thread (BLOCK_H = 16 x BLOCK_C =
+    1024 over 256 threads), and its per-head update touched all H rows; with it the kernel ran at 255
+    registers and 12% occupancy, 1.9 ms per launch at B/16 on an H100 (Nsight, 2026-11-25).
     """
     n = tl.program_id(0)
     split = tl.program_id(1)
@@ -176,13 +181,11 @@ def _gqa_backward_tokens_kernel(
     c_mask = offs_c < C
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
-    hc_mask = h_mask[:, None] & c_mask[None, :]
     u_row = u_ptr + (n * H).to(tl.int64) * C
     dz_row = dz_ptr + (n * H).to(tl.int64) * C
     lse2 = tl.load(lse2_ptr + n * H + offs_h, mask=h_mask, other=0.0)
     D = tl.load(D_ptr + n * H + offs_h, mask=h_mask, other=0.0)
 
-    du = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
     start = split * tokens_per_split
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
@@ -199,6 +202,9 @@ def _gqa_backward_tokens_kernel(
         valid = tok_mask[:, None] & h_mask[None, :]
         a = tl.where(valid, tl.exp2(s * 1.4426950408889634 - lse2[None, :]), 0.0)
         ds = a * (g - D[None, :])
+        rows = (n * S + tok).to(tl.int64)  # token j of video n in the (N, S, .) buffers
+        tl.store(ds_ptr + rows[:, None] * H + offs_h[None, :], ds, mask=valid)
+        tl.store(xhat_ptr + rows[:, None] * C + offs_c[None, :], xhat, mask=tok_mask[:, None] & c_mask[None, :])
         dxhat = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for h in range(H):
             u_h = tl.load(u_row + h * C + offs_c, mask=c_mask, other=0.0)
@@ -206,7 +212,6 @@ def _gqa_backward_tokens_kernel(
             a_h = tl.sum(tl.where(offs_h[None, :] == h, a, 0.0), axis=1)
             ds_h = tl.sum(tl.where(offs_h[None, :] == h, ds, 0.0), axis=1)
             dxhat += a_h[:, None] * dz_h[None, :] + ds_h[:, None] * u_h[None, :]
-            du = tl.where(offs_h[:, None] == h, du + tl.sum(ds_h[:, None] * xhat, axis=0)[None, :], du)
         # LayerNorm backward (no affine: gamma is folded into u and dz).
         mean_g = tl.sum(dxhat, axis=1) / C
         mean_gx = tl.sum(dxhat * xhat, axis=1) / C
@@ -215,10 +220,6 @@ def _gqa_backward_tokens_kernel(
         t = tok % T
         center = (l * NT + n * T + t).to(tl.int64)
         tl.store(dy_ptr + center[:, None] * C + offs_c[None, :], dy, mask=tok_mask[:, None] & c_mask[None, :])
-
-    part = (n * num_splits + split).to(tl.int64)
-    du_offs = (part * H + offs_h).to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(du_ptr + du_offs, du, mask=hc_mask)
 
 
 @triton.jit
@@ -308,7 +309,8 @@ def _token_tile(kernel: str, BLOCK_C: int, use_dot: bool, block_s: int | None) -
     ahead-of-time sm_90 compile at C = 768 and 1024 (benchmarks/aot_compile_check.py; not timed on a GPU
     yet): forward 16 tokens with tensor-core dots (a dot needs >= 16 rows; 24 B of spills), 8 tokens with
     the fp32 CUDA-core loops (none; 16 tokens spill ~200 B), 16 warps; backward 8 tokens and 8 warps
-    (~10-120 B; 16 tokens and 16 warps spilled ~1-1.4 KB). Under the interpreter, 64-token tiles keep
+    (no spills since du left the kernel; 116 B before; 16 warps: 128 registers and 36-112 B of spills; 16
+    tokens: 0.4-0.7 KB). Under the interpreter, 64-token tiles keep
     the number of (slow) program instances small.
     """
     if triton_interpret():
@@ -387,13 +389,17 @@ def backward(
 
     tokens_per_split, splits = _token_splits(S, N, block_s, num_splits, x.device)
     dy = torch.empty((L, NT, C), device=x.device, dtype=f32)
-    du_part = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
+    xhat = torch.empty((N, S, C), device=x.device, dtype=f32)
+    ds = torch.empty((N, S, H), device=x.device, dtype=f32)
     _gqa_backward_tokens_kernel[(N, splits)](
-        x, dpe_w, dpe_b, u, dz, lse2, D, dy, du_part,
-        T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
+        x, dpe_w, dpe_b, u, dz, lse2, D, dy, xhat, ds,
+        T, NT, C, H, W, S, tokens_per_split, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, num_warps=num_warps,
     )
-    du = du_part.sum(dim=1)
+    # du_h = sum_j ds_h(j) xhat_j: a batched GEMM over the S tokens (cuBLAS; fp32 unless the caller allowed
+    # TF32 matmuls, as for any torch matmul)
+    du = torch.bmm(ds.transpose(1, 2), xhat)  # (N, H, C)
+    del xhat
 
     # DPE backward: channel blocks are independent.
     if dpe_block_c is None:
