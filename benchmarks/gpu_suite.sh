@@ -79,6 +79,15 @@ log() { echo "[gpu_suite $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee 
 
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 
+# Wheels carried in the repository's ignored .whl/ folder (the machine has no internet), e.g. PyAV for the
+# video tests: installed into /tmp/site, first on PYTHONPATH (see benchmarks/README.md)
+if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$REPO"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" \
+        && log "installed carried wheels: $(cd "$REPO/.whl" && ls ./*.whl | tr '\n' ' ')" \
+        || log "WARNING: the carried wheels in .whl/ did not install"
+fi
+
 # run_step NAME CAP_SECONDS COMMAND...: runs with a timeout, output to logs/NAME.log and the suite log.
 run_step() {
     local name="$1" cap="$2"
