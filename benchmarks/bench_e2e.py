@@ -235,7 +235,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 continue
         try:
             model = build(preset, overrides, frames, fused, args, seed=args.seed)
-            if prov == "fused-cuda":
+            if prov == "fused-cuda":  # the spatial attention on Triton: see uniformerv2.model
                 model.set_fused(True, backend="cuda")
             randomise_buffers(model)
             x, labels, t_in, res = make_inputs(model, batch, args, seed=args.seed + 1)

@@ -206,7 +206,8 @@ if err:
         "$PYTHON" -m uniformerv2_kernels.info >>"$STAGE/logs/build.log" 2>&1 || true
     fi
     for so in "$REPO"/uniformerv2_kernels/_C*.so; do  # which C++ runtime the extension resolves to
-        [ -e "$so" ] && { echo "--- ldd $so"; ldd "$so" 2>&1 | grep -E 'libstdc|libgcc|not found'; } >>"$STAGE/logs/build.log"
+        [ -e "$so" ] || continue
+        { echo "--- ldd $so"; ldd "$so" 2>&1 | grep -E 'libstdc|libgcc|not found'; } >>"$STAGE/logs/build.log"
     done
 else
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

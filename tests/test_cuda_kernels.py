@@ -407,7 +407,8 @@ q, w, b = rnd(1, 2, C), rnd(3 * C, C) / math.sqrt(C), rnd(3 * C)
 fwd = torch.ops.uniformerv2_cuda.global_query_attention_fwd
 ln = torch.ops.uniformerv2_cuda.clip_layer_norm_fwd
 cases = [
-    ("x must be contiguous", lambda: fwd(x.transpose(0, 1).contiguous().transpose(0, 1), 2, dw, db, lw, lb, q, w, b, 2, 1e-5)),
+    ("x must be contiguous",
+     lambda: fwd(x.transpose(0, 1).contiguous().transpose(0, 1), 2, dw, db, lw, lb, q, w, b, 2, 1e-5)),
     ("in_proj_weight must be", lambda: fwd(x, 2, dw, db, lw, lb, q, w[:-1], b, 2, 1e-5)),
     ("num_heads = 3 must divide C = 32", lambda: fwd(x, 2, dw, db, lw, lb, q, w, b, 3, 1e-5)),
     ("x must be float32, float16 or bfloat16", lambda: fwd(x.double(), 2, dw, db, lw, lb, q, w, b, 2, 1e-5)),

@@ -31,7 +31,8 @@ Backward (``backward``):
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer (or a GEMM).
 
 GPU status: the tests passed on an H100 (2026-11-25, bf16 included), before du moved out of the token
-kernel (measured there: that kernel 1.9 ms per launch at B/16, 255 registers, 12% occupancy). Compiled ahead of time for sm_90 (triton.compile with a GPUTarget,
+kernel (measured there: that kernel 1.9 ms per launch at B/16, 255 registers, 12% occupancy).
+Compiled ahead of time for sm_90 (triton.compile with a GPUTarget,
 benchmarks/aot_compile_check.py) at C = 768 and 1024: forward (16-bit, 16 tokens, 16 warps, num_stages 1)
 66 KB shared memory (1.9 MB with the default num_stages 3), backward < 16 KB. The 27 DPE taps are a
 runtime loop, not unrolled: unrolled, the compiler hoisted all 27 tile loads and spilled 2-15 KB per
