@@ -320,17 +320,21 @@ def global_query_attention_cases(dtypes):
         for dt in dtypes:
             p = _ptr(dt)
             use_dot = dt != "fp32"
-            common = dict(x_ptr=p, dpe_w_ptr="*fp32", dpe_b_ptr="*fp32", u_ptr="*fp32", T=T, NT=NT, C=C, H=H, W=W,
-                          S=S, num_splits=33, eps=1e-5)
+            block_r, block_c, num_warps = mod._dpe_blocks(C)
+            cases.append(Case(
+                "global_query_attention", "_dpe_kernel", dt, f"C={C} BR={block_r} BC={block_c} w{num_warps}",
+                dict(x_ptr=p, dpe_w_ptr="*fp32", dpe_b_ptr="*fp32", y_ptr=p, R=L * NT, T=T, NT=NT, C=C, W=W),
+                dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=num_warps))
+            common = dict(y_ptr=p, u_ptr="*fp32", T=T, NT=NT, C=C, H=H, S=S, num_splits=33, eps=1e-5)
             block_s, num_warps = mod._token_tile("forward", BLOCK_C, use_dot, None)  # the GPU launch config
             tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s  # ~2*132 SMs / N splits
             cases.append(Case(
                 "global_query_attention", "_gqa_forward_partial_kernel", dt,
-                f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} DOT={int(use_dot)} s1 w{num_warps}",
+                f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} DOT={int(use_dot)} s2 w{num_warps}",
                 dict(common, tokens_per_split=tps, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
                 dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
                      OPERAND_DTYPE=TL_DTYPES[dt], DOT_PRECISION=mod._dot_precision(_torch_dtype(dt))),
-                num_warps=num_warps, num_stages=1))
+                num_warps=num_warps, num_stages=2))
             block_s, num_warps = mod._token_tile("backward", BLOCK_C, False, None)
             tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s
             cases.append(Case(

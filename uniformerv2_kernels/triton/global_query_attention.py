@@ -6,22 +6,33 @@ x (L, N*T, C), so a token tile covers a few runs of T contiguous rows.
 
 Forward (``forward``):
   1. torch (O(N*C^2)): q = query W_q^T + b_q, u_h = gamma * W_k,h^T q_h / sqrt(d).
-  2. ``_gqa_forward_partial_kernel``, grid (N, splits): each program takes a contiguous range of the
-     video's tokens; per tile of BLOCK_S tokens it computes the DPE on the fly (27 taps, zero padding,
-     class tokens untouched), the LayerNorm statistics, xhat, the H scores u_h . xhat_j, an online
-     softmax in base 2, and acc_h += p_h^T xhat. It writes (max, sum, acc) per (video, split, head):
-     flash-decoding partials. Scores and accumulation are tensor-core dots with 16-bit operands for
-     fp16/bf16 inputs (USE_DOT; xhat is rounded to the input type, as the reference rounds ln_3(y)); for
-     fp32 inputs a loop over heads on the CUDA cores (fp32 dots of K = C would need megabytes of shared
-     memory on sm_90).
-  3. torch: merge of the partials in a fixed order (deterministic), giving z_h = sum_j a_h(j) xhat_j and
+  2. ``_dpe_kernel``, grid (row tiles, channel tiles): y = x + DPE(x) (27 taps, zero padding, class tokens
+     untouched), written in x.dtype (the reference's rounding of the DPE output).
+  3. ``_gqa_forward_partial_kernel``, grid (N, splits): each program streams a contiguous range of the
+     video's tokens of y; per tile of BLOCK_S tokens: the LayerNorm statistics, xhat, the H scores
+     u_h . xhat_j, an online softmax in base 2, and acc_h += p_h^T xhat. It writes (max, sum, acc) per
+     (video, split, head): flash-decoding partials. Scores and accumulation are tensor-core dots with
+     16-bit operands for fp16/bf16 inputs (USE_DOT; xhat is rounded to the input type, as the reference
+     rounds ln_3(y)); for fp32 inputs a loop over heads on the CUDA cores (fp32 dots of K = C would need
+     megabytes of shared memory on sm_90).
+  4. torch: merge of the partials in a fixed order (deterministic), giving z_h = sum_j a_h(j) xhat_j and
      lse_h; then out_h = W_v,h (gamma * z_h + beta) + b_v,h.
   Saved for backward: z (N, H, C) fp32 and lse (N, H) fp32 (natural log), besides the inputs.
 
+Why the DPE is a kernel of its own (DESIGN.md section 3 computes it on the fly inside the token loop, as
+the first version did): the token kernels hold whole rows (BLOCK_C = next_pow2(C)) for the LayerNorm, so
+one program of 16 warps fills an SM, and its 27 tap loads per tile ran one after another; on an H100 that
+forward kernel took 0.63 ms at B/16 (16 clips) with 75 GB/s of DRAM traffic and 18x as much from L2
+(Nsight, 2026-11-25): latency-bound. The DPE on its own is channel-separable, so small tiles (16 rows x
+128 channels, 70 registers) give ~7 programs per SM to hide the gathers; the token kernels then stream y
+once. Cost: one write and one read of y (2 x 39 MB at B/16, bf16) and one (L, N*T, C) buffer alive per
+call. Expected on an H100, not yet measured: the forward's kernels ~0.2 ms instead of 0.63 ms.
+
 Backward (``backward``):
   1. torch: p_h = W_v,h^T dout_h, dz_h = gamma * p_h, D_h = dz_h . z_h, and the value-path gradients.
-  2. ``_gqa_backward_tokens_kernel``, grid (N, splits): recomputes xhat per tile (DPE + LN), a_h(j) from
-     the saved lse, ds_h(j) = a_h(j) (dz_h . xhat_j - D_h), dxhat_j = sum_h a_h(j) dz_h + ds_h(j) u_h, the
+  2. ``_dpe_kernel`` again (y is recomputed rather than kept alive from the forward), then
+     ``_gqa_backward_tokens_kernel``, grid (N, splits): recomputes xhat per tile from y, a_h(j) from the
+     saved lse, ds_h(j) = a_h(j) (dz_h . xhat_j - D_h), dxhat_j = sum_h a_h(j) dz_h + ds_h(j) u_h, the
      LayerNorm backward to dy_j (written to an fp32 buffer, layout of x); it also writes xhat and ds (fp32).
      torch: du_h = sum_j ds_h(j) xhat_j, one batched GEMM (N, H, S) @ (N, S, C).
   3. ``_gqa_backward_dpe_kernel``, grid (N, splits, C blocks): channel-separable DPE backward.
@@ -30,13 +41,13 @@ Backward (``backward``):
   4. torch: the query-path gradients from du (gamma, W_q, W_k, b_q, query).
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer (or a GEMM).
 
-GPU status: the tests passed on an H100 (2026-11-25, bf16 included), before du moved out of the token
-kernel (measured there: that kernel 1.9 ms per launch at B/16, 255 registers, 12% occupancy).
-Compiled ahead of time for sm_90 (triton.compile with a GPUTarget,
-benchmarks/aot_compile_check.py) at C = 768 and 1024: forward (16-bit, 16 tokens, 16 warps, num_stages 1)
-66 KB shared memory (1.9 MB with the default num_stages 3), backward < 16 KB. The 27 DPE taps are a
-runtime loop, not unrolled: unrolled, the compiler hoisted all 27 tile loads and spilled 2-15 KB per
-thread; as a loop, <= 150 B (tile sizes: ``_token_tile``).
+GPU status: the tests passed on an H100 (2026-11-25, bf16 included) with the DPE computed inside the token
+kernels and du accumulated in the backward token kernel; both changed since, checked under the
+interpreter (fp32, fp16) and by an sm_90 / sm_80 ahead-of-time compile only
+(benchmarks/aot_compile_check.py, C = 768 and 1024): DPE kernel 64-80 registers, no spills; forward
+(16-bit, 16 tokens, 16 warps, 2 stages) 99 KB shared memory, 112-119 registers, no spills; backward token
+kernel 255 registers at 8 warps, no spills. The 27 DPE taps are a runtime loop, not unrolled: unrolled,
+the compiler hoisted all 27 tile loads and spilled.
 """
 
 from __future__ import annotations
@@ -53,44 +64,66 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _normalized_tile(
-    x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, W, eps,
+def _dpe_kernel(
+    x_ptr, dpe_w_ptr, dpe_b_ptr, y_ptr, R, T, NT, C, W,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """DPE (on the fly) + LayerNorm without affine for one tile of tokens.
+    """y = x + DPE(x) on patch rows and y = x on class rows, for one [BLOCK_R rows, BLOCK_C channels] tile
+    of x (L, N*T, C) seen as R = L*N*T rows; y is written in its own dtype (x's).
 
-    Returns (xhat, rstd): xhat [BLOCK_S, BLOCK_C] fp32, zero outside (valid tokens) x (c < C).
+    The depthwise 3x3x3 conv is channel-separable, so the tiles are small and many (high occupancy hides
+    the latency of the 27 gathered loads); the frame neighbours t +- 1 are rows of the same tile, the
+    spatial ones rows (1 or W) * N*T away, mostly L2 hits.
     """
-    l = tok // T
-    t = tok % T
-    is_patch = (l >= 1) & tok_mask
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    row_ok = rows < R
+    l = rows // NT
+    t = (rows % NT) % T
+    video_row0 = rows % NT - t  # n * T
+    is_patch = (l >= 1) & row_ok
     p = l - 1
     hh = p // W
     ww = p % W
-    center = (l * NT + n * T + t).to(tl.int64)
     cmask2 = c_mask[None, :]
-    y = tl.load(x_ptr + center[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
+    y = tl.load(x_ptr + rows[:, None] * C + offs_c[None, :], mask=row_ok[:, None] & cmask2, other=0.0)
     y = y.to(tl.float32)
-    for k in range(27):  # a runtime loop on purpose: unrolled, all 27 tile loads are hoisted and spill
-        dt_ = k // 9 - 1
-        dh_ = (k // 3) % 3 - 1
-        dw_ = k % 3 - 1
-        tt = t + dt_
-        h2 = hh + dh_
-        w2 = ww + dw_
+    for k in range(27):  # a runtime loop: unrolled, the compiler hoists all 27 tile loads and spills
+        tt = t + (k // 9 - 1)
+        h2 = hh + ((k // 3) % 3 - 1)
+        w2 = ww + (k % 3 - 1)
         ok = is_patch & (tt >= 0) & (tt < T) & (h2 >= 0) & (h2 < W) & (w2 >= 0) & (w2 < W)
-        row = ((1 + h2 * W + w2) * NT + n * T + tt).to(tl.int64)
+        row = (1 + h2 * W + w2) * NT + video_row0 + tt
         v = tl.load(x_ptr + row[:, None] * C + offs_c[None, :], mask=ok[:, None] & cmask2, other=0.0)
         wk = tl.load(dpe_w_ptr + k * C + offs_c, mask=c_mask, other=0.0)
         y += v.to(tl.float32) * wk[None, :]
     bias = tl.load(dpe_b_ptr + offs_c, mask=c_mask, other=0.0)
     y += tl.where(is_patch[:, None], bias[None, :], 0.0)
+    tl.store(y_ptr + rows[:, None] * C + offs_c[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & cmask2)
+
+
+@triton.jit
+def _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps):
+    """LayerNorm without affine of one tile of tokens of y (the DPE output, layout of x).
+
+    Token j = l*T + t of video n is row l*NT + n*T + t. Returns (xhat, rstd, rows): xhat [BLOCK_S, BLOCK_C]
+    fp32, zero outside (valid tokens) x (c < C); rows, the tokens' rows (int64).
+    """
+    rows = ((tok // T) * NT + n * T + tok % T).to(tl.int64)
+    cmask2 = c_mask[None, :]
+    y = tl.load(y_ptr + rows[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
+    y = y.to(tl.float32)
     mean = tl.sum(y, axis=1) / C
     diff = tl.where(cmask2, y - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / C
     rstd = 1.0 / tl.sqrt(var + eps)
     xhat = diff * rstd[:, None]
     xhat = tl.where(tok_mask[:, None], xhat, 0.0)
-    return xhat, rstd
+    return xhat, rstd, rows
 
 
 @triton.jit
@@ -101,8 +134,8 @@ def _dot(a, b, OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _gqa_forward_partial_kernel(
-    x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
-    T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
+    y_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
+    T, NT, C, H, S, tokens_per_split, num_splits, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -127,8 +160,7 @@ def _gqa_forward_partial_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        xhat, rstd = _normalized_tile(x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
-                                      T, NT, C, W, eps)
+        xhat, _, _ = _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps)
         if USE_DOT:
             u = tl.load(u_row + offs_h[:, None] * C + offs_c[None, :], mask=hc_mask, other=0.0)
             s = _dot(xhat, tl.trans(u), OPERAND_DTYPE, DOT_PRECISION)
@@ -163,18 +195,19 @@ def _gqa_forward_partial_kernel(
 
 @triton.jit
 def _gqa_backward_tokens_kernel(
-    x_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
-    T, NT, C, H, W, S, tokens_per_split, eps,
+    y_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
+    T, NT, C, H, S, tokens_per_split, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Per token: a, ds, dxhat and the LayerNorm backward to dy; also writes xhat (N, S, C) and ds (N, S, H)
-    in fp32 for du = ds^T xhat, one batched GEMM afterwards (CUDA cores here).
+    """Per token: a, ds, dxhat and the LayerNorm backward to dy (fp32, layout of x); also writes xhat
+    (N, S, C) and ds (N, S, H) in fp32 for du = ds^T xhat, one batched GEMM afterwards (CUDA cores here).
 
     The per-head vectors u_h, dz_h are re-read from L1/L2 for each tile (a loop over heads keeps the
     register and shared-memory footprint at about two [BLOCK_S, BLOCK_C] tiles). du is not accumulated
     here: an [H, C] accumulator per program held 64 fp32 registers per thread (BLOCK_H = 16 x BLOCK_C =
     1024 over 256 threads), and its per-head update touched all H rows; with it the kernel ran at 255
-    registers and 12% occupancy, 1.9 ms per launch at B/16 on an H100 (Nsight, 2026-11-25).
+    registers and 12% occupancy, 1.9 ms per launch at B/16 on an H100 (Nsight, 2026-11-25). Tensor-core
+    dots for the scores, dxhat or du (as in the forward) spilled 3-40 KB per thread in an sm_90 AOT compile.
     """
     n = tl.program_id(0)
     split = tl.program_id(1)
@@ -191,8 +224,7 @@ def _gqa_backward_tokens_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        xhat, rstd = _normalized_tile(x_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
-                                      T, NT, C, W, eps)
+        xhat, rstd, center = _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps)
         s = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # u_h . xhat_j
         g = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # dz_h . xhat_j
         for h in range(H):
@@ -217,9 +249,6 @@ def _gqa_backward_tokens_kernel(
         mean_g = tl.sum(dxhat, axis=1) / C
         mean_gx = tl.sum(dxhat * xhat, axis=1) / C
         dy = rstd[:, None] * (dxhat - mean_g[:, None] - xhat * mean_gx[:, None])
-        l = tok // T
-        t = tok % T
-        center = (l * NT + n * T + t).to(tl.int64)
         tl.store(dy_ptr + center[:, None] * C + offs_c[None, :], dy, mask=tok_mask[:, None] & c_mask[None, :])
 
 
@@ -306,13 +335,11 @@ def _token_splits(S: int, N: int, block_s: int, num_splits: int | None, device: 
 def _token_tile(kernel: str, BLOCK_C: int, use_dot: bool, block_s: int | None) -> tuple[int, int]:
     """(BLOCK_S, num_warps) of the forward / backward token kernels.
 
-    On a GPU with full-width rows (C > 512) these are the configs with the fewest register spills in an
-    ahead-of-time sm_90 compile at C = 768 and 1024 (benchmarks/aot_compile_check.py; not timed on a GPU
-    yet): forward 16 tokens with tensor-core dots (a dot needs >= 16 rows; 24 B of spills), 8 tokens with
-    the fp32 CUDA-core loops (none; 16 tokens spill ~200 B), 16 warps; backward 8 tokens and 8 warps
-    (no spills since du left the kernel; 116 B before; 16 warps: 128 registers and 36-112 B of spills; 16
-    tokens: 0.4-0.7 KB). Under the interpreter, 64-token tiles keep
-    the number of (slow) program instances small.
+    On a GPU with full-width rows (C > 512): the configs with the fewest register spills in an ahead-of-time
+    sm_90 compile at C = 768 and 1024 (benchmarks/aot_compile_check.py; not timed on a GPU yet): forward 16
+    tokens with tensor-core dots (a dot needs >= 16 rows), 8 tokens with the fp32 CUDA-core loops, 16 warps;
+    backward 8 tokens and 8 warps (16 warps: 128 registers and spills). Under the interpreter, 64-token
+    tiles keep the number of (slow) program instances small.
     """
     if triton_interpret():
         return block_s or 64, 4
@@ -336,6 +363,30 @@ def _common(x, T, dpe_weight, dpe_bias, num_heads):
     return x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b
 
 
+def _dpe_blocks(C: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of the DPE kernel: small tiles on a GPU (many programs per SM hide the
+    gathers' latency; sm_90 AOT: 70 registers at 16 x 128 and 4 warps, ~7 programs per SM, where 32 x 128
+    took 120), whole rows under the interpreter (few slow program instances)."""
+    if triton_interpret():
+        return 64, triton.next_power_of_2(C), 4
+    return 16, min(128, triton.next_power_of_2(C)), 4
+
+
+def apply_dpe(x: torch.Tensor, T: int, dpe_w: torch.Tensor, dpe_b: torch.Tensor) -> torch.Tensor:
+    """y = x + dwconv3d_3x3x3(x) + bias on the patch tokens of x (L, N*T, C), y = x on the class tokens, in
+    x.dtype (the reference, too, rounds the DPE output to x.dtype). dpe_w: (27, C) fp32, dpe_b: (C,) fp32."""
+    L, NT, C = x.shape
+    W = int(round((L - 1) ** 0.5))
+    y = torch.empty_like(x)
+    R = L * NT
+    block_r, block_c, num_warps = _dpe_blocks(C)
+    _dpe_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        x, dpe_w, dpe_b, y, R, T, NT, C, W,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y
+
+
 def forward(
     x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads,
     eps=1e-5, *, num_splits=None, block_s=None, use_dot=None,
@@ -353,14 +404,15 @@ def forward(
     m = torch.empty((N, splits, H), device=x.device, dtype=f32)
     lsum = torch.empty((N, splits, H), device=x.device, dtype=f32)
     acc = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
+    y = apply_dpe(x, T, dpe_w, dpe_b)
     _gqa_forward_partial_kernel[(N, splits)](
-        x, dpe_w, dpe_b, u, m, lsum, acc,
-        T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
+        y, u, m, lsum, acc,
+        T, NT, C, H, S, tokens_per_split, splits, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
         OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        # num_stages=1: with the default 3, the software pipeliner stages the 28 tile loads of the DPE
-        # (feeding the tensor-core dot) in shared memory: 1.9 MB on sm_90 (limit 227 KB), launch fails.
-        num_warps=num_warps, num_stages=1,
+        # num_stages=2: the next tile of y loads while this one is reduced (sm_90 AOT, 16-bit, C = 768 and
+        # 1024: 99 KB of shared memory, 112 registers, no spills; 3 stages: 132 KB, no more overlap).
+        num_warps=num_warps, num_stages=2,
     )
     # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
     m_max = m.amax(dim=1, keepdim=True)  # (N, 1, H)
@@ -392,11 +444,13 @@ def backward(
     dy = torch.empty((L, NT, C), device=x.device, dtype=f32)
     xhat = torch.empty((N, S, C), device=x.device, dtype=f32)
     ds = torch.empty((N, S, H), device=x.device, dtype=f32)
+    y = apply_dpe(x, T, dpe_w, dpe_b)  # recomputed (cheaper than keeping it alive from the forward)
     _gqa_backward_tokens_kernel[(N, splits)](
-        x, dpe_w, dpe_b, u, dz, lse2, D, dy, xhat, ds,
-        T, NT, C, H, W, S, tokens_per_split, float(eps),
+        y, u, dz, lse2, D, dy, xhat, ds,
+        T, NT, C, H, S, tokens_per_split, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, num_warps=num_warps,
     )
+    del y
     # du_h = sum_j ds_h(j) xhat_j: a batched GEMM over the S tokens (cuBLAS; fp32 unless the caller allowed
     # TF32 matmuls, as for any torch matmul)
     du = torch.bmm(ds.transpose(1, 2), xhat)  # (N, H, C)
