@@ -10,7 +10,9 @@
 # <commit>: `git describe --always --dirty --abbrev=12` on the development machine (the device machine gets
 # the working tree without .git, uncommitted changes included: -dirty says so).
 #
-#   GIT_COMMIT=... bash benchmarks/gpu_suite.sh profile  # optional 4th call: Nsight Compute per kernel
+#   GIT_COMMIT=... bash benchmarks/gpu_suite.sh profile  # optional 4th call: host time per call
+#                                                        # (launch_overhead.py), torch.profiler timeline,
+#                                                        # Nsight Compute per kernel
 #
 # With no argument (or `all`) every step except profile runs in one call, cut by the time budget.
 #
@@ -251,7 +253,14 @@ if want profile; then
     # Nsight Compute on one forward+backward of every fused op (b16, 8 frames, 16 clips, bf16): DRAM bytes
     # against L2 / L1 bytes per kernel, occupancy, registers (benchmarks/profile_kernels.py)
     NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1 || true)"
-    # torch.profiler first (seconds): host launch time vs GPU busy time per op, and the top kernels, ATen's
+    # Host time per call first (seconds): an ATen op, a Triton launch, a custom op, a Python backward on
+    # the autograd device thread, each fused op on tiny inputs (benchmarks/launch_overhead.py)
+    OVERHEAD_ARGS="--device cuda --dtype bfloat16"
+    [ "$DEVICE" = cpu ] && OVERHEAD_ARGS="--device cpu --reps 100"  # dry run
+    # shellcheck disable=SC2086
+    run_step overhead 90 "$PYTHON" benchmarks/launch_overhead.py $OVERHEAD_ARGS \
+        --out "$STAGE/results/launch_overhead.md"
+    # then torch.profiler (seconds): host launch time vs GPU busy time per op, and the top kernels, ATen's
     # and cuBLAS's included
     # shellcheck disable=SC2086
     TIMELINE_ARGS="--device cuda --dtype bfloat16"
@@ -292,6 +301,10 @@ fi
         echo '```'
     fi
     echo
+    if [ -f "$STAGE/results/launch_overhead.md" ]; then
+        sed 's/^# /## /' "$STAGE/results/launch_overhead.md"
+        echo
+    fi
     if [ -f "$STAGE/results/timeline.md" ]; then
         sed 's/^# /## /' "$STAGE/results/timeline.md"
         echo

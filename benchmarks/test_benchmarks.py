@@ -313,3 +313,23 @@ def test_profile_summary_of_ncu_csv(tmp_path):
     table = profile_kernels.summarize(str(log))
     # two launches, 100 us, 80 MB of DRAM traffic at 800 GB/s, L2 traffic 10x the DRAM traffic
     assert "| _gqa_forward_partial_kernel | 2 | 100.0 | 80.0 | 800 | 10.0x |" in table, table
+
+
+# ---- host time per call (benchmarks/launch_overhead.py) without a GPU ----
+
+
+def test_launch_overhead_runs_on_cpu(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "launch_overhead.md"
+    cmd = [sys.executable, os.path.join(HERE, "launch_overhead.py"), "--device", "cpu", "--reps", "30",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][2:]
+    by_item = {(r[0].strip(), r[1].strip()): r for r in rows}
+    # the Python-side rows are measured, the GPU-only ones say why not
+    assert float(by_item[("fwd+bwd, custom op + register_autograd", "-")][2]) > 0
+    assert float(by_item[("clip_layer_norm, forward+backward", "reference")][2]) > 0
+    assert "needs a CUDA GPU" in by_item[("Triton launch", "-")][4]
+    assert "CUDA tensors" in by_item[("global_query_attention", "cuda")][4]

@@ -1,0 +1,266 @@
+"""Host time per call of the pieces every fused op is built from, and of each fused op on tiny inputs.
+
+Why: on the first H100 run every fused op's forward+backward took ~1.1-1.2 ms even where its kernels took
+~0.1 ms (the layer norm, on the CUDA and the Triton backend alike), and torch.compile's forward+backward of
+the reference did too (1.05 ms), while F.layer_norm's took 0.44 ms at both model sizes. All of them have a
+Python backward; F.layer_norm has none. This script separates the candidates, in microseconds of host
+time per call on inputs so small that the GPU work is negligible:
+
+- an ATen op launch (``torch.add(out=)``), a Triton launch with 3 and with 20 arguments (the launcher's
+  argument binding and specialisation run in Python per call);
+- a ``torch.library.custom_op`` call against the plain function it wraps;
+- forward+backward of the same elementwise op three ways: native autograd (C++ backward), an
+  ``autograd.Function`` (Python backward) and a custom op with ``register_autograd`` (Python backward
+  through the dispatcher). On CUDA, autograd runs the backward on its own device thread, so a Python
+  backward also costs a GIL hand-off from the calling thread;
+- every fused op of this package, forward (no grad) and forward+backward, per available backend.
+
+``host us`` is the host's time per call with the calls issued back to back (the GPU keeps up: the kernels
+are tiny); ``wall us`` adds the wait for the GPU at the end of the batch, spread over the calls. When the two
+agree, the call is host-bound. On the CPU only the Python-side rows run (the Triton rows need a GPU); the
+numbers then are this machine's host costs, a floor for the GPU host's.
+
+    python benchmarks/launch_overhead.py --device cuda --out benchmarks/results/launch_overhead_h100.md
+    python benchmarks/launch_overhead.py --device cpu --reps 300     # Python-side costs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def per_call_us(fn, device: torch.device, reps: int, warmup: int = 20) -> tuple[float, float]:
+    """(host us, wall us) per call of ``fn()`` over ``reps`` calls issued back to back."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    return host / reps * 1e6, wall / reps * 1e6
+
+
+# ------------------------------------------------------------------------------------- building blocks
+
+
+@torch.library.custom_op("uniformerv2_bench::scale2", mutates_args=())
+def _scale2_op(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_scale2_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("uniformerv2_bench::scale2_bwd", mutates_args=())
+def _scale2_bwd_op(g: torch.Tensor) -> torch.Tensor:
+    return g * 2
+
+
+@_scale2_bwd_op.register_fake
+def _(g):
+    return torch.empty_like(g)
+
+
+_scale2_op.register_autograd(lambda ctx, g: _scale2_bwd_op(g), setup_context=lambda ctx, inputs, output: None)
+
+
+class _Scale2Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def _triton_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+    @triton.jit
+    def copy_kernel_20_args(src, dst, p2, p3, p4, p5, p6, p7, p8, p9,
+                            n, i1, i2, i3, i4, i5, i6, i7, f1, f2, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+    return copy_kernel, copy_kernel_20_args
+
+
+def building_block_rows(device: torch.device, reps: int) -> list[dict]:
+    rows = []
+
+    def add(name, fn, note=""):
+        host, wall = per_call_us(fn, device, reps)
+        rows.append(dict(item=name, backend="-", host_us=host, wall_us=wall, note=note))
+
+    a = torch.randn(64, device=device)
+    b = torch.randn(64, device=device)
+    c = torch.empty_like(a)
+    add("ATen op: torch.add(a, b, out=c)", lambda: torch.add(a, b, out=c))
+    add("plain function: x * 2", lambda: a * 2)
+    add("custom op: uniformerv2_bench::scale2(x)", lambda: _scale2_op(a))
+
+    if device.type == "cuda":
+        copy_kernel, copy_kernel_20 = _triton_kernels()
+        p = [torch.randn(64, device=device) for _ in range(10)]
+        add("Triton launch, 3 arguments", lambda: copy_kernel[(1,)](a, c, 64, BLOCK=64))
+        add("Triton launch, 20 arguments", lambda: copy_kernel_20[(1,)](
+            a, c, *p[2:], 64, 1, 2, 3, 4, 5, 6, 7, 0.5, 0.25, BLOCK=64))
+    else:
+        rows.append(dict(item="Triton launch", backend="-", host_us=None, wall_us=None, note="needs a CUDA GPU"))
+
+    x = torch.randn(64, device=device, requires_grad=True)
+    g = torch.randn(64, device=device)
+
+    def fwd_bwd(f):
+        def step():
+            x.grad = None
+            f(x).backward(g)
+        return step
+
+    add("fwd+bwd, native autograd (C++ backward)", fwd_bwd(lambda t: t * 2))
+    add("fwd+bwd, autograd.Function (Python backward)", fwd_bwd(_Scale2Function.apply))
+    add("fwd+bwd, custom op + register_autograd", fwd_bwd(_scale2_op))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- fused ops
+
+
+def _tiny_op_calls(device: torch.device, dtype: torch.dtype):
+    """(name, make_call(backend) -> (forward_fn, fwd_bwd_fn)) for each fused op on tiny inputs."""
+    from uniformerv2_kernels.ops.ffn import fused_ffn
+    from uniformerv2_kernels.ops.global_query_attention import global_query_attention
+    from uniformerv2_kernels.ops.layer_norm import clip_layer_norm
+    from uniformerv2_kernels.ops.local_temporal_mhra import local_temporal_mhra
+
+    gen = torch.Generator().manual_seed(0)
+    L, N, T, C, Cp, H = 5, 2, 3, 64, 40, 2  # 2x2 patches + class token, 2 clips of 3 frames
+
+    def p(*shape, scale=0.1):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_(True)
+
+    x = p(L, N * T, C, scale=1.0)
+    ln = (p(C, scale=1.0), p(C))
+    ffn_w = (p(4 * C, C), p(4 * C), p(C, 4 * C), p(C))
+    bn = (p(C, scale=1.0), p(C))
+    running = (torch.zeros(C, device=device, dtype=dtype), torch.ones(C, device=device, dtype=dtype),
+               torch.zeros((), device=device, dtype=torch.long))
+    mhra_w = (p(Cp, C, 1, 1, 1), p(Cp), p(Cp, 1, 3, 1, 1), p(Cp), p(C, Cp, 1, 1, 1), p(C))
+    gqa_w = (p(C, 1, 3, 3, 3), p(C), p(C, scale=1.0), p(C), p(1, N, C), p(3 * C, C), p(3 * C))
+
+    ops = {
+        "clip_layer_norm": lambda be: clip_layer_norm(x, *ln, backend=be),
+        "fused_ffn": lambda be: fused_ffn(x, *ln, *ffn_w, backend=be),
+        "local_temporal_mhra (train)": lambda be: local_temporal_mhra(
+            x, T, *bn, *running, mhra_w[0], mhra_w[1], mhra_w[2], mhra_w[3], mhra_w[4], mhra_w[5], True,
+            backend=be),
+        "global_query_attention": lambda be: global_query_attention(x, T, *gqa_w, H, backend=be),
+    }
+    leaves = [x, *ln, *ffn_w, *bn, *mhra_w, *gqa_w]
+    return ops, leaves
+
+
+def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[dict]:
+    from uniformerv2_kernels import backends
+
+    ops, leaves = _tiny_op_calls(device, dtype)
+    rows = []
+    for name, call in ops.items():
+        for backend in backends.BACKENDS:
+            if backend == "triton" and (device.type != "cuda" or backends.triton_interpret()):
+                rows.append(dict(item=name, backend=backend, host_us=None, wall_us=None,
+                                 note="needs a CUDA GPU (interpreted Triton times nothing useful)"))
+                continue
+            try:
+                out = call(backend)
+            except Exception as exc:  # a backend that cannot run here says why (its own line of the error)
+                lines = [ln.strip() for ln in str(exc).strip().splitlines()]
+                reason = next((ln for ln in lines if ln.startswith(f"{backend}:")), lines[0] if lines else "")
+                rows.append(dict(item=name, backend=backend, host_us=None, wall_us=None, note=reason[:140]))
+                continue
+            grad = torch.randn_like(out)
+
+            def forward(call=call, backend=backend):
+                with torch.no_grad():
+                    call(backend)
+
+            def fwd_bwd(call=call, backend=backend, grad=grad):
+                for t in leaves:
+                    t.grad = None
+                call(backend).backward(grad)
+
+            for mode, fn in (("forward", forward), ("forward+backward", fwd_bwd)):
+                host, wall = per_call_us(fn, device, reps, warmup=5)
+                rows.append(dict(item=f"{name}, {mode}", backend=backend, host_us=host, wall_us=wall, note=""))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- output
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| item | backend | host us | wall us | note |", "| --- | --- | ---: | ---: | --- |"]
+    for r in rows:
+        host = "-" if r["host_us"] is None else f"{r['host_us']:.1f}"
+        wall = "-" if r["wall_us"] is None else f"{r['wall_us']:.1f}"
+        lines.append(f"| {r['item']} | {r['backend']} | {host} | {wall} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="dtype of the fused ops' tiny inputs")
+    ap.add_argument("--reps", type=int, default=1000, help="calls per building-block row (fused ops: reps/5)")
+    ap.add_argument("--out", help="also write the markdown table to this file")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU here")
+    sys.path.insert(0, HERE)
+    import harness as H
+
+    env = H.env_record(device)
+    header = (f"# Host time per call ({env['device']}, torch {env['torch']}, triton {env['triton']}, "
+              f"commit {env['commit']}, {env['date']})\n\nbenchmarks/launch_overhead.py --device {device.type} "
+              f"--dtype {args.dtype} --reps {args.reps}; fused ops on tiny inputs (L=5, N*T=6, C=64) in {args.dtype}")
+    rows = building_block_rows(device, args.reps)
+    print(markdown(rows, "## building blocks"), flush=True)
+    op_rows = fused_op_rows(device, getattr(torch, args.dtype), max(20, args.reps // 5))
+    text = markdown(rows + op_rows, header)
+    print(markdown(op_rows, "## fused ops"), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
