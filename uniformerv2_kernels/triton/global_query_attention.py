@@ -350,6 +350,15 @@ def _token_tile(kernel: str, BLOCK_C: int, use_dot: bool, block_s: int | None) -
     return block_s or 8, 8
 
 
+def _forward_stages(device: torch.device) -> int:
+    """Software-pipeline stages of the forward token kernel: 2 (the next tile of y loads while this one is
+    reduced; sm_90 / sm_80 AOT, 16-bit, C = 768 and 1024: 99 KB of shared memory, 112-119 registers, no
+    spills) where an SM has the shared memory for it with room to spare (A100, H100), else 1 (66 KB)."""
+    if device.type != "cuda" or triton_interpret():
+        return 1
+    return 2 if torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor >= 140 * 1024 else 1
+
+
 def _common(x, T, dpe_weight, dpe_bias, num_heads):
     L, NT, C = x.shape
     N = NT // T
@@ -410,9 +419,7 @@ def forward(
         T, NT, C, H, S, tokens_per_split, splits, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
         OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        # num_stages=2: the next tile of y loads while this one is reduced (sm_90 AOT, 16-bit, C = 768 and
-        # 1024: 99 KB of shared memory, 112 registers, no spills; 3 stages: 132 KB, no more overlap).
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=_forward_stages(x.device),
     )
     # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
     m_max = m.amax(dim=1, keepdim=True)  # (N, 1, H)
