@@ -66,6 +66,9 @@ def extra_args(p):
                    help="autocast: fp32 weights + torch.autocast(dtype); cast: model.to(dtype)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra reference run per case)")
+    p.add_argument("--timeline", metavar="OUT_MD", help="after timing, profile one more step of each provider "
+                   "with torch.profiler (host vs GPU-busy time, the kernels that took the most GPU time) and "
+                   "append the sections to OUT_MD")
     p.add_argument("--table", default="e2e",
                    help="name of the markdown table / plot / partial CSV (rows always go to e2e.csv); the GPU "
                         "suite's compile step uses e2e_compile so it does not overwrite the first table")
@@ -257,6 +260,8 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             ms = H.time_fn(step, args.device, args.warmup, args.rep, min_reps=5)
             row["host_ms"] = H.host_time_ms(step, args.device, reps=5)  # a model step is long: 5 suffice
             row["peak_mb"] = H.peak_memory_mb(step, args.device)
+            if args.timeline:
+                _append_timeline(args.timeline, f"{case_name}, {task}, {prov}", step, args.device)
             note = []
             if prov == "fused-cuda":
                 note.append("fused ops backend: cuda (spatial attention: triton)")
@@ -289,6 +294,19 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             row["flops"] = flops
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
     return rows
+
+
+def _append_timeline(path: str, title: str, step, device) -> None:
+    """One more ``step()`` under torch.profiler, appended to ``path`` as markdown (profile_kernels.timeline):
+    where the model's time goes, kernel by kernel, and whether the host keeps the GPU busy."""
+    import profile_kernels
+
+    info = profile_kernels.timeline(step, device, top=15)
+    new_file = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new_file:
+            f.write(f"# torch.profiler timeline of one end-to-end step per provider ({device})\n\n")
+        f.write(profile_kernels.timeline_markdown(title, info) + "\n")
 
 
 def _cuda_backend_unavailable(args) -> str | None:

@@ -22,7 +22,8 @@
 #            arch only; falls back to `setup.py build_ext --inplace`), then the backend status
 #   tests    pytest tests -q -rs (TRITON_INTERPRET unset: the CUDA / Triton-on-GPU tests run; xdist if present)
 #   ops      every benchmarks/bench_<op>.py (not e2e) with $SUITE_OP_ARGS
-#   e2e      benchmarks/bench_e2e.py eager + fused, inference and training step, $SUITE_E2E_ARGS
+#   e2e      benchmarks/bench_e2e.py eager + fused + fused-cuda, inference and training step, $SUITE_E2E_ARGS,
+#            and one profiled step per provider (torch.profiler: top kernels)   -> e2e_timeline.md
 #   e2e_compile  bench_e2e.py compile + fused+compile on the Kinetics B/16 config (slow: compilation)
 # Everything finishes inside $SUITE_BUDGET_S (default 560 s, for a 10-minute call): each step gets a
 # `timeout` of min(its cap, what is left minus a reserve for the summary). A benchmark cut short keeps the
@@ -238,7 +239,7 @@ fi
 if want e2e; then
     # shellcheck disable=SC2086
     run_step bench_e2e 300 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
-        --providers eager,fused,fused-cuda --mode fwd,fwd+bwd $E2E_ARGS
+        --providers eager,fused,fused-cuda --mode fwd,fwd+bwd --timeline "$STAGE/results/e2e_timeline.md" $E2E_ARGS
 fi
 if want e2e_compile; then
     # a separate CSV name would lose the shared table; the rows carry the provider, so one e2e.csv holds both
@@ -303,6 +304,10 @@ fi
     echo
     if [ -f "$STAGE/results/launch_overhead.md" ]; then
         sed 's/^# /## /' "$STAGE/results/launch_overhead.md"
+        echo
+    fi
+    if [ -f "$STAGE/results/e2e_timeline.md" ]; then
+        sed 's/^# /## /' "$STAGE/results/e2e_timeline.md"
         echo
     fi
     if [ -f "$STAGE/results/timeline.md" ]; then
