@@ -6,6 +6,8 @@ Providers:
 - ``compile``: the same under ``torch.compile``
 - ``folded``:  the folded formulation in plain PyTorch (no K/V; the algebra the kernels use), eager
 - ``triton``:  ``ops.global_query_attention.global_query_attention(..., backend="triton")``
+- ``triton-fused-dpe``: the Triton launchers with the DPE computed inside the token kernels (the first
+               design, replaced by a DPE kernel of its own; kept to time the two on one GPU)
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension registers it)
 
 Shapes: the harness's shape set; the stream x is (L, N*T, C), one learnable query per clip, H heads.
@@ -63,6 +65,36 @@ def fused(backend):
     return fn
 
 
+class _TritonFusedDPE(torch.autograd.Function):
+    """The Triton launchers with the DPE computed inside the token kernels (the first design), for timing
+    against the default (a DPE kernel, then token kernels that read its output). Called directly, not
+    through the registered op, so both variants run the same kernels apart from the DPE."""
+
+    @staticmethod
+    def forward(ctx, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads):
+        from uniformerv2_kernels.triton import global_query_attention as tri
+
+        out, z, lse = tri.forward(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight,
+                                  in_proj_bias, num_heads, EPS, fused_dpe=True)
+        ctx.save_for_backward(x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse)
+        ctx.T, ctx.num_heads = T, num_heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from uniformerv2_kernels.triton import global_query_attention as tri
+
+        x, dw, db, lw, lb, q, w, b, z, lse = ctx.saved_tensors
+        grads = tri.backward(grad_out.contiguous(), x, ctx.T, dw, db, lw, lb, q, w, b, z, lse, ctx.num_heads, EPS,
+                             fused_dpe=True)
+        return grads[0], None, *grads[1:], None
+
+
+def triton_fused_dpe(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads):
+    return _TritonFusedDPE.apply(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight,
+                                 in_proj_bias, num_heads)
+
+
 def make_case(shape: H.Shape, dtype: torch.dtype) -> H.Case:
     C, N, T, L = shape.C, shape.N, shape.T, shape.L
     tokens = shape.tokens
@@ -100,6 +132,7 @@ PROVIDERS = [
     H.Provider("compile", literal, compile=True, compile_kwargs={"dynamic": False}),
     H.Provider("folded", folded),
     H.Provider("triton", fused("triton"), requires=("triton",)),
+    H.Provider("triton-fused-dpe", triton_fused_dpe, requires=("triton",)),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:global_query_attention_fwd",)),
 ]
 

@@ -113,13 +113,14 @@ TRITON_CASES = [
 ]
 
 
-def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot=None):
+def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot=None, fused_dpe=False):
     """Runs the Triton launchers directly (to pick splits/tile sizes/paths), the way the op does."""
     from uniformerv2_kernels.triton import global_query_attention as tri
 
-    out, z, lse = call(tri.forward, tensors, T, heads, num_splits=num_splits, block_s=block_s, use_dot=use_dot)
+    out, z, lse = call(tri.forward, tensors, T, heads, num_splits=num_splits, block_s=block_s, use_dot=use_dot,
+                       fused_dpe=fused_dpe)
     grads = tri.backward(grad_out.to(out.dtype), tensors[0], T, *tensors[1:], z, lse, heads,
-                         num_splits=num_splits, block_s=block_s)
+                         num_splits=num_splits, block_s=block_s, fused_dpe=fused_dpe)
     return out, list(grads)
 
 
@@ -134,6 +135,19 @@ def test_triton_fp32_matches_literal_reference(hw, N, T, C, heads, num_splits, b
     assert_close(out, out64, name="out")
     for name, g, g64, t in zip(ARG_NAMES, grads, grads64, tensors):
         assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert_close(g, g64, name=f"grad {name}", grad=True)
+
+
+@pytest.mark.parametrize("hw,N,T,C,heads,use_dot", [(9, 3, 3, 64, 2, True), (4, 1, 8, 96, 1, False)])
+def test_triton_fused_dpe_variant_matches_literal_reference(hw, N, T, C, heads, use_dot):
+    """The first design (DPE on the fly inside the token kernels), kept for timing against the default."""
+    tensors64 = make_inputs(hw, N, T, C)
+    grad_out = torch.randn(1, N, C, dtype=torch.float64, device=DEVICE)
+    out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
+    tensors = [t.float() for t in tensors64]
+    out, grads = _triton_value_and_grads(tensors, T, heads, grad_out, 2, 16, use_dot, fused_dpe=True)
+    assert_close(out, out64, name="out")
+    for name, g, g64 in zip(ARG_NAMES, grads, grads64):
         assert_close(g, g64, name=f"grad {name}", grad=True)
 
 

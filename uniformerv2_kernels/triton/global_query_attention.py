@@ -26,7 +26,9 @@ forward kernel took 0.63 ms at B/16 (16 clips) with 75 GB/s of DRAM traffic and 
 (Nsight, 2026-11-25): latency-bound. The DPE on its own is channel-separable, so small tiles (16 rows x
 128 channels, 70 registers) give ~7 programs per SM to hide the gathers; the token kernels then stream y
 once. Cost: one write and one read of y (2 x 39 MB at B/16, bf16) and one (L, N*T, C) buffer alive per
-call. Expected on an H100, not yet measured: the forward's kernels ~0.2 ms instead of 0.63 ms.
+call. Expected on an H100, not yet measured: the forward's kernels ~0.2 ms instead of 0.63 ms. The first
+design stays selectable (``forward`` / ``backward`` with ``fused_dpe=True``; the GQA benchmark's provider
+``triton-fused-dpe``) until a GPU run has timed both; then keep the faster one only.
 
 Backward (``backward``):
   1. torch: p_h = W_v,h^T dout_h, dz_h = gamma * p_h, D_h = dz_h . z_h, and the value-path gradients.
@@ -107,16 +109,38 @@ def _dpe_kernel(
 
 
 @triton.jit
-def _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps):
-    """LayerNorm without affine of one tile of tokens of y (the DPE output, layout of x).
+def _normalized_tile(
+    src_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, W, eps,
+    FUSED_DPE: tl.constexpr,
+):
+    """LayerNorm without affine of one tile of tokens of y = x + DPE(x) (layout of x).
 
+    src is y (the DPE kernel's output), or, with FUSED_DPE, x itself and the DPE is computed here on the
+    fly (27 taps, zero padding, class tokens untouched): the first design, kept to compare the two on a GPU.
     Token j = l*T + t of video n is row l*NT + n*T + t. Returns (xhat, rstd, rows): xhat [BLOCK_S, BLOCK_C]
     fp32, zero outside (valid tokens) x (c < C); rows, the tokens' rows (int64).
     """
-    rows = ((tok // T) * NT + n * T + tok % T).to(tl.int64)
+    l = tok // T
+    t = tok % T
+    rows = (l * NT + n * T + t).to(tl.int64)
     cmask2 = c_mask[None, :]
-    y = tl.load(y_ptr + rows[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
+    y = tl.load(src_ptr + rows[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
     y = y.to(tl.float32)
+    if FUSED_DPE:
+        is_patch = (l >= 1) & tok_mask
+        hh = (l - 1) // W
+        ww = (l - 1) % W
+        for k in range(27):  # a runtime loop on purpose: unrolled, all 27 tile loads are hoisted and spill
+            tt = t + (k // 9 - 1)
+            h2 = hh + ((k // 3) % 3 - 1)
+            w2 = ww + (k % 3 - 1)
+            ok = is_patch & (tt >= 0) & (tt < T) & (h2 >= 0) & (h2 < W) & (w2 >= 0) & (w2 < W)
+            row = ((1 + h2 * W + w2) * NT + n * T + tt).to(tl.int64)
+            v = tl.load(src_ptr + row[:, None] * C + offs_c[None, :], mask=ok[:, None] & cmask2, other=0.0)
+            wk = tl.load(dpe_w_ptr + k * C + offs_c, mask=c_mask, other=0.0)
+            y += v.to(tl.float32) * wk[None, :]
+        bias = tl.load(dpe_b_ptr + offs_c, mask=c_mask, other=0.0)
+        y += tl.where(is_patch[:, None], bias[None, :], 0.0)
     mean = tl.sum(y, axis=1) / C
     diff = tl.where(cmask2, y - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / C
@@ -134,10 +158,10 @@ def _dot(a, b, OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _gqa_forward_partial_kernel(
-    y_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
-    T, NT, C, H, S, tokens_per_split, num_splits, eps,
+    src_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
+    T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DPE: tl.constexpr,
 ):
     """Flash-decoding partials of one (video, split): running max m and sum l (base 2) and acc = sum p xhat.
 
@@ -160,7 +184,8 @@ def _gqa_forward_partial_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        xhat, _, _ = _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps)
+        xhat, _, _ = _normalized_tile(src_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
+                                      T, NT, C, W, eps, FUSED_DPE)
         if USE_DOT:
             u = tl.load(u_row + offs_h[:, None] * C + offs_c[None, :], mask=hc_mask, other=0.0)
             s = _dot(xhat, tl.trans(u), OPERAND_DTYPE, DOT_PRECISION)
@@ -195,9 +220,9 @@ def _gqa_forward_partial_kernel(
 
 @triton.jit
 def _gqa_backward_tokens_kernel(
-    y_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
-    T, NT, C, H, S, tokens_per_split, eps,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    src_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
+    T, NT, C, H, W, S, tokens_per_split, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FUSED_DPE: tl.constexpr,
 ):
     """Per token: a, ds, dxhat and the LayerNorm backward to dy (fp32, layout of x); also writes xhat
     (N, S, C) and ds (N, S, H) in fp32 for du = ds^T xhat, one batched GEMM afterwards (CUDA cores here).
@@ -227,7 +252,8 @@ def _gqa_backward_tokens_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        xhat, rstd, center = _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps)
+        xhat, rstd, center = _normalized_tile(src_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
+                                              T, NT, C, W, eps, FUSED_DPE)
         s = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # u_h . xhat_j
         g = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # dz_h . xhat_j
         for h in range(H):
@@ -401,9 +427,13 @@ def apply_dpe(x: torch.Tensor, T: int, dpe_w: torch.Tensor, dpe_b: torch.Tensor)
 
 def forward(
     x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads,
-    eps=1e-5, *, num_splits=None, block_s=None, use_dot=None,
+    eps=1e-5, *, num_splits=None, block_s=None, use_dot=None, fused_dpe=False,
 ):
-    """Returns (out (1, N, C) in x.dtype, z (N, H, C) fp32, lse (N, H) fp32)."""
+    """Returns (out (1, N, C) in x.dtype, z (N, H, C) fp32, lse (N, H) fp32).
+
+    fused_dpe=True: the first design, the DPE computed inside the token kernel from x (no y buffer), kept
+    so that a GPU run can time both (benchmarks/bench_global_query_attention.py, provider triton-fused-dpe).
+    """
     x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b = _common(x, T, dpe_weight, dpe_bias, num_heads)
     if use_dot is None:
         use_dot = x.dtype != torch.float32
@@ -416,13 +446,14 @@ def forward(
     m = torch.empty((N, splits, H), device=x.device, dtype=f32)
     lsum = torch.empty((N, splits, H), device=x.device, dtype=f32)
     acc = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
-    y = apply_dpe(x, T, dpe_w, dpe_b)
+    src = x if fused_dpe else apply_dpe(x, T, dpe_w, dpe_b)
     _gqa_forward_partial_kernel[(N, splits)](
-        y, u, m, lsum, acc,
-        T, NT, C, H, S, tokens_per_split, splits, float(eps),
+        src, dpe_w, dpe_b, u, m, lsum, acc,
+        T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
-        OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=num_warps, num_stages=_forward_stages(x.device),
+        OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype), FUSED_DPE=fused_dpe,
+        # fused: 1 stage (with 3, the pipeliner staged the 28 tile loads in 1.9 MB of shared memory)
+        num_warps=num_warps, num_stages=1 if fused_dpe else _forward_stages(x.device),
     )
     # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
     m_max = m.amax(dim=1, keepdim=True)  # (N, 1, H)
@@ -436,9 +467,11 @@ def forward(
 
 def backward(
     grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
-    num_heads, eps=1e-5, *, num_splits=None, block_s=None, dpe_block_c=None,
+    num_heads, eps=1e-5, *, num_splits=None, block_s=None, dpe_block_c=None, fused_dpe=False,
 ):
-    """Gradients for (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias)."""
+    """Gradients for (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias).
+
+    fused_dpe: as in :func:`forward` (the token kernel recomputes the DPE on the fly instead of reading y)."""
     x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b = _common(x, T, dpe_weight, dpe_bias, num_heads)
     block_s, num_warps = _token_tile("backward", BLOCK_C, False, block_s)
     S = T * L
@@ -454,13 +487,14 @@ def backward(
     dy = torch.empty((L, NT, C), device=x.device, dtype=f32)
     xhat = torch.empty((N, S, C), device=x.device, dtype=f32)
     ds = torch.empty((N, S, H), device=x.device, dtype=f32)
-    y = apply_dpe(x, T, dpe_w, dpe_b)  # recomputed (cheaper than keeping it alive from the forward)
+    # y recomputed (cheaper than keeping it alive from the forward)
+    src = x if fused_dpe else apply_dpe(x, T, dpe_w, dpe_b)
     _gqa_backward_tokens_kernel[(N, splits)](
-        y, u, dz, lse2, D, dy, xhat, ds,
-        T, NT, C, H, S, tokens_per_split, float(eps),
-        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, num_warps=num_warps,
+        src, dpe_w, dpe_b, u, dz, lse2, D, dy, xhat, ds,
+        T, NT, C, H, W, S, tokens_per_split, float(eps),
+        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, FUSED_DPE=fused_dpe, num_warps=num_warps,
     )
-    del y
+    del src
     # du_h = sum_j ds_h(j) xhat_j: a batched GEMM over the S tokens (cuBLAS; fp32 unless the caller allowed
     # TF32 matmuls, as for any torch matmul)
     du = torch.bmm(ds.transpose(1, 2), xhat)  # (N, H, C)
