@@ -7,7 +7,7 @@ Python backward; F.layer_norm has none. This script separates the candidates, in
 time per call on inputs so small that the GPU work is negligible:
 
 - an ATen op launch (``torch.add(out=)``), a Triton launch with 3 and with 20 arguments (the launcher's
-  argument binding and specialisation run in Python per call);
+  argument binding and specialisation run in Python per call), and through ``@triton.autotune``;
 - a ``torch.library.custom_op`` call against the plain function it wraps;
 - forward+backward of the same elementwise op three ways: native autograd (C++ backward), an
   ``autograd.Function`` (Python backward) and a custom op with ``register_autograd`` (Python backward
@@ -107,7 +107,12 @@ def _triton_kernels():
         offs = tl.arange(0, BLOCK)
         tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
 
-    return copy_kernel, copy_kernel_20_args
+    # the wrapper every autotuned kernel of ours goes through (the FFN / projection GEMMs): a cache lookup
+    # by key per call, then the launch
+    copy_kernel_autotuned = triton.autotune(
+        configs=[triton.Config({"BLOCK": 64}, num_warps=1), triton.Config({"BLOCK": 128}, num_warps=2)],
+        key=["n"])(triton.jit(copy_kernel.fn))
+    return copy_kernel, copy_kernel_20_args, copy_kernel_autotuned
 
 
 def building_block_rows(device: torch.device, reps: int) -> list[dict]:
@@ -125,9 +130,10 @@ def building_block_rows(device: torch.device, reps: int) -> list[dict]:
     add("custom op: uniformerv2_bench::scale2(x)", lambda: _scale2_op(a))
 
     if device.type == "cuda":
-        copy_kernel, copy_kernel_20 = _triton_kernels()
+        copy_kernel, copy_kernel_20, copy_kernel_autotuned = _triton_kernels()
         p = [torch.randn(64, device=device) for _ in range(10)]
         add("Triton launch, 3 arguments", lambda: copy_kernel[(1,)](a, c, 64, BLOCK=64))
+        add("Triton launch, 3 arguments, @triton.autotune (2 configs)", lambda: copy_kernel_autotuned[(1,)](a, c, 64))
         add("Triton launch, 20 arguments", lambda: copy_kernel_20[(1,)](
             a, c, *p[2:], 64, 1, 2, 3, 4, 5, 6, 7, 0.5, 0.25, BLOCK=64))
     else:
