@@ -350,11 +350,12 @@ def global_query_attention_cases(dtypes):
                          ds_ptr="*fp32"),
                     dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, FUSED_DPE=fused_dpe),
                     num_warps=num_warps))
-            cases.append(Case(
-                "global_query_attention", "_gqa_backward_dpe_kernel", dt, f"C={C} BS=32 BC=64 w4",
-                dict(x_ptr=p, dy_ptr="*fp32", dpe_w_ptr="*fp32", dx_ptr=p, dw_part_ptr="*fp32",
-                     db_part_ptr="*fp32", T=T, NT=NT, C=C, W=W, S=S, tokens_per_split=32 * 5, num_splits=13),
-                dict(BLOCK_S=32, BLOCK_C=64), num_warps=4))
+            for kernel, bs, bc in (("_gqa_backward_dpe_kernel", 32, 64), ("_gqa_backward_dpe_gather_kernel", 4, 32)):
+                cases.append(Case(
+                    "global_query_attention", kernel, dt, f"C={C} BS={bs} BC={bc} w4",
+                    dict(x_ptr=p, dy_ptr="*fp32", dpe_w_ptr="*fp32", dx_ptr=p, dw_part_ptr="*fp32",
+                         db_part_ptr="*fp32", T=T, NT=NT, C=C, W=W, S=S, tokens_per_split=bs * 20, num_splits=13),
+                    dict(BLOCK_S=bs, BLOCK_C=bc), num_warps=4))
     return cases
 
 

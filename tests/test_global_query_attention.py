@@ -113,14 +113,15 @@ TRITON_CASES = [
 ]
 
 
-def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot=None, fused_dpe=False):
+def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot=None, fused_dpe=False,
+                            dpe_backward="loop"):
     """Runs the Triton launchers directly (to pick splits/tile sizes/paths), the way the op does."""
     from uniformerv2_kernels.triton import global_query_attention as tri
 
     out, z, lse = call(tri.forward, tensors, T, heads, num_splits=num_splits, block_s=block_s, use_dot=use_dot,
                        fused_dpe=fused_dpe)
     grads = tri.backward(grad_out.to(out.dtype), tensors[0], T, *tensors[1:], z, lse, heads,
-                         num_splits=num_splits, block_s=block_s, fused_dpe=fused_dpe)
+                         num_splits=num_splits, block_s=block_s, fused_dpe=fused_dpe, dpe_backward=dpe_backward)
     return out, list(grads)
 
 
@@ -138,14 +139,21 @@ def test_triton_fp32_matches_literal_reference(hw, N, T, C, heads, num_splits, b
         assert_close(g, g64, name=f"grad {name}", grad=True)
 
 
-@pytest.mark.parametrize("hw,N,T,C,heads,use_dot", [(9, 3, 3, 64, 2, True), (4, 1, 8, 96, 1, False)])
-def test_triton_fused_dpe_variant_matches_literal_reference(hw, N, T, C, heads, use_dot):
-    """The first design (DPE on the fly inside the token kernels), kept for timing against the default."""
+@pytest.mark.parametrize("hw,N,T,C,heads,use_dot,fused_dpe,dpe_backward", [
+    (9, 3, 3, 64, 2, True, True, "loop"),
+    (4, 1, 8, 96, 1, False, True, "gather"),
+    (16, 2, 3, 40, 2, False, False, "gather"),
+    (9, 1, 1, 64, 1, True, False, "gather"),
+])
+def test_triton_variants_match_literal_reference(hw, N, T, C, heads, use_dot, fused_dpe, dpe_backward):
+    """The variants kept for timing against the defaults on a GPU: the first design (DPE on the fly inside
+    the token kernels) and the DPE backward as one 3-d gather per tile."""
     tensors64 = make_inputs(hw, N, T, C)
     grad_out = torch.randn(1, N, C, dtype=torch.float64, device=DEVICE)
     out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
     tensors = [t.float() for t in tensors64]
-    out, grads = _triton_value_and_grads(tensors, T, heads, grad_out, 2, 16, use_dot, fused_dpe=True)
+    out, grads = _triton_value_and_grads(tensors, T, heads, grad_out, 2, 16, use_dot, fused_dpe=fused_dpe,
+                                         dpe_backward=dpe_backward)
     assert_close(out, out64, name="out")
     for name, g, g64 in zip(ARG_NAMES, grads, grads64):
         assert_close(g, g64, name=f"grad {name}", grad=True)
@@ -184,10 +192,11 @@ def test_triton_on_gpu_matches_literal_reference(hw, N, T, C, heads, dtype):
 def test_triton_backward_is_deterministic():
     tensors = [t.float() for t in make_inputs(hw=9, N=3, T=3, C=64)]
     grad_out = torch.randn(1, 3, 64, device=DEVICE)
-    _, first = _triton_value_and_grads(tensors, 3, 2, grad_out, 3, 16)
-    _, second = _triton_value_and_grads(tensors, 3, 2, grad_out, 3, 16)
-    for name, a, b in zip(ARG_NAMES, first, second):
-        assert torch.equal(a, b), name
+    for dpe_backward in ("loop", "gather"):
+        _, first = _triton_value_and_grads(tensors, 3, 2, grad_out, 3, 16, dpe_backward=dpe_backward)
+        _, second = _triton_value_and_grads(tensors, 3, 2, grad_out, 3, 16, dpe_backward=dpe_backward)
+        for name, a, b in zip(ARG_NAMES, first, second):
+            assert torch.equal(a, b), f"{name} ({dpe_backward})"
     _, via_op_1 = value_and_grads(global_query_attention, tensors, 3, 2, grad_out, backend="triton")
     _, via_op_2 = value_and_grads(global_query_attention, tensors, 3, 2, grad_out, backend="triton")
     for name, a, b in zip(ARG_NAMES, via_op_1, via_op_2):
