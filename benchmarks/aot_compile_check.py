@@ -273,6 +273,17 @@ def local_temporal_mhra_cases(dtypes):
                                       dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
                                       dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=e, IEEE=ieee, **cfg),
                                       num_warps=nw, num_stages=ns))
+                # the gemm="cublas" variant's kernels around the cuBLAS GEMMs
+                cases.append(Case("local_temporal_mhra", "_temporal_mix_kernel", dt, f"C={C} BM=32 BK=128 w4",
+                                  dict(y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32", mix_b_ptr="*fp32", z_ptr=p,
+                                       M=M, K=Cp, T=T),
+                                  dict(BLOCK_M=32, BLOCK_K=128)))
+                for rs, e in ((True, False), (False, True)):
+                    cases.append(Case("local_temporal_mhra", "_rows_epilogue_kernel", dt,
+                                      f"C={C} ROW_SCALE={int(rs)} E={int(e)} BM=32 BN=128 w4",
+                                      dict(acc_ptr="*fp32", out_ptr=p, res_ptr=p, e_ptr=p, col_bias_ptr="*fp32",
+                                           col_coef_ptr="*fp32", row_scale_ptr="*fp32", M=M, N=C, T=T, NT=NT),
+                                      dict(HAS_ROW_SCALE=rs, HAS_E=e, BLOCK_M=32, BLOCK_N=128)))
                 cases.append(Case("local_temporal_mhra", "_bn_stats_partial_kernel", dt, f"C={C} BM=32 BC=128 w4",
                                   dict(x_ptr=p, part_mean_ptr="*fp32", part_m2_ptr="*fp32", M=M, C=C,
                                        rows_per_prog=32 * 13),

@@ -249,6 +249,22 @@ def test_triton_matches_official_module(N, T, hw, C, dtype, training, momentum, 
     _check_against_official(N, T, hw, C, dtype, training, momentum, with_bs, DEVICE)
 
 
+@pytest.mark.parametrize("N,T,hw,C,dtype,training,momentum,with_bs", [
+    (2, 3, 9, 48, torch.float32, True, 0.1, True),
+    (2, 1, 4, 96, torch.float32, False, 0.1, True),
+    (1, 3, 9, 96, torch.float16, True, 0.1, True),
+    (2, 3, 4, 50, torch.float32, True, 0.1, False),
+])
+def test_triton_cublas_gemm_variant_matches_official_module(monkeypatch, N, T, hw, C, dtype, training, momentum,
+                                                            with_bs):
+    """gemm="cublas": the mix and the epilogue as kernels of their own around cuBLAS GEMMs (a variant kept
+    for timing against the fused Triton GEMMs on a GPU)."""
+    from uniformerv2_kernels.triton import local_temporal_mhra as tri
+
+    monkeypatch.setattr(tri, "GEMM", "cublas")
+    _check_against_official(N, T, hw, C, dtype, training, momentum, with_bs, DEVICE)
+
+
 def test_triton_pads_the_hidden_width_with_exact_zeros():
     """C' = 33 is stored as 48 aligned columns (y1_width); the extra columns must be exactly zero, or they
     would leak into the second GEMM and the gradients."""

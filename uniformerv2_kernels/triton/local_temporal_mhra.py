@@ -16,6 +16,8 @@ Forward (per call):
    A[m] = w0 * Y1[m-1] + w1 * Y1[m] + w2 * Y1[m+1] + b_dw (each Y1 row plus b1'; zero outside [0, T)),
    and whose epilogue adds b2, multiplies by the per-video branch scale (drop path) and adds the residual.
    This is Triton because the fusion saves writing and re-reading the (M, C') operand and the (M, C) branch.
+   (Variant ``GEMM = "cublas"``: ``_temporal_mix_kernel`` writes the operand, cuBLAS multiplies with an fp32
+   output, ``_rows_epilogue_kernel`` applies the epilogue; the same for the backward's dX GEMM below.)
 
 Backward (G = grad of the output's patch rows, D = dropped-path scale per row):
 1. dZ = G @ W2 with cuBLAS (plain GEMM).
@@ -35,11 +37,20 @@ All kernels: int64 row offsets, every load masked, fp32 arithmetic and accumulat
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..backends import tf32_allowed, triton_interpret
+
+# Where the two GEMMs with fused prologue / epilogue run: "triton" (``_fused_matmul_kernel``) or "cublas"
+# (a mix kernel, cuBLAS, an epilogue kernel). Both are tested; the first H100 run measured this op's CUDA
+# backend, which follows the cuBLAS plan, faster (0.68 vs 0.92 ms forward, 3.4 vs 5.0 ms forward+backward at
+# B/16), with other differences too. The local MHRA benchmark times both (provider triton-cublas-gemm);
+# keep the faster. UNIFORMERV2_LMHRA_GEMM sets the default.
+GEMM = os.environ.get("UNIFORMERV2_LMHRA_GEMM", "triton")
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
@@ -175,6 +186,65 @@ def _fused_matmul_kernel(
     mask = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * N + cols[None, :]
     val = acc + tl.load(col_bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if HAS_ROW_SCALE:
+        scale = tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)
+        val = val * scale[:, None]
+    val += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_E:
+        coef = tl.load(col_coef_ptr + cols, mask=cmask, other=0.0)[None, :]
+        val += coef * tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _temporal_mix_kernel(
+    y1_ptr, k_bias_ptr, mix_w_ptr, mix_b_ptr, z_ptr, M, K, T,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Z[m] = w0 * (Y1[m-1] + kb) + w1 * (Y1[m] + kb) + w2 * (Y1[m+1] + kb) + mb (taps outside the clip
+    dropped), rounded to Z's dtype: the A operand ``_fused_matmul_kernel`` builds with HAS_MIX, written out
+    for a cuBLAS GEMM (the ``gemm="cublas"`` variant)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    kmask = ks < K
+    t = rows % T
+    mask = rmask[:, None] & kmask[None, :]
+    p_mask = (rmask & (t > 0))[:, None] & kmask[None, :]
+    n_mask = (rmask & (t < T - 1))[:, None] & kmask[None, :]
+    kb = tl.load(k_bias_ptr + ks, mask=kmask, other=0.0)[None, :]
+    w0 = tl.load(mix_w_ptr + ks * 3 + 0, mask=kmask, other=0.0)[None, :]
+    w1 = tl.load(mix_w_ptr + ks * 3 + 1, mask=kmask, other=0.0)[None, :]
+    w2 = tl.load(mix_w_ptr + ks * 3 + 2, mask=kmask, other=0.0)[None, :]
+    mb = tl.load(mix_b_ptr + ks, mask=kmask, other=0.0)[None, :]
+    offs = rows[:, None] * K + ks[None, :]
+    a_cur = tl.load(y1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a_prev = tl.load(y1_ptr + offs - K, mask=p_mask, other=0.0).to(tl.float32)
+    a_next = tl.load(y1_ptr + offs + K, mask=n_mask, other=0.0).to(tl.float32)
+    z = w1 * (a_cur + kb) + mb
+    z += tl.where(p_mask, w0 * (a_prev + kb), 0.0)
+    z += tl.where(n_mask, w2 * (a_next + kb), 0.0)
+    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_epilogue_kernel(
+    acc_ptr, out_ptr, res_ptr, e_ptr, col_bias_ptr, col_coef_ptr, row_scale_ptr, M, N, T, NT,
+    HAS_ROW_SCALE: tl.constexpr, HAS_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = res + row_scale[video] * (acc + col_bias) [+ col_coef * E]: ``_fused_matmul_kernel``'s epilogue
+    as a pass over the fp32 GEMM output acc (the ``gemm="cublas"`` variant)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    val = tl.load(acc_ptr + offs, mask=mask, other=0.0) + tl.load(col_bias_ptr + cols, mask=cmask, other=0.0)[None, :]
     if HAS_ROW_SCALE:
         scale = tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)
         val = val * scale[:, None]
@@ -409,13 +479,22 @@ def fused_matmul(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, res: torch.Tensor, col_bias: torch.Tensor,
     T: int, NT: int, b_transposed: bool, row_scale: torch.Tensor | None = None,
     mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    e: torch.Tensor | None = None, col_coef: torch.Tensor | None = None,
+    e: torch.Tensor | None = None, col_coef: torch.Tensor | None = None, gemm: str | None = None,
 ) -> None:
     """out = res + row_scale * (A @ B' + col_bias) [+ col_coef * e], see ``_fused_matmul_kernel``.
 
     b is the weight as stored: B' = b^T when b_transposed (b is (N, K)), else B' = b (b is (K, N)).
     mix = (k_bias, mix_w (K, 3), mix_b), all fp32, turns on the temporal mix of a's rows.
+    gemm: "triton" (one fused kernel) or "cublas" (the mix written out by ``_temporal_mix_kernel``, the GEMM
+    on cuBLAS with an fp32 output, then ``_rows_epilogue_kernel``: the CUDA backend's plan, ~2 extra passes
+    over (M, K) and (M, N) buffers for cuBLAS's GEMM speed); default: the module's ``GEMM``.
     """
+    gemm = gemm or GEMM
+    if gemm not in ("triton", "cublas"):
+        raise ValueError(f"gemm must be 'triton' or 'cublas', got {gemm!r}")
+    if gemm == "cublas":
+        _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_scale, mix, e, col_coef)
+        return
     M, K = a.shape
     N = out.shape[1]
     stride_bk, stride_bn = (1, K) if b_transposed else (N, 1)
@@ -431,6 +510,27 @@ def fused_matmul(
         HAS_MIX=mix is not None, HAS_ROW_SCALE=row_scale is not None, HAS_E=e is not None,
         IEEE=_ieee(a.dtype), **cfg,
     )
+
+
+def _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_scale, mix, e, col_coef) -> None:
+    """``fused_matmul`` as three steps: [temporal mix kernel] -> cuBLAS (fp32 output) -> epilogue kernel."""
+    M, K = a.shape
+    N = out.shape[1]
+    interp = _interpreting(a)
+    if mix is not None:
+        k_bias, mix_w, mix_b = mix
+        z = torch.empty_like(a) if b.dtype == a.dtype else torch.empty(a.shape, dtype=b.dtype, device=a.device)
+        bm, bk = (32, 32) if interp else (32, 128)
+        _temporal_mix_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+            a, k_bias, mix_w, mix_b, z, M, K, T, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+        a = z
+    acc = _mm_fp32_out(a, b.t() if b_transposed else b)  # (M, N) fp32, cuBLAS
+    dummy = col_bias
+    bm, bn = (32, 32) if interp else (32, 128)
+    _rows_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        acc, out, res, e if e is not None else res, col_bias, col_coef if col_coef is not None else dummy,
+        row_scale if row_scale is not None else dummy, M, N, T, NT,
+        HAS_ROW_SCALE=row_scale is not None, HAS_E=e is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 def _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype):
