@@ -69,6 +69,18 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _token_grid(tok, tok_mask, n, T, NT, W):
+    """Where tokens j = l*T + t of video n sit: (t, is_patch, hh, ww, rows), with (hh, ww) the patch's grid
+    position (meaningful where is_patch) and rows = l*NT + n*T + t, the token's row of x (int64)."""
+    l = tok // T
+    t = tok % T
+    is_patch = (l >= 1) & tok_mask
+    hh = (l - 1) // W
+    ww = (l - 1) % W
+    return t, is_patch, hh, ww, (l * NT + n * T + t).to(tl.int64)
+
+
+@triton.jit
 def _dpe_kernel(
     x_ptr, dpe_w_ptr, dpe_b_ptr, y_ptr, R, T, NT, C, W,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -123,16 +135,11 @@ def _normalized_tile(
     Token j = l*T + t of video n is row l*NT + n*T + t. Returns (xhat, rstd, rows): xhat [BLOCK_S, BLOCK_C]
     fp32, zero outside (valid tokens) x (c < C); rows, the tokens' rows (int64).
     """
-    l = tok // T
-    t = tok % T
-    rows = (l * NT + n * T + t).to(tl.int64)
+    t, is_patch, hh, ww, rows = _token_grid(tok, tok_mask, n, T, NT, W)
     cmask2 = c_mask[None, :]
     y = tl.load(src_ptr + rows[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
     y = y.to(tl.float32)
     if FUSED_DPE:
-        is_patch = (l >= 1) & tok_mask
-        hh = (l - 1) // W
-        ww = (l - 1) % W
         for k in range(27):  # a runtime loop on purpose: unrolled, all 27 tile loads are hoisted and spill
             tt = t + (k // 9 - 1)
             h2 = hh + ((k // 3) % 3 - 1)
@@ -303,13 +310,7 @@ def _gqa_backward_dpe_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        l = tok // T
-        t = tok % T
-        is_patch = (l >= 1) & tok_mask
-        p = l - 1
-        hh = p // W
-        ww = p % W
-        center = (l * NT + n * T + t).to(tl.int64)
+        t, is_patch, hh, ww, center = _token_grid(tok, tok_mask, n, T, NT, W)
         c_offs = center[:, None] * C + offs_c[None, :]
         dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
         xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)
@@ -364,12 +365,7 @@ def _gqa_backward_dpe_gather_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        l = tok // T
-        t = tok % T
-        is_patch = (l >= 1) & tok_mask
-        hh = (l - 1) // W
-        ww = (l - 1) % W
-        center = (l * NT + n * T + t).to(tl.int64)
+        t, is_patch, hh, ww, center = _token_grid(tok, tok_mask, n, T, NT, W)
         c_offs = center[:, None] * C + offs_c[None, :]
         dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
         xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)

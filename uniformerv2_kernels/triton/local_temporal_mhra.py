@@ -120,6 +120,18 @@ def _bn_stats_combine_kernel(
 
 
 @triton.jit
+def _mix_taps(k_bias_ptr, mix_w_ptr, mix_b_ptr, ks, kmask):
+    """The temporal mix's per-channel constants for channels ks, as [1, BLOCK_K] rows: (k_bias, the taps
+    w0, w1, w2 for frames t-1, t, t+1, mix_b)."""
+    kb = tl.load(k_bias_ptr + ks, mask=kmask, other=0.0)[None, :]
+    w0 = tl.load(mix_w_ptr + ks * 3 + 0, mask=kmask, other=0.0)[None, :]
+    w1 = tl.load(mix_w_ptr + ks * 3 + 1, mask=kmask, other=0.0)[None, :]
+    w2 = tl.load(mix_w_ptr + ks * 3 + 2, mask=kmask, other=0.0)[None, :]
+    mb = tl.load(mix_b_ptr + ks, mask=kmask, other=0.0)[None, :]
+    return kb, w0, w1, w2, mb
+
+
+@triton.jit
 def _fused_matmul_kernel(
     a_ptr, b_ptr, out_ptr, res_ptr, e_ptr,
     col_bias_ptr, col_coef_ptr, row_scale_ptr, k_bias_ptr, mix_w_ptr, mix_b_ptr,
@@ -159,11 +171,7 @@ def _fused_matmul_kernel(
         a_mask = rmask[:, None] & kmask[None, :]
         a_cur = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
         if HAS_MIX:
-            kb = tl.load(k_bias_ptr + ks, mask=kmask, other=0.0)[None, :]
-            w0 = tl.load(mix_w_ptr + ks * 3 + 0, mask=kmask, other=0.0)[None, :]
-            w1 = tl.load(mix_w_ptr + ks * 3 + 1, mask=kmask, other=0.0)[None, :]
-            w2 = tl.load(mix_w_ptr + ks * 3 + 2, mask=kmask, other=0.0)[None, :]
-            mb = tl.load(mix_b_ptr + ks, mask=kmask, other=0.0)[None, :]
+            kb, w0, w1, w2, mb = _mix_taps(k_bias_ptr, mix_w_ptr, mix_b_ptr, ks, kmask)
             p_mask = has_prev[:, None] & kmask[None, :]
             n_mask = has_next[:, None] & kmask[None, :]
             a_prev = tl.load(a_ptr + (rows[:, None] - 1) * K + ks[None, :], mask=p_mask, other=0.0)
@@ -214,11 +222,7 @@ def _temporal_mix_kernel(
     mask = rmask[:, None] & kmask[None, :]
     p_mask = (rmask & (t > 0))[:, None] & kmask[None, :]
     n_mask = (rmask & (t < T - 1))[:, None] & kmask[None, :]
-    kb = tl.load(k_bias_ptr + ks, mask=kmask, other=0.0)[None, :]
-    w0 = tl.load(mix_w_ptr + ks * 3 + 0, mask=kmask, other=0.0)[None, :]
-    w1 = tl.load(mix_w_ptr + ks * 3 + 1, mask=kmask, other=0.0)[None, :]
-    w2 = tl.load(mix_w_ptr + ks * 3 + 2, mask=kmask, other=0.0)[None, :]
-    mb = tl.load(mix_b_ptr + ks, mask=kmask, other=0.0)[None, :]
+    kb, w0, w1, w2, mb = _mix_taps(k_bias_ptr, mix_w_ptr, mix_b_ptr, ks, kmask)
     offs = rows[:, None] * K + ks[None, :]
     a_cur = tl.load(y1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a_prev = tl.load(y1_ptr + offs - K, mask=p_mask, other=0.0).to(tl.float32)
@@ -275,11 +279,7 @@ def _temporal_mix_backward_kernel(
     pid_k = tl.program_id(1)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < K
-    kb = tl.load(k_bias_ptr + ks, mask=kmask, other=0.0)[None, :]
-    w0 = tl.load(mix_w_ptr + ks * 3 + 0, mask=kmask, other=0.0)[None, :]
-    w1 = tl.load(mix_w_ptr + ks * 3 + 1, mask=kmask, other=0.0)[None, :]
-    w2 = tl.load(mix_w_ptr + ks * 3 + 2, mask=kmask, other=0.0)[None, :]
-    mb = tl.load(mix_b_ptr + ks, mask=kmask, other=0.0)[None, :]
+    kb, w0, w1, w2, mb = _mix_taps(k_bias_ptr, mix_w_ptr, mix_b_ptr, ks, kmask)
     acc_db = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_w0 = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_w1 = tl.zeros([BLOCK_K], dtype=tl.float32)
