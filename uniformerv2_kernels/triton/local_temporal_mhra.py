@@ -132,6 +132,24 @@ def _mix_taps(k_bias_ptr, mix_w_ptr, mix_b_ptr, ks, kmask):
 
 
 @triton.jit
+def _store_epilogue(acc, rows, cols, rmask, cmask, N, T, NT, out_ptr, res_ptr, e_ptr, col_bias_ptr, col_coef_ptr,
+                    row_scale_ptr, HAS_ROW_SCALE: tl.constexpr, HAS_E: tl.constexpr):
+    """out[rows, cols] = res + row_scale[video] * (acc + col_bias) [+ col_coef * E], fp32 math, one rounding
+    to out's dtype; acc is an fp32 [rows, cols] tile, the other (M, N) tensors row-major."""
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    val = acc + tl.load(col_bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if HAS_ROW_SCALE:
+        scale = tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)
+        val = val * scale[:, None]
+    val += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_E:
+        coef = tl.load(col_coef_ptr + cols, mask=cmask, other=0.0)[None, :]
+        val += coef * tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fused_matmul_kernel(
     a_ptr, b_ptr, out_ptr, res_ptr, e_ptr,
     col_bias_ptr, col_coef_ptr, row_scale_ptr, k_bias_ptr, mix_w_ptr, mix_b_ptr,
@@ -191,17 +209,8 @@ def _fused_matmul_kernel(
         else:
             acc = tl.dot(a, b, acc)
 
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * N + cols[None, :]
-    val = acc + tl.load(col_bias_ptr + cols, mask=cmask, other=0.0)[None, :]
-    if HAS_ROW_SCALE:
-        scale = tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)
-        val = val * scale[:, None]
-    val += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_E:
-        coef = tl.load(col_coef_ptr + cols, mask=cmask, other=0.0)[None, :]
-        val += coef * tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_epilogue(acc, rows, cols, rmask, cmask, N, T, NT, out_ptr, res_ptr, e_ptr, col_bias_ptr, col_coef_ptr,
+                    row_scale_ptr, HAS_ROW_SCALE, HAS_E)
 
 
 @triton.jit
@@ -246,17 +255,9 @@ def _rows_epilogue_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     cmask = cols < N
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * N + cols[None, :]
-    val = tl.load(acc_ptr + offs, mask=mask, other=0.0) + tl.load(col_bias_ptr + cols, mask=cmask, other=0.0)[None, :]
-    if HAS_ROW_SCALE:
-        scale = tl.load(row_scale_ptr + (rows % NT) // T, mask=rmask, other=0.0)
-        val = val * scale[:, None]
-    val += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_E:
-        coef = tl.load(col_coef_ptr + cols, mask=cmask, other=0.0)[None, :]
-        val += coef * tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+    acc = tl.load(acc_ptr + rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    _store_epilogue(acc, rows, cols, rmask, cmask, N, T, NT, out_ptr, res_ptr, e_ptr, col_bias_ptr, col_coef_ptr,
+                    row_scale_ptr, HAS_ROW_SCALE, HAS_E)
 
 
 @triton.jit
