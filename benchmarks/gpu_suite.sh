@@ -264,7 +264,9 @@ if want profile; then
     # then torch.profiler (seconds): host launch time vs GPU busy time per op, and the top kernels, ATen's
     # and cuBLAS's included
     # shellcheck disable=SC2086
-    TIMELINE_ARGS="--device cuda --dtype bfloat16"
+    # every backend and variant (benchmarks/README.md: the variants a GPU run decides between)
+    PROFILED="triton,triton-fused-dpe,triton-dpe-bwd-gather,triton-cublas-gemm,cuda"
+    TIMELINE_ARGS="--device cuda --dtype bfloat16 --backend $PROFILED"
     [ "$DEVICE" = cpu ] && TIMELINE_ARGS="--interpret --model tiny --frames 3 --batch 2 --dtype float32"  # dry run
     # shellcheck disable=SC2086
     run_step timeline 120 "$PYTHON" benchmarks/profile_kernels.py $TIMELINE_ARGS \

@@ -161,7 +161,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--backend", default="triton", choices=["triton", "cuda"])
+    ap.add_argument("--backend", default="triton",
+                    help="comma list of benchmark provider names to profile per op (triton, cuda, or a variant "
+                         "such as triton-dpe-bwd-gather); an op without a provider of that name skips it")
     ap.add_argument("--model", default="b16", help="harness model name: b16, l14, tiny, ...")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
@@ -181,30 +183,35 @@ def main(argv=None) -> int:
     shape = H.Shape(H.MODELS[args.model], args.frames, args.batch)
     device = torch.device(args.device)
     sections = []
+    wanted = [b for b in args.backend.split(",") if b]
     for op in [o for o in args.ops.split(",") if o]:
         bench = importlib.import_module(f"bench_{op}")
-        provider = next(p for p in bench.PROVIDERS if p.name == args.backend)
-        extra = {"local_temporal_mhra": (True,), "spatial_attention": ("sdpa",)}.get(op, ())  # training BN
-        case = bench.make_case(shape, dtype, *extra)
-        inputs = case.make_inputs(device, dtype, True)
-        step, leaves = H.make_step(provider, inputs, "forward+backward")
-        step()  # warm-up: compiles the kernels
-        H.synchronize(device)
-        for t in leaves:
-            t.grad = None
-        print(f"[profile] {op} {args.backend} {case.name} {args.dtype}: profiled step", flush=True)
-        if args.timeline:
-            info = timeline(step, device)
-            sections.append(timeline_markdown(f"{op} ({args.backend}, {case.name}, {args.dtype}, forward+backward)",
-                                              info))
-            print(sections[-1], flush=True)
-            continue
-        if device.type == "cuda":  # `ncu --profile-from-start off` skips the warm-up (and autotuning)
-            torch.cuda.profiler.start()
-        step()
-        H.synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.profiler.stop()
+        for provider in [p for name in wanted for p in bench.PROVIDERS if p.name == name]:
+            extra = {"local_temporal_mhra": (True,), "spatial_attention": ("sdpa",)}.get(op, ())  # training BN
+            case = bench.make_case(shape, dtype, *extra)
+            why = H.provider_skip_reason(provider, case, argparse.Namespace(device=device, dtype=dtype))
+            if why:
+                print(f"[profile] {op} {provider.name}: skipped ({why})", flush=True)
+                continue
+            inputs = case.make_inputs(device, dtype, True)
+            step, leaves = H.make_step(provider, inputs, "forward+backward")
+            step()  # warm-up: compiles the kernels
+            H.synchronize(device)
+            for t in leaves:
+                t.grad = None
+            print(f"[profile] {op} {provider.name} {case.name} {args.dtype}: profiled step", flush=True)
+            if args.timeline:
+                info = timeline(step, device)
+                sections.append(timeline_markdown(
+                    f"{op} ({provider.name}, {case.name}, {args.dtype}, forward+backward)", info))
+                print(sections[-1], flush=True)
+                continue
+            if device.type == "cuda":  # `ncu --profile-from-start off` skips the warm-up (and autotuning)
+                torch.cuda.profiler.start()
+            step()
+            H.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.profiler.stop()
     if args.timeline:
         with open(args.timeline, "w") as f:
             f.write(f"# torch.profiler timeline of one forward+backward per op ({device}, {args.dtype})\n\n")
