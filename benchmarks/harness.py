@@ -84,6 +84,11 @@ On CPU there is no allocator high-water mark to read: the column is empty and th
 for its kernels: what the host spends launching a step. When it is close to ``ms`` the step is bound by
 launch overhead (checks, dispatch, Triton's launcher), not by the GPU; the first H100 run suggested this
 for the small ops (the CLIP LayerNorm op took 0.19 ms at b16 where its kernel ran 27 us).
+``gpu_ms`` (CUDA only): median time of the step replayed from a CUDA graph (captured once after a warm-up;
+L2 flushed before each replay, as for ``ms``): the GPU's own time with no host work at all. ``ms`` far above
+``gpu_ms`` means the step waits on the host; variants of a kernel compare fairly on ``gpu_ms`` even where the
+host hides their difference in ``ms``. Empty, with a note, where the step cannot be captured (a host sync,
+an optimizer without ``capturable``, ...).
 ``speedup``: baseline ms / this ms, same case and mode.
 Each CSV row also carries the date (UTC), device name, torch / triton / CUDA / python versions, the git
 commit (``-dirty`` when the tree has changes), dtype and whether it is a --quick run.
@@ -487,6 +492,45 @@ def host_time_ms(step, device, grad_to_none: Sequence[torch.Tensor] | None = Non
     return statistics.median(times) * 1e3
 
 
+def graph_time_ms(step, device, grad_to_none: Sequence[torch.Tensor] | None = None,
+                  reps: int = 10) -> tuple[float | None, str | None]:
+    """(median ms of ``step()`` replayed from a CUDA graph, None) on CUDA; (None, why) where it cannot be
+    captured; (None, None) on the CPU. The step is warmed up twice on a side stream (as capture requires),
+    captured once, and each timed replay follows an L2 flush, between CUDA events around the replay only."""
+    if torch.device(device).type != "cuda":
+        return None, None
+    graph = None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                _clear_grads(grad_to_none or ())
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        _clear_grads(grad_to_none or ())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+        times = []
+        for _ in range(reps):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), None
+    except Exception as exc:  # not capturable: say why, keep the row
+        return None, _first_line(exc)
+    finally:
+        del graph
+        _clear_grads(grad_to_none or ())
+        torch.cuda.synchronize()
+
+
 # Failures a "backward by difference" retry must not swallow: out of memory, and a sticky CUDA fault
 # (torch.AcceleratorError, e.g. an illegal address, where torch has it).
 DEVICE_ERRORS = tuple(e for e in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e)
@@ -551,6 +595,9 @@ def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None
             row["host_ms"] = host_time_ms(step, args.device, leaves)
             _clear_grads(leaves)
             row["peak_mb"] = peak_memory_mb(step, args.device)
+            row["gpu_ms"], why = graph_time_ms(step, args.device, leaves)
+            if why:
+                note.append(f"no GPU ms: {why}")
         del step
     except Exception as exc:  # keep going: one broken provider must not hide the others
         if getattr(args, "strict", False):
@@ -672,7 +719,7 @@ def device_tag(device) -> str:
 
 CSV_COLUMNS = (
     "date", "bench", "case", "shape", "mode", "provider", "status", "ms", "gbps", "tflops", "items_per_s",
-    "items_unit", "peak_mb", "first_ms", "host_ms", "speedup", "bytes", "flops", "dtype", "quick", "note",
+    "items_unit", "peak_mb", "first_ms", "host_ms", "gpu_ms", "speedup", "bytes", "flops", "dtype", "quick", "note",
     "device", "torch", "triton", "cuda", "driver", "xformers", "python", "commit", "host", "triton_interpret",
 )
 
@@ -743,7 +790,7 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
     """The result table (ok and error rows; skipped providers are listed once below it, with reasons)."""
     shown = [r for r in rows if r["status"] != "skipped"]
     has = {k: any(r.get(k) is not None for r in shown)
-           for k in ("gbps", "tflops", "items_per_s", "host_ms", "speedup")}
+           for k in ("gbps", "tflops", "items_per_s", "host_ms", "gpu_ms", "speedup")}
     on_gpu = any(r.get("peak_mb") is not None for r in shown)
     units = sorted({r["items_unit"] for r in shown if r.get("items_unit")})
     header = ["case", "mode", "provider", "ms"]
@@ -756,6 +803,8 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
     header += ["peak MiB", "first ms"]
     if has["host_ms"]:
         header.append("host ms")
+    if has["gpu_ms"]:
+        header.append("GPU ms")
     if has["speedup"]:
         header.append("speed-up")
     header.append("note")
@@ -773,6 +822,8 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
         cells.append(_fmt(r.get("first_ms")))
         if has["host_ms"]:
             cells.append(_fmt(r.get("host_ms")))
+        if has["gpu_ms"]:
+            cells.append(_fmt(r.get("gpu_ms")))
         if has["speedup"]:
             cells.append(f"{r['speedup']:.2f}x" if r.get("speedup") else "")
         cells.append(r.get("note") or "")
@@ -991,7 +1042,8 @@ def save(name: str, rows: Sequence[dict], args, title: str | None = None, table:
 
 # ------------------------------------------------------------------------- reading results back (CLI)
 
-_NUMERIC = ("ms", "gbps", "tflops", "items_per_s", "peak_mb", "first_ms", "host_ms", "speedup", "bytes", "flops")
+_NUMERIC = ("ms", "gbps", "tflops", "items_per_s", "peak_mb", "first_ms", "host_ms", "gpu_ms", "speedup", "bytes",
+            "flops")
 
 
 def read_csv(path: str) -> list[dict]:

@@ -229,6 +229,45 @@ def test_host_time_is_cuda_only_and_shown_when_measured():
     assert "host ms" not in H.format_table(rows, markdown=True)
 
 
+def test_graph_time_is_cuda_only_and_shown_when_measured():
+    """GPU ms (a CUDA-graph replay) is measured on CUDA only; the table shows the column when a row has it."""
+    assert H.graph_time_ms(lambda: None, "cpu") == (None, None)
+    args = H.parse_args("", ["--device", "cpu"])
+    case = H.Case("c", lambda *a: {})
+    rows = []
+    for provider, gpu in (("eager", 0.05), ("triton", 0.031)):
+        row = H.new_row(provider, case, "forward", args)
+        row.update(status="ok", ms=0.2, gpu_ms=gpu)
+        rows.append(row)
+    table = H.format_table(rows, markdown=True)
+    assert "| GPU ms |" in table and "| 0.031 |" in table
+    rows[1]["gpu_ms"] = rows[0]["gpu_ms"] = None
+    assert "GPU ms" not in H.format_table(rows, markdown=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_time_of_a_capturable_and_an_uncapturable_step():
+    a = torch.randn(1024, 1024, device="cuda")
+    ms, why = H.graph_time_ms(lambda: a @ a, "cuda")
+    assert why is None and ms > 0
+
+    def refuses_capture():  # as a step with a host sync would (without poisoning this test process's stream)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("this step syncs with the host")
+        return a @ a
+
+    ms, why = H.graph_time_ms(refuses_capture, "cuda")
+    assert ms is None and "syncs with the host" in why
+    assert H.graph_time_ms(lambda: a @ a, "cuda")[0] > 0  # capture still works afterwards
+
+
+def test_committed_csvs_have_the_current_header():
+    """benchmarks/results/*.csv must carry CSV_COLUMNS, or `harness.py merge` would move them aside."""
+    for path in glob.glob(os.path.join(HERE, "results", "*.csv")):
+        with open(path, newline="") as f:
+            assert next(csv.reader(f)) == list(H.CSV_COLUMNS), path
+
+
 def test_csv_with_another_header_is_moved_aside(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("a,b\n1,2\n")
