@@ -3,15 +3,14 @@
 # `run` calls of at most 10 minutes each, back to back so the machine stays warm (a later call then finds
 # the extension built by the first and skips the build; on a fresh machine it builds again, ~1-2 min):
 #
-#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, tests
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, tests, overhead, timeline
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, end-to-end
 #
 # <commit>: `git describe --always --dirty --abbrev=12` on the development machine (the device machine gets
 # the working tree without .git, uncommitted changes included: -dirty says so).
 #
-#   GIT_COMMIT=... bash benchmarks/gpu_suite.sh profile  # optional 4th call: host time per call
-#                                                        # (launch_overhead.py), torch.profiler timeline,
+#   GIT_COMMIT=... bash benchmarks/gpu_suite.sh profile  # optional 4th call: overhead, timeline and
 #                                                        # Nsight Compute per kernel
 #
 # With no argument (or `all`) every step except profile runs in one call, cut by the time budget.
@@ -21,6 +20,10 @@
 #   build    pip install --no-deps --no-build-isolation -e . (builds the CUDA extension for this GPU's
 #            arch only; falls back to `setup.py build_ext --inplace`), then the backend status
 #   tests    pytest tests -q -rs (TRITON_INTERPRET unset: the CUDA / Triton-on-GPU tests run; xdist if present)
+#   overhead benchmarks/launch_overhead.py: host us per call of the pieces of an op  -> launch_overhead.md
+#   timeline benchmarks/profile_kernels.py --timeline over every backend and variant: GPU busy time and the
+#            top kernels of one forward+backward per op                          -> timeline.md
+#   profile  Nsight Compute over every kernel of one forward+backward per op    -> ncu_kernels.md
 #   ops      every benchmarks/bench_<op>.py (not e2e) with $SUITE_OP_ARGS
 #   e2e      benchmarks/bench_e2e.py eager + fused + fused-cuda, inference and training step, $SUITE_E2E_ARGS,
 #            and one profiled step per provider (torch.profiler: top kernels)   -> e2e_timeline.md
@@ -38,8 +41,9 @@
 #                              `python benchmarks/harness.py merge <dir>/results`)
 # SUITE_KEEP_FILES=1 also leaves the unpacked tree in $OUT/files.
 #
-# Environment knobs: SUITE_STEPS (comma list, default env,build,tests,ops,e2e,e2e_compile), SUITE_BUDGET_S,
-# SUITE_OP_ARGS (default "--frames 8,16 --batch 16 --rep 40 --warmup 10 --mode fwd,fwd+bwd"), SUITE_E2E_ARGS
+# Environment knobs: SUITE_STEPS (comma list; the defaults per call are in the `case` below), SUITE_BUDGET_S,
+# SUITE_OP_ARGS (default "--frames 8 --batch 16 --rep 30 --warmup 5 --mode fwd,fwd+bwd": b16 and l14 at 8
+# frames; the first H100 run needed ~90 s per benchmark for that, of a 105 s cap), SUITE_E2E_ARGS
 # (default "--batch 16 --rep 1000 --warmup 100"), SUITE_TEST_ARGS (extra pytest arguments), PYTHON.
 set -euo pipefail
 
@@ -56,15 +60,15 @@ PYTHON="${PYTHON:-python3}"
 BUDGET="${SUITE_BUDGET_S:-560}"
 RESERVE=30
 case "${1:-all}" in
-    all) DEFAULT_STEPS="env,build,tests,ops,e2e,e2e_compile" ;;
-    tests) DEFAULT_STEPS="env,build,tests" ;;
+    all) DEFAULT_STEPS="env,build,tests,overhead,timeline,ops,e2e,e2e_compile" ;;
+    tests) DEFAULT_STEPS="env,build,tests,overhead,timeline" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
     e2e) DEFAULT_STEPS="env,build,e2e,e2e_compile" ;;
-    profile) DEFAULT_STEPS="env,build,profile" ;;
+    profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
     *) echo "usage: $0 [all|tests|ops|e2e|profile]" >&2; exit 2 ;;
 esac
 STEPS=",${SUITE_STEPS:-$DEFAULT_STEPS},"
-OP_ARGS="${SUITE_OP_ARGS:---frames 8,16 --batch 16 --rep 40 --warmup 10 --mode fwd,fwd+bwd}"
+OP_ARGS="${SUITE_OP_ARGS:---frames 8 --batch 16 --rep 30 --warmup 5 --mode fwd,fwd+bwd}"
 E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 1000 --warmup 100}"
 DEVICE="${SUITE_DEVICE:-cuda}"  # cpu only to try the script itself on a machine without a GPU
 START=$SECONDS
@@ -250,27 +254,30 @@ if want e2e_compile; then
         $E2E_ARGS
 fi
 
-if want profile; then
-    # Nsight Compute on one forward+backward of every fused op (b16, 8 frames, 16 clips, bf16): DRAM bytes
-    # against L2 / L1 bytes per kernel, occupancy, registers (benchmarks/profile_kernels.py)
-    NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1 || true)"
-    # Host time per call first (seconds): an ATen op, a Triton launch, a custom op, a Python backward on
-    # the autograd device thread, each fused op on tiny inputs (benchmarks/launch_overhead.py)
+if want overhead; then
+    # Host time per call (seconds): an ATen op, a Triton launch, a custom op, a Python backward on the
+    # autograd device thread, each fused op on tiny inputs (benchmarks/launch_overhead.py)
     OVERHEAD_ARGS="--device cuda --dtype bfloat16"
     [ "$DEVICE" = cpu ] && OVERHEAD_ARGS="--device cpu --reps 100"  # dry run
     # shellcheck disable=SC2086
     run_step overhead 90 "$PYTHON" benchmarks/launch_overhead.py $OVERHEAD_ARGS \
         --out "$STAGE/results/launch_overhead.md"
-    # then torch.profiler (seconds): host launch time vs GPU busy time per op, and the top kernels, ATen's
-    # and cuBLAS's included
-    # shellcheck disable=SC2086
-    # every backend and variant (benchmarks/README.md: the variants a GPU run decides between)
+fi
+if want timeline; then
+    # torch.profiler (a minute): per op and per backend / variant (benchmarks/README.md: the variants a GPU
+    # run decides between), host launch time vs GPU busy time of one forward+backward, and the top kernels,
+    # ATen's and cuBLAS's included
     PROFILED="triton,triton-fused-dpe,triton-dpe-bwd-gather,triton-cublas-gemm,cuda"
     TIMELINE_ARGS="--device cuda --dtype bfloat16 --backend $PROFILED"
     [ "$DEVICE" = cpu ] && TIMELINE_ARGS="--interpret --model tiny --frames 3 --batch 2 --dtype float32"  # dry run
     # shellcheck disable=SC2086
-    run_step timeline 120 "$PYTHON" benchmarks/profile_kernels.py $TIMELINE_ARGS \
+    run_step timeline 150 "$PYTHON" benchmarks/profile_kernels.py $TIMELINE_ARGS \
         --timeline "$STAGE/results/timeline.md" ${SUITE_PROFILE_ARGS:-}
+fi
+if want profile; then
+    # Nsight Compute on one forward+backward of every fused op (b16, 8 frames, 16 clips, bf16): DRAM bytes
+    # against L2 / L1 bytes per kernel, occupancy, registers (benchmarks/profile_kernels.py)
+    NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1 || true)"
     if [ -n "$NCU" ]; then
         # shellcheck disable=SC2046
         run_step profile 300 "$NCU" --csv --print-units base --clock-control none --target-processes all \

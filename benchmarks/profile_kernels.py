@@ -182,7 +182,9 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     shape = H.Shape(H.MODELS[args.model], args.frames, args.batch)
     device = torch.device(args.device)
-    sections = []
+    if args.timeline:  # written section by section: a run cut by a timeout keeps what it profiled
+        with open(args.timeline, "w") as f:
+            f.write(f"# torch.profiler timeline of one forward+backward per op ({device}, {args.dtype})\n\n")
     wanted = [b for b in args.backend.split(",") if b]
     for op in [o for o in args.ops.split(",") if o]:
         bench = importlib.import_module(f"bench_{op}")
@@ -202,9 +204,11 @@ def main(argv=None) -> int:
             print(f"[profile] {op} {provider.name} {case.name} {args.dtype}: profiled step", flush=True)
             if args.timeline:
                 info = timeline(step, device)
-                sections.append(timeline_markdown(
-                    f"{op} ({provider.name}, {case.name}, {args.dtype}, forward+backward)", info))
-                print(sections[-1], flush=True)
+                section = timeline_markdown(f"{op} ({provider.name}, {case.name}, {args.dtype}, forward+backward)",
+                                            info)
+                print(section, flush=True)
+                with open(args.timeline, "a") as f:
+                    f.write(section + "\n")
                 continue
             if device.type == "cuda":  # `ncu --profile-from-start off` skips the warm-up (and autotuning)
                 torch.cuda.profiler.start()
@@ -212,10 +216,6 @@ def main(argv=None) -> int:
             H.synchronize(device)
             if device.type == "cuda":
                 torch.cuda.profiler.stop()
-    if args.timeline:
-        with open(args.timeline, "w") as f:
-            f.write(f"# torch.profiler timeline of one forward+backward per op ({device}, {args.dtype})\n\n")
-            f.write("\n".join(sections))
     return 0
 
 
