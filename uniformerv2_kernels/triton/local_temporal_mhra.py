@@ -492,7 +492,8 @@ def fused_matmul(
     """
     gemm = gemm or GEMM
     if gemm not in ("triton", "cublas"):
-        raise ValueError(f"gemm must be 'triton' or 'cublas', got {gemm!r}")
+        raise ValueError(f"gemm (default: local_temporal_mhra.GEMM, from UNIFORMERV2_LMHRA_GEMM) must be "
+                         f"'triton' or 'cublas', got {gemm!r}")
     if gemm == "cublas":
         _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_scale, mix, e, col_coef)
         return
