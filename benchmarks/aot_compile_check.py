@@ -233,6 +233,22 @@ def ffn_cases(dtypes, all_variants=True):
             label = v[0]
             for cfg in mod._configs():
                 cases.append(_linear_case(mod, dt, *v, cfg, group=f"ffn {label} {dt}"))
+        # the UNIFORMERV2_TRITON_GEMM=cublas variant's epilogue pass (after torch.addmm)
+        p = _ptr(dt)
+        for label, N, n_outer, n_inner, rows_per_scale, flags in (
+                ("c_fc(gelu)", 4 * C, 1, 1, 1, dict(EPILOGUE=1, HAS_RES=False, HAS_ROW_SCALE=False,
+                                                     SWAP_OUT_ROWS=False)),
+                ("c_proj(res,scale)", C, 1, 1, m["NT"], dict(EPILOGUE=0, HAS_RES=True, HAS_ROW_SCALE=True,
+                                                              SWAP_OUT_ROWS=False)),
+                ("dgrad(gelu')", 4 * C, 1, 1, 1, dict(EPILOGUE=2, HAS_RES=False, HAS_ROW_SCALE=False,
+                                                       SWAP_OUT_ROWS=False)),
+                ("out_proj(swap)", C, m["NT"], m["L"], 1, dict(EPILOGUE=0, HAS_RES=False, HAS_ROW_SCALE=False,
+                                                               SWAP_OUT_ROWS=True))):
+            cases.append(Case(
+                "ffn", "_linear_epilogue_kernel", dt, f"{label} BM=32 BN=128 w4",
+                dict(P=p, Out=p, Aux=p, Aux2=p, Res=p, RowScale=p, M=M, N=N, n_outer=n_outer, n_inner=n_inner,
+                     rows_per_scale=rows_per_scale),
+                dict(flags, BLOCK_M=32, BLOCK_N=128)))
     return cases
 
 

@@ -7,6 +7,10 @@ Providers (one freshly built model each, same seed, so the same weights):
                        backend the registry picks: cuda, else triton, else the reference backend)
 - ``fused+compile``:   the fused model under ``torch.compile`` (the ops are torch.library custom ops, so
                        the graph has no break)
+- ``fused-cuda``:      the fused model asked for the CUDA C++ kernels (the spatial attention on Triton)
+- ``fused-cublas-gemm``: ``fused`` with UNIFORMERV2_TRITON_GEMM=cublas (the Triton backend's GEMMs with
+                       fused epilogues run as cuBLAS + a Triton epilogue pass; the default until a GPU run
+                       has timed both is the Triton GEMMs)
 
 Tasks (``--mode``: ``forward`` = inference, ``forward+backward`` = training step; ``backward`` is not a
 thing end-to-end and is ignored):
@@ -52,10 +56,11 @@ QUICK_CONFIGS = {
     "tiny_ssv2": ("tiny", {}),
 }
 FULL_CONFIGS = ("k400_b16_f8x224", "ssv2_b16_f16x224")
-PROVIDERS = ("eager", "compile", "fused", "fused+compile", "fused-cuda")
+PROVIDERS = ("eager", "compile", "fused", "fused+compile", "fused-cuda", "fused-cublas-gemm")
 # fused-cuda: the fused model asked for the CUDA C++ kernels (the spatial attention, which has none, on
 # Triton); skipped with the reason where there is no GPU or no built extension
 TASKS = {"forward": "inference", "forward+backward": "train"}
+TRITON_GEMM_AT_START = os.environ.get("UNIFORMERV2_TRITON_GEMM", "triton")  # the fused providers' setting
 
 
 def extra_args(p):
@@ -253,6 +258,10 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             else:
                 run_model = model
             step = make_step(model, run_model, task, x, labels, args)
+            if prov == "fused-cublas-gemm":
+                step = H.with_triton_gemm(step, "cublas")
+            elif fused:  # the setting this run started with, whatever an earlier provider set since
+                step = H.with_triton_gemm(step, TRITON_GEMM_AT_START)
             t0 = time.perf_counter()
             step()
             H.synchronize(args.device)

@@ -6,6 +6,8 @@ Providers:
 - ``compile``: the same under ``torch.compile``
 - ``triton``:  ``uniformerv2_kernels.ops.ffn.fused_ffn(..., backend="triton")``: LN kernel + Triton GEMMs
                with the bias/QuickGELU and bias/residual epilogues (cuBLAS for the weight gradients)
+- ``triton-cublas-gemm``: the same with UNIFORMERV2_TRITON_GEMM=cublas: ``torch.addmm`` for the GEMMs and
+               a Triton pass for each epilogue (the CUDA backend's plan; kept to time both on one GPU)
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension has it)
 
 Shapes: the stream (L, N*T, C) of the harness's shape set (rows = L*N*T, hidden 4C). x and the Linear
@@ -83,7 +85,8 @@ def make_case(shape: H.Shape, dtype: torch.dtype) -> H.Case:
 PROVIDERS = [
     H.Provider("eager", official),
     H.Provider("compile", official, compile=True),
-    H.Provider("triton", fused("triton"), requires=("triton",)),
+    H.Provider("triton", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",)),
+    H.Provider("triton-cublas-gemm", H.with_triton_gemm(fused("triton"), "cublas"), requires=("triton",)),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:fused_ffn_fwd",)),
 ]
 

@@ -8,7 +8,7 @@ Providers:
 - ``compile``:  the same under ``torch.compile``
 - ``native``:   the native-layout reference (two matmuls + temporal shift mix, no permutes), eager
 - ``triton``:   ``uniformerv2_kernels.ops.local_temporal_mhra(..., backend="triton")``
-- ``triton-cublas-gemm``: the same with the Triton module's ``GEMM = "cublas"``: the two GEMMs with fused
+- ``triton-cublas-gemm``: the same with UNIFORMERV2_TRITON_GEMM=cublas: the two GEMMs with fused
                 prologue / epilogue run as mix kernel -> cuBLAS -> epilogue kernel (the CUDA backend's plan)
 - ``cuda``:     the same op on the CUDA C++ backend (skipped until the extension has it)
 
@@ -76,18 +76,10 @@ def native(x, T, training, bn_weight, bn_bias, running_mean, running_var, num_ba
     return out
 
 
-def fused(backend, gemm=None):
-    """The op on ``backend``; for triton, ``gemm`` picks where its two fused GEMMs run ("triton" or
-    "cublas", the module's GEMM setting, set on each forward call so that the backward that follows, run by
-    autograd after the call returns, uses the same)."""
+def fused(backend):
     def fn(x, T, training, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, conv1_weight,
            conv1_bias, dw_weight, dw_bias, conv2_weight, conv2_bias, branch_scale):
         from uniformerv2_kernels.ops.local_temporal_mhra import local_temporal_mhra
-
-        if gemm is not None:
-            from uniformerv2_kernels.triton import local_temporal_mhra as tri
-
-            tri.GEMM = gemm
 
         return local_temporal_mhra(
             x, T, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, conv1_weight, conv1_bias,
@@ -144,8 +136,9 @@ PROVIDERS = [
     H.Provider("eager", official),
     H.Provider("compile", official, compile=True),
     H.Provider("native", native),
-    H.Provider("triton", fused("triton", gemm="triton"), requires=("triton",), skip_if=_skip_triton_dtype),
-    H.Provider("triton-cublas-gemm", fused("triton", gemm="cublas"), requires=("triton",),
+    H.Provider("triton", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",),
+               skip_if=_skip_triton_dtype),
+    H.Provider("triton-cublas-gemm", H.with_triton_gemm(fused("triton"), "cublas"), requires=("triton",),
                skip_if=_skip_triton_dtype),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:local_temporal_mhra_fwd",)),
 ]

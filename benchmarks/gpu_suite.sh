@@ -243,7 +243,8 @@ fi
 if want e2e; then
     # shellcheck disable=SC2086
     run_step bench_e2e 300 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
-        --providers eager,fused,fused-cuda --mode fwd,fwd+bwd --timeline "$STAGE/results/e2e_timeline.md" $E2E_ARGS
+        --providers eager,fused,fused-cuda,fused-cublas-gemm --mode fwd,fwd+bwd \
+        --timeline "$STAGE/results/e2e_timeline.md" $E2E_ARGS
 fi
 if want e2e_compile; then
     # a separate CSV name would lose the shared table; the rows carry the provider, so one e2e.csv holds both

@@ -276,6 +276,16 @@ class Provider:
         return torch.compile(self.fn, **dict(self.compile_kwargs))
 
 
+def with_triton_gemm(fn: Callable[..., Any], gemm: str) -> Callable[..., Any]:
+    """``fn`` with UNIFORMERV2_TRITON_GEMM set to ``gemm`` ("triton" or "cublas") on every call, for the
+    providers that time the Triton backend's two GEMM plans side by side. Left set after the call: the
+    backward that autograd runs after ``fn`` returns reads it too, and every such provider sets its own."""
+    def wrapped(*args, **kwargs):
+        os.environ["UNIFORMERV2_TRITON_GEMM"] = gemm
+        return fn(*args, **kwargs)
+    return wrapped
+
+
 # --------------------------------------------------------------------------------- availability checks
 
 def _device_type(args) -> str:

@@ -82,7 +82,9 @@ def test_reference_gradcheck_float64():
         ((2, 3, 768), torch.float16, False),
     ],
 )
-def test_triton_matches_float64_reference(shape, dtype, use_row_scale):
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both are kept until timed
+def test_triton_matches_float64_reference(monkeypatch, shape, dtype, use_row_scale, gemm):
+    monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
     C = shape[-1]
     x = torch.randn(shape, device=DEVICE).to(dtype)
     params = _params(C, dtype)
@@ -100,7 +102,9 @@ def test_triton_matches_float64_reference(shape, dtype, use_row_scale):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_on_gpu_real_width(dtype):
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_triton_on_gpu_real_width(monkeypatch, dtype, gemm):
+    monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
     L, B, C = 197, 6, 768
     x = torch.randn(L, B, C, device="cuda").to(dtype)
     params = _params(C, dtype)

@@ -257,11 +257,9 @@ def test_triton_matches_official_module(N, T, hw, C, dtype, training, momentum, 
 ])
 def test_triton_cublas_gemm_variant_matches_official_module(monkeypatch, N, T, hw, C, dtype, training, momentum,
                                                             with_bs):
-    """gemm="cublas": the mix and the epilogue as kernels of their own around cuBLAS GEMMs (a variant kept
-    for timing against the fused Triton GEMMs on a GPU)."""
-    from uniformerv2_kernels.triton import local_temporal_mhra as tri
-
-    monkeypatch.setattr(tri, "GEMM", "cublas")
+    """UNIFORMERV2_TRITON_GEMM=cublas: the mix and the epilogue as kernels of their own around cuBLAS GEMMs (a
+    variant kept for timing against the fused Triton GEMMs on a GPU)."""
+    monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", "cublas")
     _check_against_official(N, T, hw, C, dtype, training, momentum, with_bs, DEVICE)
 
 

@@ -69,7 +69,9 @@ def test_reference_gradcheck_float64():
         ((3, 2, 768), 12, torch.float16),
     ],
 )
-def test_triton_matches_float64_reference(shape, heads, dtype):
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both are kept until timed
+def test_triton_matches_float64_reference(monkeypatch, shape, heads, dtype, gemm):
+    monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
     C = shape[-1]
     x = torch.randn(shape, device=DEVICE).to(dtype)
     params = _params(C, dtype)
@@ -84,7 +86,9 @@ def test_triton_matches_float64_reference(shape, heads, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_on_gpu_real_shape(dtype):
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_triton_on_gpu_real_shape(monkeypatch, dtype, gemm):
+    monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
     L, B, C, H = 197, 4, 768, 12
     x = torch.randn(L, B, C, device="cuda").to(dtype)
     params = _params(C, dtype)

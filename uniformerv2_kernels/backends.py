@@ -54,6 +54,22 @@ def op_body(t: torch.Tensor):
             yield
 
 
+ENV_TRITON_GEMM = "UNIFORMERV2_TRITON_GEMM"
+TRITON_GEMMS = ("triton", "cublas")
+
+
+def triton_gemm() -> str:
+    """Where the Triton backend runs its GEMMs that carry fused prologues / epilogues (the FFN and the
+    attention projections' ``linear``, the local MHRA's ``fused_matmul``): "triton" (default; one Triton
+    kernel each) or "cublas" (cuBLAS for the product, a Triton kernel for the elementwise work around it:
+    the CUDA backend's plan). Read per call from UNIFORMERV2_TRITON_GEMM, so a benchmark can time both in
+    one process. Both are tested; a GPU run decides which stays the default (benchmarks/README.md)."""
+    choice = os.environ.get(ENV_TRITON_GEMM, "triton").strip().lower() or "triton"
+    if choice not in TRITON_GEMMS:
+        raise ValueError(f"{ENV_TRITON_GEMM}={choice!r}: expected one of {TRITON_GEMMS}")
+    return choice
+
+
 def tf32_allowed() -> bool:
     """Whether fp32 matmuls may use TF32, as torch.matmul decides it. Reads the fp32_precision settings of
     torch >= 2.9 (reading the legacy ``allow_tf32`` flag raises once those are set), else ``allow_tf32``."""

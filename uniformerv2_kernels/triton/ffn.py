@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import tf32_allowed, triton_interpret
+from ..backends import tf32_allowed, triton_gemm, triton_interpret
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -104,9 +104,21 @@ def _linear_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    _linear_epilogue(acc, offs_m, offs_n, m_ok, n_ok, N, Out, Aux, Aux2, Res, RowScale, n_outer, n_inner,
+                     rows_per_scale, EPILOGUE, STORE_PRE, HAS_RES, HAS_ROW_SCALE, SWAP_OUT_ROWS)
+
+
+@triton.jit
+def _linear_epilogue(
+    acc, offs_m, offs_n, m_ok, n_ok, N, Out, Aux, Aux2, Res, RowScale, n_outer, n_inner, rows_per_scale,
+    EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, HAS_RES: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    SWAP_OUT_ROWS: tl.constexpr,
+):
+    """The epilogue of one [rows, cols] tile of a linear: acc (fp32, bias included) -> Out (see
+    ``_linear_kernel``), with the same roundings wherever it runs (GEMM kernel or ``_linear_epilogue_kernel``)."""
+    mask = m_ok[:, None] & n_ok[None, :]
     if SWAP_OUT_ROWS:
         out_rows = (offs_m % n_inner) * n_outer + offs_m // n_inner
     else:
@@ -131,6 +143,24 @@ def _linear_kernel(
         acc = acc.to(Out.dtype.element_ty).to(tl.float32)
         acc += tl.load(Res + out_tile, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + out_tile, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_epilogue_kernel(
+    P, Out, Aux, Aux2, Res, RowScale, M, N, n_outer, n_inner, rows_per_scale,
+    EPILOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SWAP_OUT_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``_linear_kernel``'s epilogue as a pass over P = a @ weight.T + bias, computed by cuBLAS and already
+    rounded to Out's dtype (the UNIFORMERV2_TRITON_GEMM=cublas variant). The pre-activation to keep is P
+    itself, so nothing is stored to Aux here (STORE_PRE off)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.load(P + offs_m[:, None] * N + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    _linear_epilogue(acc.to(tl.float32), offs_m, offs_n, m_ok, n_ok, N, Out, Aux, Aux2, Res, RowScale,
+                     n_outer, n_inner, rows_per_scale, EPILOGUE, False, HAS_RES, HAS_ROW_SCALE, SWAP_OUT_ROWS)
 
 
 _INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
@@ -168,8 +198,12 @@ def linear(
     row_scale: torch.Tensor | None = None,
     rows_per_scale: int = 1,
     swap_out_rows: tuple[int, int] | None = None,
+    gemm: str | None = None,
 ):
     """One fused GEMM: ``epilogue(a @ weight.T + bias)``.
+
+    gemm: "triton" (``_linear_kernel``: the epilogue inside the GEMM) or "cublas" (``torch.addmm``, then
+    ``_linear_epilogue_kernel``); default ``backends.triton_gemm()`` (UNIFORMERV2_TRITON_GEMM).
 
     a: (M, K) with unit stride along K or M (any 2-d strides work); weight: (N, K) with any strides (pass
     ``w.t()`` to multiply by w). Returns ``out`` (M, N) contiguous in a.dtype, plus:
@@ -183,6 +217,11 @@ def linear(
     M, K = a.shape
     N, K2 = weight.shape
     assert K == K2, (a.shape, weight.shape)
+    if gemm is None:
+        gemm = triton_gemm()
+    if gemm == "cublas":
+        return _linear_cublas(a, weight, bias, epilogue, store_pre, aux, residual, row_scale, rows_per_scale,
+                              swap_out_rows)
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     aux2 = None
     if epilogue == EPI_QUICK_GELU:
@@ -211,6 +250,39 @@ def linear(
         )
     if epilogue == EPI_QUICK_GELU:
         return out, aux
+    if epilogue == EPI_QUICK_GELU_GRAD:
+        return out, aux2
+    return out
+
+
+def _linear_cublas(a, weight, bias, epilogue, store_pre, aux, residual, row_scale, rows_per_scale, swap_out_rows):
+    """``linear`` as cuBLAS (``addmm``: fp32 accumulation, the bias in its epilogue, one rounding to a.dtype,
+    as ``_linear_kernel`` rounds) plus ``_linear_epilogue_kernel`` for what follows the rounding; the
+    pre-activation kept for backward is the addmm output itself."""
+    M, _ = a.shape
+    N = weight.shape[0]
+    w_t = weight.t() if weight.dtype == a.dtype else weight.t().to(a.dtype)
+    pre = torch.addmm(bias.to(a.dtype), a, w_t) if bias is not None else a @ w_t
+    if epilogue == EPI_NONE and residual is None and row_scale is None and swap_out_rows is None:
+        return pre
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    aux2 = torch.empty((M, N), dtype=a.dtype, device=a.device) if epilogue == EPI_QUICK_GELU_GRAD else None
+    if epilogue == EPI_QUICK_GELU_GRAD:
+        assert aux is not None and aux.shape == (M, N) and aux.is_contiguous()
+    if residual is not None:
+        assert residual.is_contiguous() and residual.numel() == M * N
+    if M > 0 and N > 0:
+        bm, bn = (32, 64) if triton_interpret() else (32, 128)
+        n_outer, n_inner = swap_out_rows if swap_out_rows is not None else (1, 1)
+        _linear_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            pre, out, aux if aux is not None else out, aux2 if aux2 is not None else out,
+            residual if residual is not None else out, row_scale if row_scale is not None else out,
+            M, N, n_outer, n_inner, rows_per_scale,
+            EPILOGUE=epilogue, HAS_RES=residual is not None, HAS_ROW_SCALE=row_scale is not None,
+            SWAP_OUT_ROWS=swap_out_rows is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+    if epilogue == EPI_QUICK_GELU:
+        return out, (pre if store_pre else None)
     if epilogue == EPI_QUICK_GELU_GRAD:
         return out, aux2
     return out

@@ -16,8 +16,9 @@ Forward (per call):
    A[m] = w0 * Y1[m-1] + w1 * Y1[m] + w2 * Y1[m+1] + b_dw (each Y1 row plus b1'; zero outside [0, T)),
    and whose epilogue adds b2, multiplies by the per-video branch scale (drop path) and adds the residual.
    This is Triton because the fusion saves writing and re-reading the (M, C') operand and the (M, C) branch.
-   (Variant ``GEMM = "cublas"``: ``_temporal_mix_kernel`` writes the operand, cuBLAS multiplies with an fp32
-   output, ``_rows_epilogue_kernel`` applies the epilogue; the same for the backward's dX GEMM below.)
+   (Variant ``UNIFORMERV2_TRITON_GEMM=cublas``: ``_temporal_mix_kernel`` writes the operand, cuBLAS
+   multiplies with an fp32 output, ``_rows_epilogue_kernel`` applies the epilogue; the same for the
+   backward's dX GEMM below.)
 
 Backward (G = grad of the output's patch rows, D = dropped-path scale per row):
 1. dZ = G @ W2 with cuBLAS (plain GEMM).
@@ -37,20 +38,11 @@ All kernels: int64 row offsets, every load masked, fp32 arithmetic and accumulat
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import tf32_allowed, triton_interpret
-
-# Where the two GEMMs with fused prologue / epilogue run: "triton" (``_fused_matmul_kernel``) or "cublas"
-# (a mix kernel, cuBLAS, an epilogue kernel). Both are tested; the first H100 run measured this op's CUDA
-# backend, which follows the cuBLAS plan, faster (0.68 vs 0.92 ms forward, 3.4 vs 5.0 ms forward+backward at
-# B/16), with other differences too. The local MHRA benchmark times both (provider triton-cublas-gemm);
-# keep the faster. UNIFORMERV2_LMHRA_GEMM sets the default.
-GEMM = os.environ.get("UNIFORMERV2_LMHRA_GEMM", "triton")
+from ..backends import tf32_allowed, triton_gemm, triton_interpret
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
@@ -488,12 +480,13 @@ def fused_matmul(
     mix = (k_bias, mix_w (K, 3), mix_b), all fp32, turns on the temporal mix of a's rows.
     gemm: "triton" (one fused kernel) or "cublas" (the mix written out by ``_temporal_mix_kernel``, the GEMM
     on cuBLAS with an fp32 output, then ``_rows_epilogue_kernel``: the CUDA backend's plan, ~2 extra passes
-    over (M, K) and (M, N) buffers for cuBLAS's GEMM speed); default: the module's ``GEMM``.
+    over (M, K) and (M, N) buffers for cuBLAS's GEMM speed; on the H100 this op's CUDA backend, which does
+    this, ran 0.68 vs 0.92 ms forward at B/16, with other differences too); default:
+    ``backends.triton_gemm()`` (UNIFORMERV2_TRITON_GEMM).
     """
-    gemm = gemm or GEMM
+    gemm = gemm or triton_gemm()
     if gemm not in ("triton", "cublas"):
-        raise ValueError(f"gemm (default: local_temporal_mhra.GEMM, from UNIFORMERV2_LMHRA_GEMM) must be "
-                         f"'triton' or 'cublas', got {gemm!r}")
+        raise ValueError(f"gemm must be 'triton' or 'cublas', got {gemm!r}")
     if gemm == "cublas":
         _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_scale, mix, e, col_coef)
         return
