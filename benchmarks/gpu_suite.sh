@@ -335,6 +335,10 @@ fi
     shopt -s nullglob
     csvs=("$STAGE"/results/*.csv)
     if [ ${#csvs[@]} -gt 0 ]; then
+        echo "### Variants beside the defaults they may replace (ratio < 1: the variant is faster)"
+        echo
+        "$PYTHON" benchmarks/harness.py variants "${csvs[@]}" 2>&1 || echo "(variants failed)"
+        echo
         "$PYTHON" benchmarks/harness.py summarize --all "${csvs[@]}" 2>&1 || echo "(summarize failed)"
     else
         echo "(no benchmark results)"

@@ -1091,6 +1091,40 @@ def summarize(paths: Sequence[str], all_runs: bool = False) -> str:
     return "\n".join(parts) if parts else "(no results)\n"
 
 
+# provider kept to be timed against another on one GPU -> the provider it may replace (benchmarks/README.md)
+VARIANTS = {
+    "triton-fused-dpe": "triton",
+    "triton-dpe-bwd-gather": "triton",
+    "triton-cublas-gemm": "triton",
+    "fused-cublas-gemm": "fused",
+}
+
+
+def compare_variants(paths: Sequence[str]) -> str:
+    """Markdown: for the latest run per device of each CSV, every variant provider (``VARIANTS``) beside the
+    default it may replace, per case and mode: ms and GPU ms of both and variant / default (below 1: the
+    variant is faster). The decision the GPU run is for; GPU ms ranks kernels even where ms is host-bound."""
+    lines = ["| bench | case | mode | variant | default ms | variant ms | ratio | default GPU ms | variant GPU ms "
+             "| GPU ratio |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for path in paths:
+        rows = [r for r in read_csv(path) if r["status"] == "ok"]
+        for device in dict.fromkeys(r["device"] for r in rows):
+            mine = [r for r in rows if r["device"] == device]
+            latest = max(r["date"] for r in mine)
+            run = {(r["case"], r["mode"], r["provider"]): r for r in mine if r["date"] == latest}
+            for (case, mode, prov), r in run.items():
+                base = run.get((case, mode, VARIANTS.get(prov, "")))
+                if prov not in VARIANTS or base is None:
+                    continue
+
+                def ratio(key):
+                    return f"{r[key] / base[key]:.2f}" if r.get(key) and base.get(key) else ""
+                lines.append(f"| {r['bench']} | {case} | {mode} | {prov} | {_fmt(base['ms'])} | {_fmt(r['ms'])} | "
+                             f"{ratio('ms')} | {_fmt(base.get('gpu_ms'))} | {_fmt(r.get('gpu_ms'))} | "
+                             f"{ratio('gpu_ms')} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "(no variant rows)\n"
+
+
 def merge(src: str, dest: str = DEFAULT_OUT) -> list[str]:
     """Adds the results of a run made elsewhere (e.g. the GPU suite's results folder) to ``dest``: CSV rows
     appended to ``dest/<name>.csv`` (partial files included, under their own name), markdown tables and
@@ -1119,18 +1153,20 @@ def _cli(argv=None) -> None:
     s = sub.add_parser("summarize", help="print a markdown summary of the latest run in each CSV")
     s.add_argument("paths", nargs="+", help="CSV files or folders holding them")
     s.add_argument("--all", action="store_true", help="every run in each CSV, not only the latest per device")
+    v = sub.add_parser("variants", help="each variant provider beside the default it may replace (ms, GPU ms)")
+    v.add_argument("paths", nargs="+", help="CSV files or folders holding them")
     m = sub.add_parser("merge", help="append CSV rows and copy tables/plots from SRC into DEST")
     m.add_argument("src")
     m.add_argument("dest", nargs="?", default=DEFAULT_OUT)
     a = p.parse_args(argv)
-    if a.cmd == "summarize":
+    if a.cmd in ("summarize", "variants"):
         files = []
         for path in a.paths:
             if os.path.isdir(path):
                 files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".csv"))
             else:
                 files.append(path)
-        print(summarize(files, all_runs=a.all))
+        print(summarize(files, all_runs=a.all) if a.cmd == "summarize" else compare_variants(files))
     else:
         for path in merge(a.src, a.dest):
             print(path)
