@@ -605,7 +605,8 @@ def measure(provider: Provider, case: Case, mode: str, args, inputs: dict | None
             row["host_ms"] = host_time_ms(step, args.device, leaves)
             _clear_grads(leaves)
             row["peak_mb"] = peak_memory_mb(step, args.device)
-            row["gpu_ms"], why = graph_time_ms(step, args.device, leaves)
+            row["gpu_ms"], why = (None, None) if getattr(args, "no_gpu_ms", False) else graph_time_ms(
+                step, args.device, leaves)
             if why:
                 note.append(f"no GPU ms: {why}")
         del step
@@ -931,6 +932,8 @@ def parse_args(description: str = "", argv: Sequence[str] | None = None,
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--warmup", type=float, default=25.0, help="warm-up, ms (do_bench on CUDA)")
     p.add_argument("--rep", type=float, default=100.0, help="repetition budget, ms")
+    p.add_argument("--no-gpu-ms", action="store_true",
+                   help="skip the GPU ms column (the CUDA-graph replay of each step)")
     p.add_argument("--strict", action="store_true", help="re-raise provider errors instead of recording them")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of provider errors")
     p.add_argument("--interpret", action="store_true",
