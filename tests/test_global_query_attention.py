@@ -159,6 +159,25 @@ def test_triton_variants_match_literal_reference(hw, N, T, C, heads, use_dot, fu
         assert_close(g, g64, name=f"grad {name}", grad=True)
 
 
+@pytest.mark.parametrize("dpe_backward", ["loop", "gather"])
+def test_triton_small_tiles_and_partial_channel_blocks(dpe_backward):
+    """The DPE backward at the GPU's channel block (32) on C = 40 (a partial block) with 4-token tiles and
+    3 splits: the masks the interpreter's default whole-row tiles never exercise."""
+    from uniformerv2_kernels.triton import global_query_attention as tri
+
+    hw, N, T, C, heads = 9, 2, 3, 40, 2
+    tensors64 = make_inputs(hw, N, T, C)
+    grad_out = torch.randn(1, N, C, dtype=torch.float64, device=DEVICE)
+    out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
+    tensors = [t.float() for t in tensors64]
+    out, z, lse = call(tri.forward, tensors, T, heads, num_splits=3, block_s=4)
+    grads = tri.backward(grad_out.float(), tensors[0], T, *tensors[1:], z, lse, heads, num_splits=3, block_s=4,
+                         dpe_block_c=32, dpe_backward=dpe_backward)
+    assert_close(out, out64, name="out")
+    for name, g, g64 in zip(ARG_NAMES, grads, grads64):
+        assert_close(g, g64, name=f"grad {name}", grad=True)
+
+
 @pytest.mark.parametrize("hw,N,T,C,heads", [(9, 3, 3, 64, 2), (196, 1, 1, 96, 3), (4, 1, 8, 96, 1)])
 def test_triton_fp16_matches_literal_reference(hw, N, T, C, heads):
     tensors64 = make_inputs(hw, N, T, C)
