@@ -159,6 +159,18 @@ def test_triton_variants_match_literal_reference(hw, N, T, C, heads, use_dot, fu
         assert_close(g, g64, name=f"grad {name}", grad=True)
 
 
+def test_dpe_kernel_at_the_gpu_tile_sizes(monkeypatch):
+    """The DPE kernel with its GPU tiles (16 rows x 128 channels) on C = 200 (a partial channel block) and
+    a row count that is not a multiple of 16, against the reference DPE (a depthwise Conv3d)."""
+    from uniformerv2_kernels.triton import global_query_attention as tri
+
+    monkeypatch.setattr(tri, "_dpe_blocks", lambda C: (16, 128, 4))
+    hw, N, T, C = 9, 1, 3, 200  # L * N*T = 30 rows
+    x, dw, db = (t.float() for t in make_inputs(hw, N, T, C)[:3])
+    y = tri.apply_dpe(x, T, dw.reshape(C, 27).t().contiguous(), db)
+    torch.testing.assert_close(y, ref.dpe_literal(x, T, dw, db), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dpe_backward", ["loop", "gather"])
 def test_triton_small_tiles_and_partial_channel_blocks(dpe_backward):
     """The DPE backward at the GPU's channel block (32) on C = 40 (a partial block) with 4-token tiles and
