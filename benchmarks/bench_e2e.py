@@ -269,7 +269,10 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             ms = H.time_fn(step, args.device, args.warmup, args.rep, min_reps=5)
             row["host_ms"] = H.host_time_ms(step, args.device, reps=5)  # a model step is long: 5 suffice
             row["peak_mb"] = H.peak_memory_mb(step, args.device)
-            row["gpu_ms"], no_graph = (None, None) if args.no_gpu_ms else H.graph_time_ms(step, args.device, reps=5)
+            # GPU ms for inference only: the training step's AdamW is not capturable (a capture attempt
+            # would run a whole forward+backward into a second memory pool to fail at optimizer.step())
+            skip_graph = args.no_gpu_ms or task != "inference"
+            row["gpu_ms"], no_graph = (None, None) if skip_graph else H.graph_time_ms(step, args.device, reps=5)
             if args.timeline:
                 _append_timeline(args.timeline, f"{case_name}, {task}, {prov}", step, args.device)
             note = [f"no GPU ms: {no_graph}"] if no_graph else []
