@@ -58,7 +58,7 @@ def test_cuda_backend_needs_cuda_tensors():
 def test_info_prints_the_backend_table():
     out = subprocess.run([sys.executable, "-m", "uniformerv2_kernels.info"], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
-    for name in ("cuda", "triton", "reference", "spatial attention", "torch"):
+    for name in ("cuda", "triton", "reference", "spatial attention", "torch", "Triton backend's fused GEMMs"):
         assert name in out
 
 

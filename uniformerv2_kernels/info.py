@@ -45,6 +45,12 @@ def report() -> str:
                  "not yet (interpreter only); model.fused=auto keeps the reference model on CUDA"))
     name, reason = attention_backend()
     lines.append(f"  spatial attention: {name} ({reason})")
+    try:
+        gemm = backends.triton_gemm()
+    except ValueError as exc:
+        gemm = f"invalid: {exc}"
+    lines.append(f"  Triton backend's fused GEMMs: {gemm} ({backends.ENV_TRITON_GEMM}="
+                 f"{os.environ.get(backends.ENV_TRITON_GEMM, '(unset)')}; triton or cublas)")
     lines.append("")
     info = backends.build_info()
     if info:
