@@ -213,36 +213,24 @@ def test_measure_rows_throughput_and_skip_reasons(tmp_path):
     assert (tmp_path / "selftest_cpu_quick.md").read_text().count("| mm |") == 6  # 3 modes x (eager, broken)
 
 
-def test_host_time_is_cuda_only_and_shown_when_measured():
-    """host ms (launch overhead) is measured on CUDA only; the table shows the column when a row has it."""
-    assert H.host_time_ms(lambda: None, "cpu") is None
+@pytest.mark.parametrize("key,header,on_cpu", [
+    ("host_ms", "host ms", lambda: H.host_time_ms(lambda: None, "cpu")),  # launch overhead
+    ("gpu_ms", "GPU ms", lambda: H.graph_time_ms(lambda: None, "cpu")[0]),  # a CUDA-graph replay
+])
+def test_cuda_only_columns_are_shown_when_measured(key, header, on_cpu):
+    """host ms and GPU ms are measured on CUDA only; the table shows a column when a row has it."""
+    assert on_cpu() is None
     args = H.parse_args("", ["--device", "cpu"])
     case = H.Case("c", lambda *a: {})
     rows = []
-    for provider, host in (("eager", 0.05), ("triton", 0.19)):
+    for provider, value in (("eager", 0.05), ("triton", 0.031)):
         row = H.new_row(provider, case, "forward", args)
-        row.update(status="ok", ms=0.2, host_ms=host)
+        row.update(status="ok", ms=0.2, **{key: value})
         rows.append(row)
     table = H.format_table(rows, markdown=True)
-    assert "| host ms |" in table and "| 0.19 |" in table
-    rows[1]["host_ms"] = rows[0]["host_ms"] = None
-    assert "host ms" not in H.format_table(rows, markdown=True)
-
-
-def test_graph_time_is_cuda_only_and_shown_when_measured():
-    """GPU ms (a CUDA-graph replay) is measured on CUDA only; the table shows the column when a row has it."""
-    assert H.graph_time_ms(lambda: None, "cpu") == (None, None)
-    args = H.parse_args("", ["--device", "cpu"])
-    case = H.Case("c", lambda *a: {})
-    rows = []
-    for provider, gpu in (("eager", 0.05), ("triton", 0.031)):
-        row = H.new_row(provider, case, "forward", args)
-        row.update(status="ok", ms=0.2, gpu_ms=gpu)
-        rows.append(row)
-    table = H.format_table(rows, markdown=True)
-    assert "| GPU ms |" in table and "| 0.031 |" in table
-    rows[1]["gpu_ms"] = rows[0]["gpu_ms"] = None
-    assert "GPU ms" not in H.format_table(rows, markdown=True)
+    assert f"| {header} |" in table and "| 0.031 |" in table
+    rows[1][key] = rows[0][key] = None
+    assert header not in H.format_table(rows, markdown=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

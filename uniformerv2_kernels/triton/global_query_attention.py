@@ -292,6 +292,17 @@ def _gqa_backward_tokens_kernel(
 
 
 @triton.jit
+def _dpe_backward_tile(x_ptr, dy_ptr, n, tok, tok_mask, offs_c, cmask2, T, NT, C, W):
+    """A tile of tokens for the DPE backward: (t, is_patch, hh, ww, offsets of the tokens' [BLOCK_S, BLOCK_C]
+    elements in x, dy there, x there in fp32 (zero on class tokens))."""
+    t, is_patch, hh, ww, center = _token_grid(tok, tok_mask, n, T, NT, W)
+    c_offs = center[:, None] * C + offs_c[None, :]
+    dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
+    xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)
+    return t, is_patch, hh, ww, c_offs, dyc, xc
+
+
+@triton.jit
 def _gqa_backward_dpe_kernel(
     x_ptr, dy_ptr, dpe_w_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
     T, NT, C, W, S, tokens_per_split, num_splits,
@@ -310,10 +321,8 @@ def _gqa_backward_dpe_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        t, is_patch, hh, ww, center = _token_grid(tok, tok_mask, n, T, NT, W)
-        c_offs = center[:, None] * C + offs_c[None, :]
-        dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
-        xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)
+        t, is_patch, hh, ww, c_offs, dyc, xc = _dpe_backward_tile(x_ptr, dy_ptr, n, tok, tok_mask, offs_c, cmask2,
+                                                                 T, NT, C, W)
         acc_b += tl.sum(tl.where(is_patch[:, None], dyc, 0.0), axis=0)
         dx = dyc
         for k in range(27):
@@ -365,10 +374,8 @@ def _gqa_backward_dpe_gather_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        t, is_patch, hh, ww, center = _token_grid(tok, tok_mask, n, T, NT, W)
-        c_offs = center[:, None] * C + offs_c[None, :]
-        dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
-        xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)
+        t, is_patch, hh, ww, c_offs, dyc, xc = _dpe_backward_tile(x_ptr, dy_ptr, n, tok, tok_mask, offs_c, cmask2,
+                                                                 T, NT, C, W)
         acc_b += tl.sum(tl.where(is_patch[:, None], dyc, 0.0), axis=0)
         # y_j += w_k x_{j + off_k}  =>  dx_i += w_k dy_{i - off_k},  dw_k += x_i dy_{i - off_k}
         tt = t[:, None] - dt_[None, :]  # [BLOCK_S, 32]

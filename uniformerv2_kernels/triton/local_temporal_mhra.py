@@ -514,7 +514,7 @@ def _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_sca
     interp = _interpreting(a)
     if mix is not None:
         k_bias, mix_w, mix_b = mix
-        z = torch.empty_like(a) if b.dtype == a.dtype else torch.empty(a.shape, dtype=b.dtype, device=a.device)
+        z = torch.empty(a.shape, dtype=b.dtype, device=a.device)  # rounded to B's dtype, as the fused kernel does
         bm, bk = (32, 32) if interp else (32, 128)
         _temporal_mix_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
             a, k_bias, mix_w, mix_b, z, M, K, T, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
