@@ -137,8 +137,27 @@ def cuda_extension():
             "cxx": ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
+        extra_link_args=[libstdcxx] if (libstdcxx := shared_libstdcxx()) else [],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+def shared_libstdcxx():
+    """The libstdc++.so.6 this process (and so torch) runs on, to link the extension against, or None.
+
+    A g++ that cannot find libstdc++.so (seen on the H100 machine: a relocated /opt/gcc wrapper) links a private
+    static copy instead; that copy's uninitialised locale makes every TORCH_CHECK message that formats a number
+    crash (SIGSEGV in std::ostream::_M_insert<long>) instead of raising. Naming the shared library explicitly
+    resolves those symbols from the one torch uses; where g++ finds it anyway this changes nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return None
+    return sorted(paths)[0] if len(paths) == 1 and os.path.exists(sorted(paths)[0]) else None
 
 
 def csrc_digest():

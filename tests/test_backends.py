@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -93,6 +94,28 @@ def test_cuda_extension_is_built_and_registers_ops():
     assert backends.cuda_extension_error() is None
     assert backends.has_cuda_op("quick_gelu")
     assert backends.build_info()["TORCH_VERSION"] == torch.__version__
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("ldd") is None, reason="needs Linux and ldd")
+def test_cuda_extension_links_the_shared_libstdcxx():
+    """A private static libstdc++ in the extension (what a g++ that cannot find libstdc++.so links) makes every
+    TORCH_CHECK message that formats a number crash instead of raising (seen on the H100 machine). setup.py
+    names the shared library torch runs on; the built extension must depend on it."""
+    spec = importlib.util.find_spec("uniformerv2_kernels._C")
+    if spec is None:
+        pytest.skip("the CUDA extension was not built in this environment")
+    needed = subprocess.run(["ldd", spec.origin], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in needed, f"{spec.origin} does not link the shared libstdc++:\n{needed}"
+
+
+def test_setup_names_the_libstdcxx_torch_runs_on():
+    path = _load_setup_module()["shared_libstdcxx"]()
+    if not sys.platform.startswith("linux"):
+        assert path is None
+        return
+    with open("/proc/self/maps") as maps:
+        loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    assert path in loaded if len(loaded) == 1 else path is None
 
 
 def test_extension_built_from_other_sources_is_refused(monkeypatch):
