@@ -352,37 +352,33 @@ def global_query_attention_cases(dtypes):
                 "global_query_attention", "_dpe_kernel", dt, f"C={C} BR={block_r} BC={block_c} w{num_warps}",
                 dict(x_ptr=p, dpe_w_ptr="*fp32", dpe_b_ptr="*fp32", y_ptr=p, R=L * NT, T=T, NT=NT, C=C, W=W),
                 dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=num_warps))
-            common = dict(src_ptr=p, dpe_w_ptr="*fp32", dpe_b_ptr="*fp32", u_ptr="*fp32", T=T, NT=NT, C=C, H=H,
-                          W=W, S=S, num_splits=33, eps=1e-5)
-            for fused_dpe in (False, True):  # the default (y from the DPE kernel) and the first design
-                tag = " fusedDPE" if fused_dpe else ""
-                stages = 1 if fused_dpe else 2
-                block_s, num_warps = mod._token_tile("forward", BLOCK_C, use_dot, None)  # the GPU launch config
-                tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s  # ~2*132 SMs / N splits
-                cases.append(Case(
-                    "global_query_attention", "_gqa_forward_partial_kernel", dt,
-                    f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} DOT={int(use_dot)} s{stages} w{num_warps}{tag}",
-                    dict(common, tokens_per_split=tps, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
-                    dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
-                         OPERAND_DTYPE=TL_DTYPES[dt], DOT_PRECISION=mod._dot_precision(_torch_dtype(dt)),
-                         FUSED_DPE=fused_dpe),
-                    num_warps=num_warps, num_stages=stages))
-                block_s, num_warps = mod._token_tile("backward", BLOCK_C, False, None)
-                tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s
-                cases.append(Case(
-                    "global_query_attention", "_gqa_backward_tokens_kernel", dt,
-                    f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} w{num_warps}{tag}",
-                    dict({k: v for k, v in common.items() if k != "num_splits"}, tokens_per_split=tps,
-                         dz_ptr="*fp32", lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", xhat_ptr="*fp32",
-                         ds_ptr="*fp32"),
-                    dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, FUSED_DPE=fused_dpe),
-                    num_warps=num_warps))
-            for kernel, bs, bc in (("_gqa_backward_dpe_kernel", 32, 64), ("_gqa_backward_dpe_gather_kernel", 4, 32)):
-                cases.append(Case(
-                    "global_query_attention", kernel, dt, f"C={C} BS={bs} BC={bc} w4",
-                    dict(x_ptr=p, dy_ptr="*fp32", dpe_w_ptr="*fp32", dx_ptr=p, dw_part_ptr="*fp32",
-                         db_part_ptr="*fp32", T=T, NT=NT, C=C, W=W, S=S, tokens_per_split=bs * 20, num_splits=13),
-                    dict(BLOCK_S=bs, BLOCK_C=bc), num_warps=4))
+            common = dict(y_ptr=p, u_ptr="*fp32", T=T, NT=NT, C=C, H=H, S=S, num_splits=33, eps=1e-5)
+            stages = 2  # _forward_stages() on an A100 / H100
+            block_s, num_warps = mod._token_tile("forward", BLOCK_C, use_dot, None)  # the GPU launch config
+            tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s  # ~2*132 SMs / N splits
+            cases.append(Case(
+                "global_query_attention", "_gqa_forward_partial_kernel", dt,
+                f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} DOT={int(use_dot)} s{stages} w{num_warps}",
+                dict(common, tokens_per_split=tps, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+                dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
+                     OPERAND_DTYPE=TL_DTYPES[dt], DOT_PRECISION=mod._dot_precision(_torch_dtype(dt))),
+                num_warps=num_warps, num_stages=stages))
+            block_s, num_warps = mod._token_tile("backward", BLOCK_C, False, None)
+            tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s
+            cases.append(Case(
+                "global_query_attention", "_gqa_backward_tokens_kernel", dt,
+                f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} w{num_warps}",
+                dict({k: v for k, v in common.items() if k != "num_splits"}, tokens_per_split=tps,
+                     dz_ptr="*fp32", lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", xhat_ptr="*fp32",
+                     ds_ptr="*fp32"),
+                dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H),
+                num_warps=num_warps))
+            bs, bc = 4, 32  # backward(): 4 tokens x min(32, BLOCK_C) channels on a GPU
+            cases.append(Case(
+                "global_query_attention", "_gqa_backward_dpe_kernel", dt, f"C={C} BS={bs} BC={bc} w4",
+                dict(x_ptr=p, dy_ptr="*fp32", dpe_w_ptr="*fp32", dx_ptr=p, dw_part_ptr="*fp32",
+                     db_part_ptr="*fp32", T=T, NT=NT, C=C, W=W, S=S, tokens_per_split=bs * 20, num_splits=13),
+                dict(BLOCK_S=bs, BLOCK_C=bc), num_warps=4))
     return cases
 
 

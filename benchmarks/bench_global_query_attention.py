@@ -6,10 +6,6 @@ Providers:
 - ``compile``: the same under ``torch.compile``
 - ``folded``:  the folded formulation in plain PyTorch (no K/V; the algebra the kernels use), eager
 - ``triton``:  ``ops.global_query_attention.global_query_attention(..., backend="triton")``
-- ``triton-fused-dpe``: the Triton launchers with the DPE computed inside the token kernels (the first
-               design, replaced by a DPE kernel of its own; kept to time the two on one GPU)
-- ``triton-dpe-bwd-gather``: the Triton launchers with the DPE backward as one 3-d gather per tile
-               (``_gqa_backward_dpe_gather_kernel``) instead of a loop over the 27 taps; forward as ``triton``
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension registers it)
 
 Shapes: the harness's shape set; the stream x is (L, N*T, C), one learnable query per clip, H heads.
@@ -67,41 +63,6 @@ def fused(backend):
     return fn
 
 
-class _TritonVariant(torch.autograd.Function):
-    """The Triton launchers with a variant kept for timing against the default on one GPU: ``fused_dpe``
-    (the DPE computed inside the token kernels, the first design) and ``dpe_backward`` ("gather": the DPE
-    backward as one 3-d gather per tile). Called directly, not through the registered op."""
-
-    @staticmethod
-    def forward(ctx, options, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias,
-                num_heads):
-        from uniformerv2_kernels.triton import global_query_attention as tri
-
-        out, z, lse = tri.forward(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight,
-                                  in_proj_bias, num_heads, EPS, fused_dpe=options["fused_dpe"])
-        ctx.save_for_backward(x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse)
-        ctx.T, ctx.num_heads, ctx.options = T, num_heads, options
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from uniformerv2_kernels.triton import global_query_attention as tri
-
-        x, dw, db, lw, lb, q, w, b, z, lse = ctx.saved_tensors
-        grads = tri.backward(grad_out.contiguous(), x, ctx.T, dw, db, lw, lb, q, w, b, z, lse, ctx.num_heads, EPS,
-                             **ctx.options)
-        return None, grads[0], None, *grads[1:], None
-
-
-def triton_variant(**options):
-    options = dict(dict(fused_dpe=False, dpe_backward="loop"), **options)
-
-    def fn(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads):
-        return _TritonVariant.apply(options, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight,
-                                    in_proj_bias, num_heads)
-    return fn
-
-
 def make_case(shape: H.Shape, dtype: torch.dtype) -> H.Case:
     C, N, T, L = shape.C, shape.N, shape.T, shape.L
     tokens = shape.tokens
@@ -139,8 +100,6 @@ PROVIDERS = [
     H.Provider("compile", literal, compile=True, compile_kwargs={"dynamic": False}),
     H.Provider("folded", folded),
     H.Provider("triton", fused("triton"), requires=("triton",)),
-    H.Provider("triton-fused-dpe", triton_variant(fused_dpe=True), requires=("triton",)),
-    H.Provider("triton-dpe-bwd-gather", triton_variant(dpe_backward="gather"), requires=("triton",)),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:global_query_attention_fwd",)),
 ]
 

@@ -268,7 +268,7 @@ if want timeline; then
     # torch.profiler (a minute): per op and per backend / variant (benchmarks/README.md: the variants a GPU
     # run decides between), host launch time vs GPU busy time of one forward+backward, and the top kernels,
     # ATen's and cuBLAS's included
-    PROFILED="triton,triton-fused-dpe,triton-dpe-bwd-gather,triton-cublas-gemm,cuda"
+    PROFILED="triton,triton-cublas-gemm,cuda"
     TIMELINE_ARGS="--device cuda --dtype bfloat16 --backend $PROFILED"
     [ "$DEVICE" = cpu ] && TIMELINE_ARGS="--interpret --model tiny --frames 3 --batch 2 --dtype float32"  # dry run
     # shellcheck disable=SC2086

@@ -1096,8 +1096,6 @@ def summarize(paths: Sequence[str], all_runs: bool = False) -> str:
 
 # provider kept to be timed against another on one GPU -> the provider it may replace (benchmarks/README.md)
 VARIANTS = {
-    "triton-fused-dpe": "triton",
-    "triton-dpe-bwd-gather": "triton",
     "triton-cublas-gemm": "triton",
     "fused-cublas-gemm": "fused",
 }

@@ -26,9 +26,8 @@ forward kernel took 0.63 ms at B/16 (16 clips) with 75 GB/s of DRAM traffic and 
 (Nsight, 2026-11-25): latency-bound. The DPE on its own is channel-separable, so small tiles (16 rows x
 128 channels, 70 registers) give ~7 programs per SM to hide the gathers; the token kernels then stream y
 once. Cost: one write and one read of y (2 x 39 MB at B/16, bf16) and one (L, N*T, C) buffer alive per
-call. Expected on an H100, not yet measured: the forward's kernels ~0.2 ms instead of 0.63 ms. The first
-design stays selectable (``forward`` / ``backward`` with ``fused_dpe=True``; the GQA benchmark's provider
-``triton-fused-dpe``) until a GPU run has timed both; then keep the faster one only.
+call. An H100 run timed both (2026-11-25, B/16 and L/14, bf16): the first design took 1.19-1.66x the GPU
+time of this one (forward, forward + backward), so it was removed.
 
 Backward (``backward``):
   1. torch: p_h = W_v,h^T dout_h, dz_h = gamma * p_h, D_h = dz_h . z_h, and the value-path gradients.
@@ -37,12 +36,10 @@ Backward (``backward``):
      saved lse, ds_h(j) = a_h(j) (dz_h . xhat_j - D_h), dxhat_j = sum_h a_h(j) dz_h + ds_h(j) u_h, the
      LayerNorm backward to dy_j (written to an fp32 buffer, layout of x); it also writes xhat and ds (fp32).
      torch: du_h = sum_j ds_h(j) xhat_j, one batched GEMM (N, H, S) @ (N, S, C).
-  3. ``_gqa_backward_dpe_kernel``, grid (N, splits, C blocks): channel-separable DPE backward.
-     dx_i = dy_i + sum_k w_k dy_{i - off_k} (patch tokens), and, from the same loads,
-     dw_k = sum_i x_i dy_{i - off_k}, db = sum over patch tokens of dy; per-program partials.
-     (Variant, ``dpe_backward="gather"``: ``_gqa_backward_dpe_gather_kernel``, all 27 taps of a tile in one
-     3-d gather, two reductions per tile instead of one per tap; the H100 measured the loop form at 1.22 ms
-     per launch at B/16, 231 GB/s, 23% occupancy; the GPU run that times both decides which stays.)
+  3. ``_gqa_backward_dpe_kernel``, grid (N, splits, C blocks): channel-separable DPE backward, the 27 taps
+     of a token tile in one 3-d gather of dy. dx_i = dy_i + sum_k w_k dy_{i - off_k} (patch tokens), and,
+     from the same loads, dw_k = sum_i x_i dy_{i - off_k}, db = sum over patch tokens of dy; per-program
+     partials.
   4. torch: the query-path gradients from du (gamma, W_q, W_k, b_q, query).
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer (or a GEMM).
 
@@ -124,33 +121,16 @@ def _dpe_kernel(
 
 
 @triton.jit
-def _normalized_tile(
-    src_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, W, eps,
-    FUSED_DPE: tl.constexpr,
-):
-    """LayerNorm without affine of one tile of tokens of y = x + DPE(x) (layout of x).
+def _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps):
+    """LayerNorm without affine of one tile of tokens of y = x + DPE(x) (the DPE kernel's output, layout of x).
 
-    src is y (the DPE kernel's output), or, with FUSED_DPE, x itself and the DPE is computed here on the
-    fly (27 taps, zero padding, class tokens untouched): the first design, kept to compare the two on a GPU.
     Token j = l*T + t of video n is row l*NT + n*T + t. Returns (xhat, rstd, rows): xhat [BLOCK_S, BLOCK_C]
     fp32, zero outside (valid tokens) x (c < C); rows, the tokens' rows (int64).
     """
-    t, is_patch, hh, ww, rows = _token_grid(tok, tok_mask, n, T, NT, W)
+    rows = ((tok // T) * NT + n * T + tok % T).to(tl.int64)
     cmask2 = c_mask[None, :]
-    y = tl.load(src_ptr + rows[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
+    y = tl.load(y_ptr + rows[:, None] * C + offs_c[None, :], mask=tok_mask[:, None] & cmask2, other=0.0)
     y = y.to(tl.float32)
-    if FUSED_DPE:
-        for k in range(27):  # a runtime loop on purpose: unrolled, all 27 tile loads are hoisted and spill
-            tt = t + (k // 9 - 1)
-            h2 = hh + ((k // 3) % 3 - 1)
-            w2 = ww + (k % 3 - 1)
-            ok = is_patch & (tt >= 0) & (tt < T) & (h2 >= 0) & (h2 < W) & (w2 >= 0) & (w2 < W)
-            row = ((1 + h2 * W + w2) * NT + n * T + tt).to(tl.int64)
-            v = tl.load(src_ptr + row[:, None] * C + offs_c[None, :], mask=ok[:, None] & cmask2, other=0.0)
-            wk = tl.load(dpe_w_ptr + k * C + offs_c, mask=c_mask, other=0.0)
-            y += v.to(tl.float32) * wk[None, :]
-        bias = tl.load(dpe_b_ptr + offs_c, mask=c_mask, other=0.0)
-        y += tl.where(is_patch[:, None], bias[None, :], 0.0)
     mean = tl.sum(y, axis=1) / C
     diff = tl.where(cmask2, y - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / C
@@ -168,10 +148,10 @@ def _dot(a, b, OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _gqa_forward_partial_kernel(
-    src_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
-    T, NT, C, H, W, S, tokens_per_split, num_splits, eps,
+    y_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
+    T, NT, C, H, S, tokens_per_split, num_splits, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DPE: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Flash-decoding partials of one (video, split): running max m and sum l (base 2) and acc = sum p xhat.
 
@@ -194,8 +174,7 @@ def _gqa_forward_partial_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        xhat, _, _ = _normalized_tile(src_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
-                                      T, NT, C, W, eps, FUSED_DPE)
+        xhat, _, _ = _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps)
         if USE_DOT:
             u = tl.load(u_row + offs_h[:, None] * C + offs_c[None, :], mask=hc_mask, other=0.0)
             s = _dot(xhat, tl.trans(u), OPERAND_DTYPE, DOT_PRECISION)
@@ -230,9 +209,9 @@ def _gqa_forward_partial_kernel(
 
 @triton.jit
 def _gqa_backward_tokens_kernel(
-    src_ptr, dpe_w_ptr, dpe_b_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
-    T, NT, C, H, W, S, tokens_per_split, eps,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FUSED_DPE: tl.constexpr,
+    y_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
+    T, NT, C, H, S, tokens_per_split, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Per token: a, ds, dxhat and the LayerNorm backward to dy (fp32, layout of x); also writes xhat
     (N, S, C) and ds (N, S, H) in fp32 for du = ds^T xhat, one batched GEMM afterwards (CUDA cores here).
@@ -262,8 +241,7 @@ def _gqa_backward_tokens_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        xhat, rstd, center = _normalized_tile(src_ptr, dpe_w_ptr, dpe_b_ptr, n, tok, tok_mask, offs_c, c_mask,
-                                              T, NT, C, W, eps, FUSED_DPE)
+        xhat, rstd, center = _normalized_tile(y_ptr, n, tok, tok_mask, offs_c, c_mask, T, NT, C, eps)
         s = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # u_h . xhat_j
         g = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)  # dz_h . xhat_j
         for h in range(H):
@@ -292,70 +270,17 @@ def _gqa_backward_tokens_kernel(
 
 
 @triton.jit
-def _dpe_backward_tile(x_ptr, dy_ptr, n, tok, tok_mask, offs_c, cmask2, T, NT, C, W):
-    """A tile of tokens for the DPE backward: (t, is_patch, hh, ww, offsets of the tokens' [BLOCK_S, BLOCK_C]
-    elements in x, dy there, x there in fp32 (zero on class tokens))."""
-    t, is_patch, hh, ww, center = _token_grid(tok, tok_mask, n, T, NT, W)
-    c_offs = center[:, None] * C + offs_c[None, :]
-    dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
-    xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)
-    return t, is_patch, hh, ww, c_offs, dyc, xc
-
-
-@triton.jit
 def _gqa_backward_dpe_kernel(
     x_ptr, dy_ptr, dpe_w_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
     T, NT, C, W, S, tokens_per_split, num_splits,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    split = tl.program_id(1)
-    cb = tl.program_id(2)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    cmask2 = c_mask[None, :]
-    taps = tl.arange(0, 32)
-    acc_w = tl.zeros([32, BLOCK_C], tl.float32)
-    acc_b = tl.zeros([BLOCK_C], tl.float32)
-    start = split * tokens_per_split
-    for s0 in range(start, start + tokens_per_split, BLOCK_S):
-        tok = s0 + tl.arange(0, BLOCK_S)
-        tok_mask = tok < S
-        t, is_patch, hh, ww, c_offs, dyc, xc = _dpe_backward_tile(x_ptr, dy_ptr, n, tok, tok_mask, offs_c, cmask2,
-                                                                 T, NT, C, W)
-        acc_b += tl.sum(tl.where(is_patch[:, None], dyc, 0.0), axis=0)
-        dx = dyc
-        for k in range(27):
-            # y_j += w_k x_{j + off_k}  =>  dx_i += w_k dy_{i - off_k},  dw_k += x_i dy_{i - off_k}
-            tt = t - (k // 9 - 1)
-            h2 = hh - ((k // 3) % 3 - 1)
-            w2 = ww - (k % 3 - 1)
-            ok = is_patch & (tt >= 0) & (tt < T) & (h2 >= 0) & (h2 < W) & (w2 >= 0) & (w2 < W)
-            row = ((1 + h2 * W + w2) * NT + n * T + tt).to(tl.int64)
-            dyn = tl.load(dy_ptr + row[:, None] * C + offs_c[None, :], mask=ok[:, None] & cmask2, other=0.0)
-            wk = tl.load(dpe_w_ptr + k * C + offs_c, mask=c_mask, other=0.0)
-            dx += wk[None, :] * dyn
-            contrib = tl.sum(xc * dyn, axis=0)
-            acc_w = tl.where(taps[:, None] == k, acc_w + contrib[None, :], acc_w)
-        tl.store(dx_ptr + c_offs, dx.to(dx_ptr.dtype.element_ty), mask=tok_mask[:, None] & cmask2)
+    """DPE backward of one (video, split, channel block): dx of its tokens (in x's dtype) and per-program
+    partials of dw (27 taps) and db, summed afterwards.
 
-    part = (n * num_splits + split).to(tl.int64)
-    w_offs = (part * 27 + taps).to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(dw_part_ptr + w_offs, acc_w, mask=(taps[:, None] < 27) & cmask2)
-    tl.store(db_part_ptr + part * C + offs_c, acc_b, mask=c_mask)
-
-
-@triton.jit
-def _gqa_backward_dpe_gather_kernel(
-    x_ptr, dy_ptr, dpe_w_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-    T, NT, C, W, S, tokens_per_split, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """The DPE backward of ``_gqa_backward_dpe_kernel`` (same grid, same outputs) with the 27 taps of a tile
-    in one 3-d gather of dy, [BLOCK_S tokens, 32 taps, BLOCK_C channels]: dx sums it over the taps and dw
-    over the tokens, two reductions per tile. The loop form reduces over the tile's tokens once per tap
-    (across warps) and rewrites its [32, BLOCK_C] accumulator per tap. A variant until a GPU has timed both
-    (``backward(dpe_backward="gather")``)."""
+    The 27 taps of a tile are one 3-d gather of dy, [BLOCK_S tokens, 32 taps, BLOCK_C channels]: dx sums it
+    over the taps and dw over the tokens, two reductions per tile (a loop over the taps, one reduction per
+    tap, took more GPU time on an H100)."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     cb = tl.program_id(2)
@@ -374,8 +299,10 @@ def _gqa_backward_dpe_gather_kernel(
     for s0 in range(start, start + tokens_per_split, BLOCK_S):
         tok = s0 + tl.arange(0, BLOCK_S)
         tok_mask = tok < S
-        t, is_patch, hh, ww, c_offs, dyc, xc = _dpe_backward_tile(x_ptr, dy_ptr, n, tok, tok_mask, offs_c, cmask2,
-                                                                 T, NT, C, W)
+        t, is_patch, hh, ww, center = _token_grid(tok, tok_mask, n, T, NT, W)
+        c_offs = center[:, None] * C + offs_c[None, :]
+        dyc = tl.load(dy_ptr + c_offs, mask=tok_mask[:, None] & cmask2, other=0.0)
+        xc = tl.load(x_ptr + c_offs, mask=is_patch[:, None] & cmask2, other=0.0).to(tl.float32)  # 0 on class tokens
         acc_b += tl.sum(tl.where(is_patch[:, None], dyc, 0.0), axis=0)
         # y_j += w_k x_{j + off_k}  =>  dx_i += w_k dy_{i - off_k},  dw_k += x_i dy_{i - off_k}
         tt = t[:, None] - dt_[None, :]  # [BLOCK_S, 32]
@@ -491,13 +418,9 @@ def apply_dpe(x: torch.Tensor, T: int, dpe_w: torch.Tensor, dpe_b: torch.Tensor)
 
 def forward(
     x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads,
-    eps=1e-5, *, num_splits=None, block_s=None, use_dot=None, fused_dpe=False,
+    eps=1e-5, *, num_splits=None, block_s=None, use_dot=None,
 ):
-    """Returns (out (1, N, C) in x.dtype, z (N, H, C) fp32, lse (N, H) fp32).
-
-    fused_dpe=True: the first design, the DPE computed inside the token kernel from x (no y buffer), kept
-    so that a GPU run can time both (benchmarks/bench_global_query_attention.py, provider triton-fused-dpe).
-    """
+    """Returns (out (1, N, C) in x.dtype, z (N, H, C) fp32, lse (N, H) fp32)."""
     x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b = _common(x, T, dpe_weight, dpe_bias, num_heads)
     if use_dot is None:
         use_dot = x.dtype != torch.float32
@@ -510,14 +433,13 @@ def forward(
     m = torch.empty((N, splits, H), device=x.device, dtype=f32)
     lsum = torch.empty((N, splits, H), device=x.device, dtype=f32)
     acc = torch.empty((N, splits, H, C), device=x.device, dtype=f32)
-    src = x if fused_dpe else apply_dpe(x, T, dpe_w, dpe_b)
+    y = apply_dpe(x, T, dpe_w, dpe_b)
     _gqa_forward_partial_kernel[(N, splits)](
-        src, dpe_w, dpe_b, u, m, lsum, acc,
-        T, NT, C, H, W, S, tokens_per_split, splits, float(eps),
+        y, u, m, lsum, acc,
+        T, NT, C, H, S, tokens_per_split, splits, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, USE_DOT=use_dot,
-        OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype), FUSED_DPE=fused_dpe,
-        # fused: 1 stage (with 3, the pipeliner staged the 28 tile loads in 1.9 MB of shared memory)
-        num_warps=num_warps, num_stages=1 if fused_dpe else _forward_stages(x.device),
+        OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=num_warps, num_stages=_forward_stages(x.device),
     )
     # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
     m_max = m.amax(dim=1, keepdim=True)  # (N, 1, H)
@@ -531,14 +453,9 @@ def forward(
 
 def backward(
     grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
-    num_heads, eps=1e-5, *, num_splits=None, block_s=None, dpe_block_c=None, fused_dpe=False,
-    dpe_backward="loop",
+    num_heads, eps=1e-5, *, num_splits=None, block_s=None, dpe_block_c=None,
 ):
-    """Gradients for (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias).
-
-    fused_dpe: as in :func:`forward` (the token kernel recomputes the DPE on the fly instead of reading y).
-    dpe_backward: "loop" (``_gqa_backward_dpe_kernel``) or "gather" (``_gqa_backward_dpe_gather_kernel``),
-    the same math; a variant until a GPU run has timed both."""
+    """Gradients for (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias)."""
     x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b = _common(x, T, dpe_weight, dpe_bias, num_heads)
     block_s, num_warps = _token_tile("backward", BLOCK_C, False, block_s)
     S = T * L
@@ -555,27 +472,24 @@ def backward(
     xhat = torch.empty((N, S, C), device=x.device, dtype=f32)
     ds = torch.empty((N, S, H), device=x.device, dtype=f32)
     # y recomputed (cheaper than keeping it alive from the forward)
-    src = x if fused_dpe else apply_dpe(x, T, dpe_w, dpe_b)
+    y = apply_dpe(x, T, dpe_w, dpe_b)
     _gqa_backward_tokens_kernel[(N, splits)](
-        src, dpe_w, dpe_b, u, dz, lse2, D, dy, xhat, ds,
-        T, NT, C, H, W, S, tokens_per_split, float(eps),
-        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, FUSED_DPE=fused_dpe, num_warps=num_warps,
+        y, u, dz, lse2, D, dy, xhat, ds,
+        T, NT, C, H, S, tokens_per_split, float(eps),
+        BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, num_warps=num_warps,
     )
-    del src
+    del y
     # du_h = sum_j ds_h(j) xhat_j: a batched GEMM over the S tokens (cuBLAS; fp32 unless the caller allowed
     # TF32 matmuls, as for any torch matmul)
     du = torch.bmm(ds.transpose(1, 2), xhat)  # (N, H, C)
     del xhat
 
     # DPE backward: channel blocks are independent.
-    if dpe_backward not in ("loop", "gather"):
-        raise ValueError(f"dpe_backward must be 'loop' or 'gather', got {dpe_backward!r}")
-    gather = dpe_backward == "gather"
-    # gather: 4 tokens x 32 channels, 4 warps: 128 registers in an sm_90 AOT compile, no spills (8 x 32:
-    # 168-205 registers)
+    # 4 tokens x 32 channels, 4 warps: 128 registers in an sm_90 AOT compile, no spills (8 x 32: 168-205
+    # registers)
     if dpe_block_c is None:
-        dpe_block_c = BLOCK_C if triton_interpret() else min(32 if gather else 64, BLOCK_C)
-    dpe_block_s = block_s if triton_interpret() else (4 if gather else 32)
+        dpe_block_c = BLOCK_C if triton_interpret() else min(32, BLOCK_C)
+    dpe_block_s = block_s if triton_interpret() else 4
     c_blocks = triton.cdiv(C, dpe_block_c)
     dpe_splits = num_splits
     if dpe_splits is None and x.device.type == "cuda" and not triton_interpret():
@@ -585,8 +499,7 @@ def backward(
     dx = torch.empty_like(x)
     dw_part = torch.empty((N * dpe_splits, 27, C), device=x.device, dtype=f32)
     db_part = torch.empty((N * dpe_splits, C), device=x.device, dtype=f32)
-    dpe_kernel = _gqa_backward_dpe_gather_kernel if gather else _gqa_backward_dpe_kernel
-    dpe_kernel[(N, dpe_splits, c_blocks)](
+    _gqa_backward_dpe_kernel[(N, dpe_splits, c_blocks)](
         x, dy, dpe_w, dx, dw_part, db_part,
         T, NT, C, W, S, dpe_tokens_per_split, dpe_splits,
         BLOCK_S=dpe_block_s, BLOCK_C=dpe_block_c, num_warps=4,
