@@ -17,8 +17,12 @@ time per call on inputs so small that the GPU work is negligible:
 
 ``host us`` is the host's time per call with the calls issued back to back (the GPU keeps up: the kernels
 are tiny); ``wall us`` adds the wait for the GPU at the end of the batch, spread over the calls. When the two
-agree, the call is host-bound. On the CPU only the Python-side rows run (the Triton rows need a GPU); the
-numbers then are this machine's host costs, a floor for the GPU host's.
+agree, the call is host-bound. On the CPU only the Python-side rows are timed (the Triton rows need a GPU);
+the numbers then are this machine's host costs, a floor for the GPU host's. ``ATen ops`` and ``Triton
+launches`` count what one call issues (top-level ATen ops, each a kernel launch or a tensor allocation on a
+GPU): on any machine, Triton included (under the interpreter the kernels are counted, not run). On a GPU
+machine the forward+backward building blocks also run on CPU tensors: CUDA tensors' backward runs on
+autograd's device thread, CPU tensors' on the calling thread, and the difference is that hand-off.
 
     python benchmarks/launch_overhead.py --device cuda --out benchmarks/results/launch_overhead_h100.md
     python benchmarks/launch_overhead.py --device cpu --reps 300     # Python-side costs only
@@ -139,18 +143,23 @@ def building_block_rows(device: torch.device, reps: int) -> list[dict]:
     else:
         rows.append(dict(item="Triton launch", backend="-", host_us=None, wall_us=None, note="needs a CUDA GPU"))
 
-    x = torch.randn(64, device=device, requires_grad=True)
-    g = torch.randn(64, device=device)
+    # On CUDA tensors autograd runs the backward on its device thread; on CPU tensors on the calling thread.
+    # Both on a GPU machine: the difference is the thread hand-off (and, for a Python backward, the GIL's).
+    for where in ([device, torch.device("cpu")] if device.type == "cuda" else [device]):
+        x = torch.randn(64, device=where, requires_grad=True)
+        g = torch.randn(64, device=where)
 
-    def fwd_bwd(f):
-        def step():
-            x.grad = None
-            f(x).backward(g)
-        return step
+        def fwd_bwd(f, x=x, g=g):
+            def step():
+                x.grad = None
+                f(x).backward(g)
+            return step
 
-    add("fwd+bwd, native autograd (C++ backward)", fwd_bwd(lambda t: t * 2))
-    add("fwd+bwd, autograd.Function (Python backward)", fwd_bwd(_Scale2Function.apply))
-    add("fwd+bwd, custom op + register_autograd", fwd_bwd(_scale2_op))
+        tag = "" if where == device else ", CPU tensors"
+        note = "" if where == device else "backward on the calling thread"
+        add(f"fwd+bwd{tag}, native autograd (C++ backward)", fwd_bwd(lambda t: t * 2), note)
+        add(f"fwd+bwd{tag}, autograd.Function (Python backward)", fwd_bwd(_Scale2Function.apply), note)
+        add(f"fwd+bwd{tag}, custom op + register_autograd", fwd_bwd(_scale2_op), note)
     return rows
 
 
@@ -191,6 +200,38 @@ def _tiny_op_calls(device: torch.device, dtype: torch.dtype):
     return ops, leaves
 
 
+def ops_per_call(fn) -> tuple[int, int]:
+    """(ATen ops, Triton launches) that one ``fn()`` issues: top-level ATen ops from torch.profiler (not the
+    ones inside another ATen op) and calls of any Triton kernel's launcher. Under the Triton interpreter
+    the kernels are counted but not run (the interpreter's own tensor copies would swamp the count; the
+    outputs of that one call are garbage, which counting does not read)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import triton
+    from uniformerv2_kernels import backends
+
+    launcher = triton.runtime.jit.JITFunction
+    if backends.triton_interpret():
+        from triton.runtime.interpreter import InterpretedFunction as launcher
+    launches = 0
+    original = launcher.run
+
+    def counted(self, *args, **kwargs):
+        nonlocal launches
+        launches += 1
+        return None if backends.triton_interpret() else original(self, *args, **kwargs)
+
+    launcher.run = counted
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        launcher.run = original
+    aten = [e for e in prof.events() if e.name.startswith("aten::")
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(aten), launches
+
+
 def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[dict]:
     from uniformerv2_kernels import backends
 
@@ -198,12 +239,9 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
     rows = []
     for name, call in ops.items():
         for backend in backends.BACKENDS:
-            if backend == "triton" and (device.type != "cuda" or backends.triton_interpret()):
-                rows.append(dict(item=name, backend=backend, host_us=None, wall_us=None,
-                                 note="needs a CUDA GPU (interpreted Triton times nothing useful)"))
-                continue
+            interpreted = backend == "triton" and (device.type != "cuda" or backends.triton_interpret())
             try:
-                out = call(backend)
+                out = call(backend)  # interpreted Triton too: tiny inputs, and it says whether the call runs
             except Exception as exc:  # a backend that cannot run here says why (its own line of the error)
                 lines = [ln.strip() for ln in str(exc).strip().splitlines()]
                 reason = next((ln for ln in lines if ln.startswith(f"{backend}:")), lines[0] if lines else "")
@@ -221,8 +259,14 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
                 call(backend).backward(grad)
 
             for mode, fn in (("forward", forward), ("forward+backward", fwd_bwd)):
-                host, wall = per_call_us(fn, device, reps, warmup=5)
-                rows.append(dict(item=f"{name}, {mode}", backend=backend, host_us=host, wall_us=wall, note=""))
+                aten, launches = ops_per_call(fn)
+                row = dict(item=f"{name}, {mode}", backend=backend, host_us=None, wall_us=None,
+                           aten_ops=aten, triton_launches=launches, note="")
+                if interpreted:
+                    row["note"] = "times need a CUDA GPU (interpreted Triton times nothing useful)"
+                else:
+                    row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=5)
+                rows.append(row)
     return rows
 
 
@@ -230,11 +274,12 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| item | backend | host us | wall us | note |", "| --- | --- | ---: | ---: | --- |"]
+    lines = [header, "", "| item | backend | host us | wall us | ATen ops | Triton launches | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        host = "-" if r["host_us"] is None else f"{r['host_us']:.1f}"
-        wall = "-" if r["wall_us"] is None else f"{r['wall_us']:.1f}"
-        lines.append(f"| {r['item']} | {r['backend']} | {host} | {wall} | {r['note']} |")
+        cells = [("-" if r.get(k) is None else f"{r[k]:.1f}") for k in ("host_us", "wall_us")]
+        cells += [("-" if r.get(k) is None else str(r[k])) for k in ("aten_ops", "triton_launches")]
+        lines.append(f"| {r['item']} | {r['backend']} | {' | '.join(cells)} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +294,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here")
+    if device.type == "cpu":  # the Triton rows then count their ops (the kernels interpreted, not timed)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, HERE)
     import harness as H
 
