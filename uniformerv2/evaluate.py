@@ -48,6 +48,18 @@ def evaluate_model(model: nn.Module, dataset, cfg: dict, info: du.DistInfo, num_
                          device.type == "cuda")
     was_training = model.training
     model.eval()
+    amp = cfg["train"]["amp"]
+
+    def forward(video):
+        with autocast_context(device, amp):
+            return model(video)
+
+    if cfg["eval"].get("cuda_graph") and device.type == "cuda":
+        from .cuda_graph import GraphedInference
+
+        # the bare module: a DDP wrapper's forward would broadcast buffers inside the capture
+        forward = GraphedInference(getattr(model, "module", model),
+                                   context=lambda: autocast_context(device, amp, cache_enabled=False))
     probs, labels, indices, failed = [], [], [], []
     t0 = time.time()
     bar = _tqdm()(total=len(loader), desc=desc, disable=not (info.is_main and progress), leave=False,
@@ -62,8 +74,7 @@ def evaluate_model(model: nn.Module, dataset, cfg: dict, info: du.DistInfo, num_
         if video.dim() == 5:  # one view per video
             video = video.unsqueeze(1)
         b, v = video.shape[:2]
-        with autocast_context(device, cfg["train"]["amp"]):
-            logits = model(video.flatten(0, 1))
+        logits = forward(video.flatten(0, 1))
         p = logits.float().softmax(-1).view(b, v, -1).mean(1)
         probs.append(p.cpu())
         labels.append(batch["label"])

@@ -87,6 +87,7 @@ DEFAULTS: dict = {
         "batch_size": 32,
         "num_clips": 1,            # temporal views
         "num_crops": 1,            # spatial views (1 = centre, 3 = three crops)
+        "cuda_graph": False,       # replay the forward from a CUDA graph (uniformerv2/cuda_graph.py)
     },
 }
 

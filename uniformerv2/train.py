@@ -240,13 +240,15 @@ class WarmupCosine:
         self._apply()
 
 
-def autocast_context(device: torch.device, amp: str):
+def autocast_context(device: torch.device, amp: str, cache_enabled: bool | None = None):
+    """Autocast for train.amp; ``cache_enabled=False`` for a CUDA-graph capture (PyTorch requires it there:
+    the cast-weight cache would hold tensors from outside the graph's memory pool)."""
     if amp in (None, "none", "fp32", False):
         return nullcontext()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     if dtype is None:
         raise ValueError(f"train.amp must be none, fp16 or bf16, got {amp!r}")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 # ----------------------------------------------------------------------------------------------------

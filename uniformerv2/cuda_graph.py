@@ -1,0 +1,99 @@
+"""Inference from a CUDA graph: the model's forward captured once, replayed per batch.
+
+Why: on the H100 the fused model's inference at batch 16 was bound by the host, not the GPU. Each fused op
+issues tens of small ATen ops and a few kernel launches per call (``benchmarks/launch_overhead.py`` counts
+them), at ~25 us of host time each on that machine, which adds up to more than the GPU's work. A replayed
+graph issues all of a forward's kernels in one call. The benchmarks' ``GPU ms`` column (a step replayed
+from a CUDA graph) is what this gets.
+
+Inference only (``model.eval()``, no autograd): BatchNorm uses its running statistics, so every clip's
+logits depend on that clip alone, and a smaller batch is padded to the captured one and cut back. The
+graph reads the parameters where they live: in-place updates (``optimizer.step()``, ``load_state_dict``)
+are seen by later replays; replacing a parameter tensor is not (capture again: a new ``GraphedInference``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger("uniformerv2")
+
+
+class GraphedInference:
+    """``GraphedInference(model)(video)`` equals ``model(video)`` under ``torch.no_grad()`` and ``context()``;
+    on CUDA it captures the forward for the first batch's shape and replays it for every batch of that
+    shape or a smaller batch (padded). Other shapes, and CPU inputs, run the model as is.
+
+    ``context``: a factory for the context the forward runs in, entered at capture and on the eager path;
+    autocast must have ``cache_enabled=False`` (PyTorch's rule for autocast in a capture); ``warmup``: forwards before the capture (Triton's autotuning and compilation, cuBLAS's
+    workspace: none of it may happen inside a capture).
+    """
+
+    def __init__(self, model: nn.Module, context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 warmup: int = 3):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (the capture must not compile or autotune), got {warmup}")
+        self.model = model
+        self.context = context or contextlib.nullcontext
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_input: torch.Tensor | None = None
+        self.static_output: torch.Tensor | None = None
+        self.replays = 0
+        self.eager_calls = 0
+        self._warned_shapes: set[tuple] = set()
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"video must be a tensor, got {type(video).__name__}")
+        if self.model.training:
+            raise ValueError("GraphedInference needs model.eval(): in training mode BatchNorm would update its "
+                             "running statistics inside the graph and mix the clips of a padded batch")
+        if video.device.type != "cuda":
+            return self._eager(video)
+        if self.graph is None:
+            self._capture(video)
+        static = self.static_input
+        if video.shape[1:] != static.shape[1:] or video.shape[0] > static.shape[0] or video.dtype != static.dtype \
+                or video.device != static.device:
+            key = (tuple(video.shape), video.dtype, str(video.device))
+            if key not in self._warned_shapes:
+                self._warned_shapes.add(key)
+                logger.info("CUDA graph captured for %s %s; input %s %s runs eagerly", tuple(static.shape),
+                            static.dtype, tuple(video.shape), video.dtype)
+            return self._eager(video)
+        n = video.shape[0]
+        static[:n].copy_(video)
+        if n < static.shape[0]:
+            static[n:].zero_()  # padding clips: their logits are computed and dropped
+        self.graph.replay()
+        self.replays += 1
+        return self.static_output[:n].clone()
+
+    def _eager(self, video: torch.Tensor) -> torch.Tensor:
+        self.eager_calls += 1
+        with self.context():
+            return self.model(video)
+
+    def _capture(self, video: torch.Tensor) -> None:
+        self.static_input = video.detach().clone()
+        side = torch.cuda.Stream(device=video.device)
+        side.wait_stream(torch.cuda.current_stream(video.device))
+        with torch.cuda.stream(side), self.context():
+            for _ in range(self.warmup):
+                self.model(self.static_input)
+        torch.cuda.current_stream(video.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may touch CUDA during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), self.context():
+            self.static_output = self.model(self.static_input)
+        self.graph = graph
+        logger.info("CUDA graph captured for inputs %s %s", tuple(video.shape), video.dtype)
