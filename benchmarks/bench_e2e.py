@@ -11,6 +11,9 @@ Providers (one freshly built model each, same seed, so the same weights):
 - ``fused-cublas-gemm``: ``fused`` with UNIFORMERV2_TRITON_GEMM=cublas (the Triton backend's GEMMs with
                        fused epilogues run as cuBLAS + a Triton epilogue pass; the default until a GPU run
                        has timed both is the Triton GEMMs)
+- ``fused+graph``:     inference only, CUDA only: the fused model replayed from a CUDA graph through
+                       ``uniformerv2.cuda_graph.GraphedInference`` (what ``eval.cuda_graph=true`` runs;
+                       copying the batch in and the logits out included)
 
 Tasks (``--mode``: ``forward`` = inference, ``forward+backward`` = training step; ``backward`` is not a
 thing end-to-end and is ignored):
@@ -56,7 +59,7 @@ QUICK_CONFIGS = {
     "tiny_ssv2": ("tiny", {}),
 }
 FULL_CONFIGS = ("k400_b16_f8x224", "ssv2_b16_f16x224")
-PROVIDERS = ("eager", "compile", "fused", "fused+compile", "fused-cuda", "fused-cublas-gemm")
+PROVIDERS = ("eager", "compile", "fused", "fused+compile", "fused-cuda", "fused-cublas-gemm", "fused+graph")
 # fused-cuda: the fused model asked for the CUDA C++ kernels (the spatial attention, which has none, on
 # Triton); skipped with the reason where there is no GPU or no built extension
 TASKS = {"forward": "inference", "forward+backward": "train"}
@@ -133,9 +136,10 @@ def make_inputs(model, batch: int, args, seed: int):
     return x, labels, frames, res
 
 
-def autocast_ctx(args):
+def autocast_ctx(args, cache_enabled=None):
+    """``cache_enabled=False`` inside a CUDA-graph capture (PyTorch's rule)."""
     if args.precision == "autocast" and args.dtype != torch.float32:
-        return torch.autocast(device_type=args.device.type, dtype=args.dtype)
+        return torch.autocast(device_type=args.device.type, dtype=args.dtype, cache_enabled=cache_enabled)
     return torch.autocast(device_type=args.device.type, enabled=False)
 
 
@@ -230,6 +234,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
     for prov in providers:
         row = H.new_row(prov, case, task, args)
         fused = prov.startswith("fused")
+        graphed = None
         if prov.endswith("compile") and args.quick and args.device.type == "cpu" and not args.providers:
             row.update(status="skipped", note="torch.compile of a whole model takes minutes on the CPU; "
                                               "ask for it with --providers")
@@ -241,6 +246,10 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 row.update(status="skipped", note=why)
                 rows.append(row)
                 continue
+        if prov == "fused+graph" and (task != "inference" or args.device.type != "cuda"):
+            row.update(status="skipped", note="inference only" if task != "inference" else "needs a CUDA GPU")
+            rows.append(row)
+            continue
         try:
             model = build(preset, overrides, frames, fused, args, seed=args.seed)
             if prov == "fused-cuda":  # the spatial attention on Triton: see uniformerv2.model
@@ -258,6 +267,11 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             else:
                 run_model = model
             step = make_step(model, run_model, task, x, labels, args)
+            if prov == "fused+graph":
+                from uniformerv2.cuda_graph import GraphedInference
+
+                graphed = GraphedInference(model, context=lambda: autocast_ctx(args, cache_enabled=False))
+                step = lambda: graphed(x)  # noqa: E731
             if prov == "fused-cublas-gemm":
                 step = H.with_triton_gemm(step, "cublas")
             elif fused:  # the setting this run started with, whatever an earlier provider set since
@@ -271,7 +285,8 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             row["peak_mb"] = H.peak_memory_mb(step, args.device)
             # GPU ms for inference only: the training step's AdamW is not capturable (a capture attempt
             # would run a whole forward+backward into a second memory pool to fail at optimizer.step())
-            skip_graph = args.no_gpu_ms or task != "inference"
+            # (fused+graph is a replay already: its ms is the graph's, host work included)
+            skip_graph = args.no_gpu_ms or task != "inference" or prov == "fused+graph"
             row["gpu_ms"], no_graph = (None, None) if skip_graph else H.graph_time_ms(step, args.device, reps=5)
             if args.timeline:
                 _append_timeline(args.timeline, f"{case_name}, {task}, {prov}", step, args.device)
@@ -289,7 +304,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 import traceback
                 traceback.print_exc()
         finally:
-            model = run_model = step = None  # noqa: F841
+            model = run_model = step = graphed = None  # noqa: F841  (graphed: its graph's memory pool)
             import gc
             gc.collect()
             if args.device.type == "cuda":

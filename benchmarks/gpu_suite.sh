@@ -247,7 +247,7 @@ fi
 if want cuda_tests; then
     # first and on its own: the CUDA kernels' tests decide whether they are verified (issue 9)
     # shellcheck disable=SC2086
-    run_step cuda_tests 200 "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
+    run_step cuda_tests 300 "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
         ${SUITE_TEST_ARGS:-}
 fi
 if want tests; then
@@ -276,7 +276,7 @@ fi
 if want e2e; then
     # shellcheck disable=SC2086
     run_step bench_e2e 300 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
-        --providers eager,fused,fused-cuda,fused-cublas-gemm --mode fwd,fwd+bwd \
+        --providers eager,fused,fused-cuda,fused-cublas-gemm,fused+graph --mode fwd,fwd+bwd \
         --timeline "$STAGE/results/e2e_timeline.md" $E2E_ARGS
 fi
 if want e2e_compile; then
