@@ -318,6 +318,9 @@ def local_temporal_mhra_cases(dtypes):
                                        rows_per_prog=32 * 13),
                                   dict(HAS_ROW_SCALE=True, BLOCK_M=32, BLOCK_C=128)))
         for dt in dtypes:  # reads the shift row x[0] in x's dtype
+            cases.append(Case("local_temporal_mhra", "_centre_kernel", dt, "BM=32 BC=128 w4",
+                              dict(x_ptr=_ptr(dt), mean_ptr="*fp32", out_ptr=_ptr(dt), M=12544, C=768),
+                              dict(BLOCK_M=32, BLOCK_C=128)))
             cases.append(Case("local_temporal_mhra", "_bn_stats_combine_kernel", dt, "BC=128 w4",
                               dict(x_ptr=_ptr(dt), part_mean_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32",
                                    var_ptr="*fp32", R=40, M=12544, C=768, rows_per_prog=32 * 13),

@@ -301,6 +301,20 @@ def test_bn_statistics_kernel_many_partials():
     torch.testing.assert_close(var.double(), xp.double().var(0, unbiased=False), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_centre_kernel_is_the_aten_formula_bit_for_bit(dtype):
+    """The centring pass (forward Y1 and backward P): one kernel, the same bits as the three ATen ops it
+    replaced. Odd sizes: partial row and column tiles; a large |mean| as in CLIP streams."""
+    from uniformerv2_kernels.triton import local_temporal_mhra as tlt
+
+    g = torch.Generator().manual_seed(7)
+    xp = (torch.randn(203, 77, generator=g) * 2 + 40).to(DEVICE, dtype)
+    mean = (torch.randn(77, generator=g) + 40).to(DEVICE)
+    out = tlt._centre(xp, mean)
+    assert out.dtype == dtype and out.shape == xp.shape
+    assert torch.equal(out, (xp.float() - mean[None, :]).to(dtype))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Registration, compile, determinism, errors
 # --------------------------------------------------------------------------------------------------------

@@ -355,6 +355,21 @@ def _scaled_column_sum_kernel(
 
 
 @triton.jit
+def _centre_kernel(x_ptr, mean_ptr, out_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = x - mean per channel, subtracted in fp32 and rounded once to x's dtype: what
+    ``(x.float() - mean).to(x.dtype)`` gives, bit for bit, in one pass instead of three through an fp32 copy
+    (20 bytes per element moved for bf16 instead of 4)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < M)[:, None] & cmask[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _sum_partials_kernel(part_ptr, out_ptr, R, W, BLOCK: tl.constexpr):
     """out[w] = sum_r part[r, w], summed in order r = 0, 1, ... (deterministic)."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -547,8 +562,13 @@ def _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype):
 
 
 def _centre(xp: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """X - mean per channel, computed in fp32 and stored in X's dtype."""
-    return (xp.float() - mean[None, :]).to(xp.dtype)
+    """X - mean per channel (xp (M, C) contiguous, mean (C,) fp32), computed in fp32 and stored in X's dtype."""
+    M, C = xp.shape
+    out = torch.empty_like(xp)
+    BLOCK_M, BLOCK_C = (64, 64) if _interpreting(xp) else (32, 128)
+    _centre_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))](
+        xp, mean.contiguous(), out, M, C, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    return out
 
 
 def forward(
