@@ -221,20 +221,26 @@ def requested_backend(backend: str | None) -> str | None:
     return choice
 
 
+def backend_reasons(
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    implemented: Sequence[str] = BACKENDS,
+    cuda_ops: Sequence[str] = (),
+    extra_reasons: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """Why backend ``name`` cannot run this call (empty: it can)."""
+    if name not in implemented:
+        return ["this op has no such backend"]
+    return generic_reasons(name, tensors, cuda_ops) + list((extra_reasons or {}).get(name, ()))
+
+
 def reasons_by_backend(
     tensors: Sequence[torch.Tensor],
     implemented: Sequence[str] = BACKENDS,
     cuda_ops: Sequence[str] = (),
     extra_reasons: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, list[str]]:
-    extra_reasons = extra_reasons or {}
-    table = {}
-    for name in BACKENDS:
-        if name not in implemented:
-            table[name] = ["this op has no such backend"]
-            continue
-        table[name] = generic_reasons(name, tensors, cuda_ops) + list(extra_reasons.get(name, ()))
-    return table
+    return {name: backend_reasons(name, tensors, implemented, cuda_ops, extra_reasons) for name in BACKENDS}
 
 
 def select(
@@ -247,15 +253,19 @@ def select(
 ) -> str:
     """Chooses the backend for one call of ``op``; see the module docstring for the rules."""
     wanted = requested_backend(backend)
-    table = reasons_by_backend(tensors, implemented, cuda_ops, extra_reasons)
+
+    def reasons(name: str) -> list[str]:  # each backend's only when the choice needs it (host time per call)
+        return backend_reasons(name, tensors, implemented, cuda_ops, extra_reasons)
+
     if wanted is None:
         for name in BACKENDS:
             if name == "cuda" and op not in GPU_VERIFIED_CUDA_OPS:
                 continue  # compiled but never run on a GPU: opt-in only (see GPU_VERIFIED_CUDA_OPS)
-            if not table[name]:
+            if not reasons(name):
                 return name
         wanted = "reference"  # never reached: the reference has no generic reasons
-    if table[wanted]:
+    if reasons(wanted):
+        table = reasons_by_backend(tensors, implemented, cuda_ops, extra_reasons)
         lines = [f"{op}: backend {wanted!r} cannot run this call."]
         for name in BACKENDS:
             lines.append(f"  {name}: " + ("; ".join(table[name]) if table[name] else "available"))
