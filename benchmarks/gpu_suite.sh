@@ -3,7 +3,7 @@
 # `run` calls of at most 10 minutes each, back to back so the machine stays warm (a later call then finds
 # the extension built by the first and skips the build; on a fresh machine it builds again, ~1-2 min):
 #
-#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, overhead, cuda_tests, tests
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, cuda_tests, overhead, tests
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, tests_cublas, end-to-end, timeline
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
 #
@@ -62,9 +62,9 @@ PYTHON="${PYTHON:-python3}"
 BUDGET="${SUITE_BUDGET_S:-560}"
 RESERVE=30
 case "${1:-all}" in
-    all) DEFAULT_STEPS="env,build,overhead,cuda_tests,tests,tests_cublas,timeline,ops,e2e,e2e_compile" ;;
+    all) DEFAULT_STEPS="env,build,cuda_tests,overhead,tests,tests_cublas,timeline,ops,e2e,e2e_compile" ;;
     e2e_compile) DEFAULT_STEPS="env,build,e2e_compile" ;;
-    tests) DEFAULT_STEPS="env,build,overhead,cuda_tests,tests" ;;
+    tests) DEFAULT_STEPS="env,build,cuda_tests,overhead,tests" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
     e2e) DEFAULT_STEPS="env,build,tests_cublas,e2e,timeline" ;;
     profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
@@ -223,17 +223,6 @@ else
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# ----------------------------------------------------------------------------------------- overhead
-if want overhead; then
-    # Host time per call (seconds): an ATen op, a Triton launch, a custom op, a Python backward on the
-    # autograd device thread, each fused op on tiny inputs (benchmarks/launch_overhead.py)
-    OVERHEAD_ARGS="--device cuda --dtype bfloat16"
-    [ "$DEVICE" = cpu ] && OVERHEAD_ARGS="--device cpu --reps 100"  # dry run
-    # shellcheck disable=SC2086
-    run_step overhead 90 "$PYTHON" benchmarks/launch_overhead.py $OVERHEAD_ARGS \
-        --out "$STAGE/results/launch_overhead.md"
-fi
-
 # -------------------------------------------------------------------------------------------- tests
 # -v: one line per finished test, so a step cut by its timeout still says which tests passed and failed
 # (the second H100 run's cold-cache `pytest tests` was cut at 420 s with an empty summary)
@@ -249,6 +238,15 @@ if want cuda_tests; then
     # shellcheck disable=SC2086
     run_step cuda_tests 300 "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
         ${SUITE_TEST_ARGS:-}
+fi
+if want overhead; then
+    # Host time per call (seconds): an ATen op, a Triton launch, a custom op, a Python backward on the
+    # autograd device thread, each fused op on tiny inputs (benchmarks/launch_overhead.py)
+    OVERHEAD_ARGS="--device cuda --dtype bfloat16"
+    [ "$DEVICE" = cpu ] && OVERHEAD_ARGS="--device cpu --reps 100"  # dry run
+    # shellcheck disable=SC2086
+    run_step overhead 90 "$PYTHON" benchmarks/launch_overhead.py $OVERHEAD_ARGS \
+        --out "$STAGE/results/launch_overhead.md"
 fi
 if want tests; then
     # shellcheck disable=SC2086
