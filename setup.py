@@ -157,7 +157,10 @@ def shared_libstdcxx():
             paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
     except OSError:
         return None
-    return sorted(paths)[0] if len(paths) == 1 and os.path.exists(sorted(paths)[0]) else None
+    if len(paths) != 1:
+        return None
+    (path,) = paths
+    return path if os.path.exists(path) else None
 
 
 def csrc_digest():

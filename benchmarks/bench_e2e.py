@@ -234,7 +234,6 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
     for prov in providers:
         row = H.new_row(prov, case, task, args)
         fused = prov.startswith("fused")
-        graphed = None
         if prov.endswith("compile") and args.quick and args.device.type == "cpu" and not args.providers:
             row.update(status="skipped", note="torch.compile of a whole model takes minutes on the CPU; "
                                               "ask for it with --providers")
