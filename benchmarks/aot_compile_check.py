@@ -382,6 +382,27 @@ def global_query_attention_cases(dtypes):
                 dict(x_ptr=p, dy_ptr="*fp32", dpe_w_ptr="*fp32", dx_ptr=p, dw_part_ptr="*fp32",
                      db_part_ptr="*fp32", T=T, NT=NT, C=C, W=W, S=S, tokens_per_split=bs * 20, num_splits=13),
                 dict(BLOCK_S=bs, BLOCK_C=bc), num_warps=4))
+            block_d, block_k = triton.next_power_of_2(C // H), 128  # _head_blocks() on a GPU
+            heads = dict(C=C, H=H, D=C // H)
+            for with_grad in (False, True):
+                cases.append(Case(
+                    "global_query_attention", "_query_head_kernel", dt,
+                    f"C={C} BD={block_d} BK={block_k} GRAD={int(with_grad)} w4",
+                    dict(query_ptr=p, stride_qn=C, stride_qc=1, w_ptr=p, b_ptr=p, gamma_ptr=p, beta_ptr=p,
+                         u_ptr="*fp32", qh_ptr="*fp32", r_ptr="*fp32", dout_ptr=p, z_ptr="*fp32", dz_ptr="*fp32",
+                         D_ptr="*fp32", zn_ptr="*fp32", dout_t_ptr="*fp32", colsum_ptr="*fp32", N=16,
+                         scale=0.125, **heads),
+                    dict(WITH_GRAD=with_grad, BLOCK_D=block_d, BLOCK_K=block_k), num_warps=4))
+            cases.append(Case(
+                "global_query_attention", "_merge_project_kernel", dt, f"C={C} BD={block_d} BK={block_k} w4",
+                dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", gamma_ptr=p, beta_ptr=p, w_ptr=p, b_ptr=p,
+                     z_ptr="*fp32", lse_ptr="*fp32", out_ptr=p, num_splits=17, **heads),
+                dict(BLOCK_SPLITS=32, BLOCK_D=block_d, BLOCK_K=block_k), num_warps=4))
+            cases.append(Case(
+                "global_query_attention", "_query_grad_kernel", dt, f"C={C} BD={block_d} BK={block_k} w4",
+                dict(du_ptr="*fp32", gamma_ptr=p, r_ptr="*fp32", w_ptr=p, grad_q_ptr="*fp32", dr_ptr="*fp32",
+                     colsum_ptr="*fp32", N=16, scale=0.125, **heads),
+                dict(BLOCK_D=block_d, BLOCK_K=block_k), num_warps=4))
     return cases
 
 

@@ -5,7 +5,7 @@ Per video n the S = T*L tokens are the keys; token j = l*T + t lives at row ``l*
 x (L, N*T, C), so a token tile covers a few runs of T contiguous rows.
 
 Forward (``forward``):
-  1. torch (O(N*C^2)): q = query W_q^T + b_q, u_h = gamma * W_k,h^T q_h / sqrt(d).
+  1. ``_query_head_kernel``, grid (N, H) (O(N*C^2)): q = query W_q^T + b_q, u_h = gamma * W_k,h^T q_h / sqrt(d).
   2. ``_dpe_kernel``, grid (row tiles, channel tiles): y = x + DPE(x) (27 taps, zero padding, class tokens
      untouched), written in x.dtype (the reference's rounding of the DPE output).
   3. ``_gqa_forward_partial_kernel``, grid (N, splits): each program streams a contiguous range of the
@@ -15,8 +15,8 @@ Forward (``forward``):
      16-bit operands for fp16/bf16 inputs (USE_DOT; xhat is rounded to the input type, as the reference
      rounds ln_3(y)); for fp32 inputs a loop over heads on the CUDA cores (fp32 dots of K = C would need
      megabytes of shared memory on sm_90).
-  4. torch: merge of the partials in a fixed order (deterministic), giving z_h = sum_j a_h(j) xhat_j and
-     lse_h; then out_h = W_v,h (gamma * z_h + beta) + b_v,h.
+  4. ``_merge_project_kernel``, grid (N, H): merge of the partials in a fixed order (deterministic), giving
+     z_h = sum_j a_h(j) xhat_j and lse_h; then out_h = W_v,h (gamma * z_h + beta) + b_v,h.
   Saved for backward: z (N, H, C) fp32 and lse (N, H) fp32 (natural log), besides the inputs.
 
 Why the DPE is a kernel of its own (DESIGN.md section 3 computes it on the fly inside the token loop, as
@@ -30,7 +30,8 @@ call. An H100 run timed both (2026-11-25, B/16 and L/14, bf16): the first design
 time of this one (forward, forward + backward), so it was removed.
 
 Backward (``backward``):
-  1. torch: p_h = W_v,h^T dout_h, dz_h = gamma * p_h, D_h = dz_h . z_h, and the value-path gradients.
+  1. ``_query_head_kernel`` (WITH_GRAD), grid (N, H): the folded query again, p_h = W_v,h^T dout_h,
+     dz_h = gamma * p_h, D_h = dz_h . z_h, and the per-video pieces of the value-path gradients.
   2. ``_dpe_kernel`` again (y is recomputed rather than kept alive from the forward), then
      ``_gqa_backward_tokens_kernel``, grid (N, splits): recomputes xhat per tile from y, a_h(j) from the
      saved lse, ds_h(j) = a_h(j) (dz_h . xhat_j - D_h), dxhat_j = sum_h a_h(j) dz_h + ds_h(j) u_h, the
@@ -40,8 +41,12 @@ Backward (``backward``):
      of a token tile in one 3-d gather of dy. dx_i = dy_i + sum_k w_k dy_{i - off_k} (patch tokens), and,
      from the same loads, dw_k = sum_i x_i dy_{i - off_k}, db = sum over patch tokens of dy; per-program
      partials.
-  4. torch: the query-path gradients from du (gamma, W_q, W_k, b_q, query).
+  4. ``_query_grad_kernel``, grid (N, H): the per-video query-path pieces from du; then cuBLAS / torch
+     sums over videos give the gradients of gamma, beta, W_q, W_k, W_v, b_q, b_v and query (3 GEMMs,
+     5 sums).
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer (or a GEMM).
+Steps 1 and 4 were ~20 torch ops in the forward and ~70 in the backward before they became kernels; on the
+H100 the op's forward+backward took 5.1 ms of host time for 2.8 ms of GPU time (2026-11-25).
 
 GPU status: the tests passed on an H100 (2026-11-25, second run, triton 3.6, bf16 included) with these
 kernels (the removed first design and the removed loop form of the DPE backward beside them). Forward at
@@ -54,15 +59,15 @@ the compiler hoisted all 27 tile loads and spilled.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
-from ..reference import global_query_attention as _ref
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -324,6 +329,150 @@ def _gqa_backward_dpe_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
+# the O(N*C^2) per-(video, head) algebra around the token kernels
+#
+# Small work (a few matrix-vector products per video and head), but as torch ops it was ~20 launches in
+# the forward and ~70 in the backward, each a few microseconds of GPU time and tens of microseconds of
+# host time (on the H100 this op's forward+backward took 5.1 ms of host time for 2.8 ms of GPU time). One
+# program per (video n, head h) walks C in chunks of BLOCK_K against the head's d rows of in_proj_weight
+# (rows [h*d, (h+1)*d) are W_q,h, then C + that for W_k,h and 2C + that for W_v,h), in fp32.
+
+
+@triton.jit
+def _query_head_kernel(
+    query_ptr, stride_qn, stride_qc, w_ptr, b_ptr, gamma_ptr, beta_ptr, u_ptr,
+    qh_ptr, r_ptr, dout_ptr, z_ptr, dz_ptr, D_ptr, zn_ptr, dout_t_ptr, colsum_ptr,
+    N, C, H, D, scale,
+    WITH_GRAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward step 1 for one (video n, head h): q_h = W_q,h query_n + b_q,h, r_h = W_k,h^T q_h / sqrt(d),
+    u_h = gamma * r_h (writes u; with WITH_GRAD also q_h and r_h).
+
+    WITH_GRAD (backward step 1), from dout_h (d values of grad_out) and the saved z_h, also:
+    p_h = W_v,h^T dout_h, dz_h = gamma * p_h, D_h = dz_h . z_h; and for the parameter gradients (sums over
+    videos, taken afterwards by cuBLAS / torch in a fixed order): zn_h = gamma * z_h + beta in (H, N, C)
+    layout, dout_h in (H, d, N) layout (grad W_v,h = dout_h^T zn_h summed over n is then one batched GEMM,
+    grad b_v one sum), and rows p_h and p_h * z_h of colsum (3, N*H, C) (their column sums are grad beta and
+    the value-path part of grad gamma).
+    """
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_rows = (h * D + offs_d).to(tl.int64)
+    query_row = query_ptr + n.to(tl.int64) * stride_qn
+    q = tl.zeros([BLOCK_D], tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < C
+        w = tl.load(w_ptr + q_rows[:, None] * C + offs_k[None, :], mask=d_mask[:, None] & k_mask[None, :], other=0.0)
+        v = tl.load(query_row + offs_k * stride_qc, mask=k_mask, other=0.0)
+        q += tl.sum(w.to(tl.float32) * v.to(tl.float32)[None, :], axis=1)
+    q += tl.load(b_ptr + q_rows, mask=d_mask, other=0.0).to(tl.float32)
+    head = (n * H + h).to(tl.int64)
+    if WITH_GRAD:
+        tl.store(qh_ptr + head * D + offs_d, q, mask=d_mask)
+        g = tl.load(dout_ptr + n.to(tl.int64) * C + q_rows, mask=d_mask, other=0.0).to(tl.float32)
+        tl.store(dout_t_ptr + q_rows * N + n, g, mask=d_mask)
+        d_acc = tl.zeros([BLOCK_K], tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < C
+        tile_mask = d_mask[:, None] & c_mask[None, :]
+        gamma = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        w_k = tl.load(w_ptr + (q_rows + C)[:, None] * C + offs_c[None, :], mask=tile_mask, other=0.0)
+        r = tl.sum(w_k.to(tl.float32) * q[:, None], axis=0) * scale
+        tl.store(u_ptr + head * C + offs_c, gamma * r, mask=c_mask)
+        if WITH_GRAD:
+            tl.store(r_ptr + head * C + offs_c, r, mask=c_mask)
+            w_v = tl.load(w_ptr + (q_rows + 2 * C)[:, None] * C + offs_c[None, :], mask=tile_mask, other=0.0)
+            p = tl.sum(w_v.to(tl.float32) * g[:, None], axis=0)
+            z = tl.load(z_ptr + head * C + offs_c, mask=c_mask, other=0.0)
+            beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            dz = gamma * p
+            tl.store(dz_ptr + head * C + offs_c, dz, mask=c_mask)
+            d_acc += dz * z
+            tl.store(zn_ptr + (h * N + n).to(tl.int64) * C + offs_c, gamma * z + beta, mask=c_mask)
+            tl.store(colsum_ptr + head * C + offs_c, p, mask=c_mask)
+            tl.store(colsum_ptr + (N * H + head) * C + offs_c, p * z, mask=c_mask)
+    if WITH_GRAD:
+        tl.store(D_ptr + head, tl.sum(d_acc, axis=0))
+
+
+@triton.jit
+def _merge_project_kernel(
+    m_ptr, l_ptr, acc_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, z_ptr, lse_ptr, out_ptr,
+    C, H, D, num_splits,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward step 4 for one (video n, head h): the flash-decoding merge of the splits' partials in a fixed
+    order (deterministic), z_h = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s and lse_h (natural log),
+    then out_h = W_v,h (gamma * z_h + beta) + b_v,h, stored in out's dtype."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    s_mask = offs_s < num_splits
+    part = (n * num_splits + offs_s).to(tl.int64) * H + h  # rows (n, split, h) of the (N, splits, H) partials
+    m = tl.load(m_ptr + part, mask=s_mask, other=float("-inf"))
+    m_max = tl.max(m, axis=0)
+    weight = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
+    total = tl.sum(weight * tl.load(l_ptr + part, mask=s_mask, other=0.0), axis=0)
+    head = (n * H + h).to(tl.int64)
+    tl.store(lse_ptr + head, (m_max + tl.log2(total)) * 0.6931471805599453)
+    weight = weight / total
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    v_rows = (2 * C + h * D + offs_d).to(tl.int64)
+    out = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < C
+        acc = tl.load(acc_ptr + part[:, None] * C + offs_c[None, :], mask=s_mask[:, None] & c_mask[None, :],
+                      other=0.0)
+        z = tl.sum(acc * weight[:, None], axis=0)
+        tl.store(z_ptr + head * C + offs_c, z, mask=c_mask)
+        gamma = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        w_v = tl.load(w_ptr + v_rows[:, None] * C + offs_c[None, :], mask=d_mask[:, None] & c_mask[None, :],
+                      other=0.0)
+        out += tl.sum(w_v.to(tl.float32) * (gamma * z + beta)[None, :], axis=1)
+    out += tl.load(b_ptr + v_rows, mask=d_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n.to(tl.int64) * C + h * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _query_grad_kernel(
+    du_ptr, gamma_ptr, r_ptr, w_ptr, grad_q_ptr, dr_ptr, colsum_ptr,
+    N, C, H, D, scale,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward step 4 for one (video n, head h), from du_h = sum_j ds_h(j) xhat_j: dr_h = gamma * du_h,
+    grad q_h = W_k,h dr_h / sqrt(d) (into grad_q (N, C)), dr_h / sqrt(d) in (H, N, C) layout (grad W_k,h =
+    q_h^T dr_h / sqrt(d) summed over n is then one batched GEMM) and du_h * r_h into row block 2 of colsum
+    (its column sum is the score part of grad gamma)."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    head = (n * H + h).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    k_rows = (C + h * D + offs_d).to(tl.int64)
+    gq = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < C
+        du = tl.load(du_ptr + head * C + offs_c, mask=c_mask, other=0.0)
+        gamma = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + head * C + offs_c, mask=c_mask, other=0.0)
+        dr = gamma * du * scale
+        w_k = tl.load(w_ptr + k_rows[:, None] * C + offs_c[None, :], mask=d_mask[:, None] & c_mask[None, :],
+                      other=0.0)
+        gq += tl.sum(w_k.to(tl.float32) * dr[None, :], axis=1)
+        tl.store(dr_ptr + (h * N + n).to(tl.int64) * C + offs_c, dr, mask=c_mask)
+        tl.store(colsum_ptr + (2 * N * H + head) * C + offs_c, du * r, mask=c_mask)
+    tl.store(grad_q_ptr + n.to(tl.int64) * C + h * D + offs_d, gq, mask=d_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
 # launchers
 
 
@@ -416,6 +565,30 @@ def apply_dpe(x: torch.Tensor, T: int, dpe_w: torch.Tensor, dpe_b: torch.Tensor)
     return y
 
 
+def _head_blocks(C: int, H: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_K) of the per-(video, head) kernels: all d rows of a head's in_proj slice, C in chunks
+    of 128 (a 64 x 128 fp32 tile over 4 warps: 64 registers per thread); 32 under the interpreter, so the
+    tests' small C still takes several chunks."""
+    return triton.next_power_of_2(C // H), (32 if triton_interpret() else 128)
+
+
+def folded_query(query, in_proj_weight, in_proj_bias, ln_weight, num_heads):
+    """u (N, H, C) fp32 = ``reference.folded_query``'s u, one kernel launch. query: (1, N, C), any strides."""
+    _, N, C = query.shape
+    H = num_heads
+    BLOCK_D, BLOCK_K = _head_blocks(C, H)
+    q = query[0]
+    u = torch.empty((N, H, C), device=query.device, dtype=torch.float32)
+    w = in_proj_weight.contiguous()
+    _query_head_kernel[(N, H)](
+        q, q.stride(0), q.stride(1), w, in_proj_bias.contiguous(), ln_weight.contiguous(), ln_weight, u,
+        u, u, u, u, u, u, u, u, u,
+        N, C, H, C // H, 1.0 / math.sqrt(C // H),
+        WITH_GRAD=False, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
+    )
+    return u
+
+
 def forward(
     x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads,
     eps=1e-5, *, num_splits=None, block_s=None, use_dot=None,
@@ -427,8 +600,7 @@ def forward(
     block_s, num_warps = _token_tile("forward", BLOCK_C, use_dot, block_s)
     S = T * L
     f32 = torch.float32
-    _, _, u = _ref.folded_query(query.to(f32), in_proj_weight.to(f32), in_proj_bias.to(f32), ln_weight.to(f32), H)
-    u = u.contiguous()
+    u = folded_query(query, in_proj_weight, in_proj_bias, ln_weight, H)
     tokens_per_split, splits = _token_splits(S, N, block_s, num_splits, x.device)
     m = torch.empty((N, splits, H), device=x.device, dtype=f32)
     lsum = torch.empty((N, splits, H), device=x.device, dtype=f32)
@@ -441,14 +613,18 @@ def forward(
         OPERAND_DTYPE=_operand_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=num_warps, num_stages=_forward_stages(x.device),
     )
-    # Flash-decoding merge over the splits, in a fixed order (deterministic). Base-2 domain.
-    m_max = m.amax(dim=1, keepdim=True)  # (N, 1, H)
-    scale = torch.exp2(m - m_max)  # (N, splits, H)
-    total = (scale * lsum).sum(dim=1)  # (N, H)
-    z = (scale.unsqueeze(-1) * acc).sum(dim=1) / total.unsqueeze(-1)  # (N, H, C)
-    lse = (m_max.squeeze(1) + torch.log2(total)) * LN2
-    out = _ref.project_values(z, ln_weight.to(f32), ln_bias.to(f32), in_proj_weight.to(f32), in_proj_bias.to(f32), H)
-    return out.to(x.dtype), z, lse
+    del y
+    z = torch.empty((N, H, C), device=x.device, dtype=f32)
+    lse = torch.empty((N, H), device=x.device, dtype=f32)
+    out = torch.empty((1, N, C), device=x.device, dtype=x.dtype)
+    BLOCK_D, BLOCK_K = _head_blocks(C, H)
+    _merge_project_kernel[(N, H)](
+        m, lsum, acc, ln_weight.contiguous(), ln_bias.contiguous(), in_proj_weight.contiguous(),
+        in_proj_bias.contiguous(), z, lse, out,
+        C, H, C // H, splits,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
+    )
+    return out, z, lse
 
 
 def backward(
@@ -459,18 +635,35 @@ def backward(
     x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b = _common(x, T, dpe_weight, dpe_bias, num_heads)
     block_s, num_warps = _token_tile("backward", BLOCK_C, False, block_s)
     S = T * L
+    d = C // H
     f32 = torch.float32
+    dev = x.device
     z = z.to(f32).contiguous()
-    algebra = _ref.small_backward_algebra(grad_out, query, ln_weight, ln_bias, in_proj_weight, in_proj_bias, z, H)
-    u = algebra["u"].contiguous()
-    dz = algebra["dz"].contiguous()
-    D = algebra["D"].contiguous()
+    w_in = in_proj_weight.contiguous()
+    BLOCK_D, BLOCK_K = _head_blocks(C, H)
+
+    # step 1: folded query, dz, D and the value-path pieces (reference.small_backward_algebra)
+    q = query[0]
+    u = torch.empty((N, H, C), device=dev, dtype=f32)
+    qh = torch.empty((N, H, d), device=dev, dtype=f32)
+    r = torch.empty_like(u)
+    dz = torch.empty_like(u)
+    D = torch.empty((N, H), device=dev, dtype=f32)
+    zn = torch.empty((H, N, C), device=dev, dtype=f32)
+    dout_t = torch.empty((H, d, N), device=dev, dtype=f32)
+    colsum = torch.empty((3, N * H, C), device=dev, dtype=f32)  # p, p * z, du * r: column sums -> beta, gamma
+    _query_head_kernel[(N, H)](
+        q, q.stride(0), q.stride(1), w_in, in_proj_bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), u,
+        qh, r, grad_out.reshape(N, C).contiguous(), z, dz, D, zn, dout_t, colsum,
+        N, C, H, d, 1.0 / math.sqrt(d),
+        WITH_GRAD=True, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
+    )
     lse2 = (lse.to(f32) * LOG2E).contiguous()
 
-    tokens_per_split, splits = _token_splits(S, N, block_s, num_splits, x.device)
-    dy = torch.empty((L, NT, C), device=x.device, dtype=f32)
-    xhat = torch.empty((N, S, C), device=x.device, dtype=f32)
-    ds = torch.empty((N, S, H), device=x.device, dtype=f32)
+    tokens_per_split, splits = _token_splits(S, N, block_s, num_splits, dev)
+    dy = torch.empty((L, NT, C), device=dev, dtype=f32)
+    xhat = torch.empty((N, S, C), device=dev, dtype=f32)
+    ds = torch.empty((N, S, H), device=dev, dtype=f32)
     # y recomputed (cheaper than keeping it alive from the forward)
     y = apply_dpe(x, T, dpe_w, dpe_b)
     _gqa_backward_tokens_kernel[(N, splits)](
@@ -507,18 +700,29 @@ def backward(
     grad_dpe_w = dw_part.sum(dim=0).t().contiguous().reshape(C, 1, 3, 3, 3)
     grad_dpe_b = db_part.sum(dim=0)
 
-    g_scores, grad_query, grad_w_q, grad_w_k, grad_b_q = _ref.finish_query_gradients(
-        du, algebra, query, ln_weight, in_proj_weight, H
+    # step 4: the query path (reference.finish_query_gradients), then every sum over videos in a fixed order
+    grad_q = torch.empty((N, C), device=dev, dtype=f32)
+    dr = torch.empty((H, N, C), device=dev, dtype=f32)
+    _query_grad_kernel[(N, H)](
+        du, ln_weight.contiguous(), r, w_in, grad_q, dr, colsum, N, C, H, d, 1.0 / math.sqrt(d),
+        BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
     )
-    grad_ln_weight = algebra["grad_ln_weight_values"] + g_scores
-    grad_in_w = torch.cat([grad_w_q, grad_w_k, algebra["grad_w_v"]], dim=0)
-    grad_in_b = torch.cat([grad_b_q, torch.zeros_like(grad_b_q), algebra["grad_b_v"]], dim=0)
+    grad_in_w = torch.empty((3 * C, C), device=dev, dtype=f32)
+    torch.mm(grad_q.t(), q.to(f32), out=grad_in_w[:C])  # W_q: sum_n grad_q_n query_n^T
+    torch.bmm(qh.permute(1, 2, 0), dr, out=grad_in_w[C : 2 * C].view(H, d, C))  # W_k,h: sum_n q_h dr_h^T
+    torch.bmm(dout_t, zn, out=grad_in_w[2 * C :].view(H, d, C))  # W_v,h: sum_n dout_h zn_h^T
+    grad_in_b = torch.zeros(3 * C, device=dev, dtype=f32)  # b_k's gradient is zero (cancels in the softmax)
+    torch.sum(grad_q, 0, out=grad_in_b[:C])
+    torch.sum(dout_t, 2, out=grad_in_b[2 * C :].view(H, d))
+    grad_query = torch.mm(grad_q, w_in[:C].to(f32)).unsqueeze(0)
+    grad_ln_bias = colsum[0].sum(0)
+    grad_ln_weight = colsum[1:].reshape(2 * N * H, C).sum(0)
     return (
         dx,
         grad_dpe_w.to(dpe_weight.dtype),
         grad_dpe_b.to(dpe_bias.dtype),
         grad_ln_weight.to(ln_weight.dtype),
-        algebra["grad_ln_bias"].to(ln_bias.dtype),
+        grad_ln_bias.to(ln_bias.dtype),
         grad_query.to(query.dtype),
         grad_in_w.to(in_proj_weight.dtype),
         grad_in_b.to(in_proj_bias.dtype),
