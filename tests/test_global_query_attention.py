@@ -199,6 +199,25 @@ def test_triton_fp16_matches_literal_reference(hw, N, T, C, heads):
         assert_close(g, g64, g16, name=f"grad {name}", grad=True)
 
 
+def test_triton_expanded_query_and_odd_head_width():
+    """The launchers given a query shared by the videos (one (1, 1, C) vector expanded to (1, N, C): stride 0
+    over videos; the public op makes it contiguous first, direct callers need not) and a head width d = 20
+    (not a power of two): the per-(video, head) kernels read the query through its strides and mask the
+    head's rows."""
+    hw, N, T, C, heads = 4, 3, 2, 60, 3
+    tensors64 = make_inputs(hw, N, T, C)
+    tensors64[5] = torch.randn(1, 1, C, dtype=torch.float64, device=DEVICE).expand(1, N, C)
+    grad_out = torch.randn(1, N, C, dtype=torch.float64, device=DEVICE)
+    out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
+    tensors = [t.float() for t in tensors64]
+    tensors[5] = tensors64[5][:, :1].float().expand(1, N, C)  # .float() of the expanded one would copy it
+    assert tensors[5].stride(1) == 0
+    out, grads = _triton_value_and_grads(tensors, T, heads, grad_out, 2, None)
+    assert_close(out, out64, name="out")
+    for name, g, g64 in zip(ARG_NAMES, grads, grads64):
+        assert_close(g, g64, name=f"grad {name}", grad=True)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("hw,N,T,C,heads", [(196, 4, 8, 768, 12), (256, 2, 3, 1024, 16), (9, 3, 1, 96, 3)])
