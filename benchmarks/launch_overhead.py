@@ -13,7 +13,11 @@ time per call on inputs so small that the GPU work is negligible:
   ``autograd.Function`` (Python backward) and a custom op with ``register_autograd`` (Python backward
   through the dispatcher). On CUDA, autograd runs the backward on its own device thread, so a Python
   backward also costs a GIL hand-off from the calling thread;
-- every fused op of this package, forward (no grad) and forward+backward, per available backend.
+- every fused op of this package, forward (no grad) and forward+backward, per available backend;
+- whole model steps (inference, and training forward+backward) of the Kinetics and Sth-Sth recipes' layer
+  structure at a tiny width, eager against fused: what a step costs the host when the GPU work is
+  negligible, and what it issues (ATen ops that may launch a kernel, allocations, views and no-op casts,
+  Triton launches), countable on any machine.
 
 ``host us`` is the host's time per call with the calls issued back to back (the GPU keeps up: the kernels
 are tiny); ``wall us`` adds the wait for the GPU at the end of the batch, spread over the calls. When the two
@@ -200,11 +204,21 @@ def _tiny_op_calls(device: torch.device, dtype: torch.dtype):
     return ops, leaves
 
 
-def ops_per_call(fn) -> tuple[int, int]:
-    """(ATen ops, Triton launches) that one ``fn()`` issues: top-level ATen ops from torch.profiler (not the
-    ones inside another ATen op) and calls of any Triton kernel's launcher. Under the Triton interpreter
-    the kernels are counted but not run (the interpreter's own tensor copies would swamp the count; the
-    outputs of that one call are garbage, which counting does not read)."""
+# ATen ops that launch nothing: views and metadata, allocations (the caching allocator), and casts /
+# contiguous calls that return their input (no child op)
+_VIEW_OPS = {"view", "reshape", "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "permute", "expand",
+             "expand_as", "detach", "alias", "as_strided", "narrow", "unbind", "split", "chunk", "_unsafe_view",
+             "view_as", "flatten", "unflatten", "lift_fresh", "numpy_T", "_reshape_alias"}
+_ALLOC_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+
+def op_profile(fn) -> dict:
+    """What one ``fn()`` issues: top-level ATen ops from torch.profiler (not the ones inside another ATen op),
+    split into ``compute`` (everything that may launch a kernel), ``alloc`` and ``view`` (views and
+    metadata ops, and casts / contiguous calls that return their input), plus ``triton``, the calls of
+    any Triton kernel's launcher. Under the Triton interpreter the kernels are counted but not run (the
+    interpreter's own tensor copies would swamp the count; the outputs of that one call are garbage, which
+    counting does not read)."""
     from torch.profiler import ProfilerActivity, profile
 
     import triton
@@ -227,9 +241,25 @@ def ops_per_call(fn) -> tuple[int, int]:
             fn()
     finally:
         launcher.run = original
-    aten = [e for e in prof.events() if e.name.startswith("aten::")
-            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    return len(aten), launches
+    counts = dict(aten=0, compute=0, alloc=0, view=0, triton=launches)
+    for e in prof.events():
+        if not e.name.startswith("aten::") or (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")):
+            continue
+        name = e.name[len("aten::"):]
+        counts["aten"] += 1
+        if name in _VIEW_OPS or (name in ("to", "contiguous", "type_as") and not e.cpu_children):
+            counts["view"] += 1
+        elif name in _ALLOC_OPS:
+            counts["alloc"] += 1
+        else:
+            counts["compute"] += 1
+    return counts
+
+
+def ops_per_call(fn) -> tuple[int, int]:
+    """(ATen ops, Triton launches) that one ``fn()`` issues (see ``op_profile``)."""
+    counts = op_profile(fn)
+    return counts["aten"], counts["triton"]
 
 
 def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[dict]:
@@ -270,6 +300,58 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
     return rows
 
 
+# ------------------------------------------------------------------------------------------ model step
+
+# The real recipes' layer structure (12 layers, the Kinetics recipe's 4 global blocks and no local MHRA, the
+# Sth-Sth recipe's two local MHRAs per layer and 8 global blocks), at width 96 on 32x32 frames of 8x8 patches
+# (17 tokens), 2 clips: the GPU work is negligible, so the step's time is the host's. Width 96 keeps the local
+# MHRA's C' = 64 a multiple of 16, like B/16's 512 (no padding ops).
+MODEL_STEP_RECIPES = ("k400_b16_f8x224", "ssv2_b16_f16x224")
+
+
+def model_step_rows(device: torch.device, reps: int) -> list[dict]:
+    import uniformerv2
+    from uniformerv2_kernels import backends
+
+    interpreted = device.type != "cuda" or backends.triton_interpret()
+    rows = []
+    for recipe in MODEL_STEP_RECIPES:
+        T = uniformerv2.get_config(recipe)["t_size"]
+        x = torch.randn(2, 3, T, 32, 32, device=device)
+        for provider in ("eager", "fused"):
+            torch.manual_seed(0)
+            # on the CPU the fused model runs the Triton backend, interpreted and counted (the GPU's structure);
+            # on a GPU the default selection (CUDA kernels where verified, else Triton)
+            model = uniformerv2.build_model(
+                recipe, num_frames=T, fused=provider == "fused", backend="triton" if interpreted else None,
+                width=96, layers=12, heads=2, n_dim=96, n_head=2, patch_size=8, input_resolution=32).to(device)
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def inference(model=model, x=x):
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+
+            def train_step(model=model, x=x, params=params):
+                model.train()
+                for p in params:  # as optimizer.zero_grad() does: no accumulation into old .grad
+                    p.grad = None
+                model(x).float().sum().backward()
+
+            for mode, fn in (("inference", inference), ("train fwd+bwd", train_step)):
+                # warm-up (on a GPU: Triton's compiles): a real call; interpreted, a counted one (op_profile
+                # stubs the launches; running the interpreter here would take minutes)
+                op_profile(fn) if interpreted else fn()
+                c = op_profile(fn)
+                row = dict(item=f"{recipe} {mode}", backend=provider, host_us=None, wall_us=None, **c,
+                           note="Triton interpreted: counted, not timed" if interpreted and provider == "fused"
+                           else "")
+                if not (interpreted and provider == "fused"):
+                    row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=2)
+                rows.append(row)
+    return rows
+
+
 # -------------------------------------------------------------------------------------------- output
 
 
@@ -283,6 +365,16 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| step | provider | host ms | wall ms | ATen compute ops | allocations | views / no-op casts "
+             "| Triton launches | note |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        cells = [("-" if r.get(k) is None else f"{r[k] / 1000:.2f}") for k in ("host_us", "wall_us")]
+        cells += [str(r[k]) for k in ("compute", "alloc", "view", "triton")]
+        lines.append(f"| {r['item']} | {r['backend']} | {' | '.join(cells)} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -290,6 +382,7 @@ def main(argv=None) -> int:
                     help="dtype of the fused ops' tiny inputs")
     ap.add_argument("--reps", type=int, default=1000, help="calls per building-block row (fused ops: reps/5)")
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--no-model", action="store_true", help="skip the model-step rows")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -306,12 +399,21 @@ def main(argv=None) -> int:
     rows = building_block_rows(device, args.reps)
     print(markdown(rows, "## building blocks"), flush=True)
     op_rows = fused_op_rows(device, getattr(torch, args.dtype), max(20, args.reps // 5))
-    text = markdown(rows + op_rows, header)
     print(markdown(op_rows, "## fused ops"), flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+
+    def write(text):
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(text)
+
+    text = markdown(rows + op_rows, header)
+    write(text)  # first without the model steps (a GPU's cold Triton cache compiles for a while there)
+    if not args.no_model:
+        step_text = model_markdown(model_step_rows(device, max(5, args.reps // 100)),
+                                   "## model steps (12 layers at width 96, 2 clips of 32x32 frames)")
+        print(step_text, flush=True)
+        write(text + "\n" + step_text)
     return 0
 
 

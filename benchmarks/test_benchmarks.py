@@ -380,3 +380,10 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
     assert int(ln_triton[4]) >= 1 and int(ln_triton[5]) >= 2  # allocations; forward + backward kernels
     ref = by_item[("global_query_attention, forward", "reference")]
     assert int(ref[4]) > 10 and int(ref[5]) == 0
+    # whole model steps: eager timed, fused (Triton) counted; columns: host ms, wall ms, compute, alloc, view,
+    # Triton launches
+    for recipe in ("k400_b16_f8x224", "ssv2_b16_f16x224"):
+        eager = by_item[(f"{recipe} train fwd+bwd", "eager")]
+        fused = by_item[(f"{recipe} train fwd+bwd", "fused")]
+        assert float(eager[2]) > 0 and int(eager[4]) > 100 and int(eager[7]) == 0
+        assert fused[2].strip() == "-" and int(fused[7]) > 10
