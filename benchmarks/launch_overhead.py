@@ -8,7 +8,9 @@ time per call on inputs so small that the GPU work is negligible:
 
 - an ATen op launch (``torch.add(out=)``), a Triton launch with 3 and with 20 arguments (the launcher's
   argument binding and specialisation run in Python per call), and through ``@triton.autotune``;
-- a ``torch.library.custom_op`` call against the plain function it wraps;
+- a ``torch.library.custom_op`` call against the plain function it wraps, and against the same op
+  registered the way the fused ops are (``uniformerv2_kernels/library.py``: define/impl, autograd in a
+  Function around it);
 - forward+backward of the same elementwise op three ways: native autograd (C++ backward), an
   ``autograd.Function`` (Python backward) and a custom op with ``register_autograd`` (Python backward
   through the dispatcher). On CUDA, autograd runs the backward on its own device thread, so a Python
@@ -90,6 +92,26 @@ def _(g):
 _scale2_op.register_autograd(lambda ctx, g: _scale2_bwd_op(g), setup_context=lambda ctx, inputs, output: None)
 
 
+def _library_scale2():
+    """The same op as ``_scale2_op`` through uniformerv2_kernels.library (define/impl + an autograd.Function
+    around it: how the fused ops are registered)."""
+    from uniformerv2_kernels import library
+
+    @library.custom_op("uniformerv2_bench::scale2_lib")
+    def scale2(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    scale2.register_fake(lambda x: torch.empty_like(x))
+
+    @library.custom_op("uniformerv2_bench::scale2_lib_bwd")
+    def scale2_bwd(g: torch.Tensor) -> torch.Tensor:
+        return g * 2
+
+    scale2_bwd.register_fake(lambda g: torch.empty_like(g))
+    scale2.register_autograd(lambda ctx, g: scale2_bwd(g), setup_context=lambda ctx, inputs, output: None)
+    return scale2
+
+
 class _Scale2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -136,6 +158,8 @@ def building_block_rows(device: torch.device, reps: int) -> list[dict]:
     add("ATen op: torch.add(a, b, out=c)", lambda: torch.add(a, b, out=c))
     add("plain function: x * 2", lambda: a * 2)
     add("custom op: uniformerv2_bench::scale2(x)", lambda: _scale2_op(a))
+    scale2_lib = _library_scale2()
+    add("library operator: uniformerv2_bench::scale2_lib(x)", lambda: scale2_lib(a))
 
     if device.type == "cuda":
         copy_kernel, copy_kernel_20, copy_kernel_autotuned = _triton_kernels()
@@ -164,6 +188,8 @@ def building_block_rows(device: torch.device, reps: int) -> list[dict]:
         add(f"fwd+bwd{tag}, native autograd (C++ backward)", fwd_bwd(lambda t: t * 2), note)
         add(f"fwd+bwd{tag}, autograd.Function (Python backward)", fwd_bwd(_Scale2Function.apply), note)
         add(f"fwd+bwd{tag}, custom op + register_autograd", fwd_bwd(_scale2_op), note)
+        add(f"fwd+bwd{tag}, library operator + autograd.Function (the fused ops' registration)",
+            fwd_bwd(scale2_lib), note)
     return rows
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, opcheck, requires_cuda
 from uniformerv2_kernels import backends
 from uniformerv2_kernels.ops.ffn import fused_ffn
 from uniformerv2_kernels.reference import ffn as reference
@@ -153,12 +153,12 @@ def test_opcheck(backend):
     params = [p.requires_grad_() for p in _params(C)]
     rs = _row_scale(3)
     d = [t.detach() for t in (x, *params)]
-    torch.library.opcheck(torch.ops.uniformerv2.fused_ffn_fwd.default, (x, *params, rs, 1e-5, True, backend))
+    opcheck(torch.ops.uniformerv2.fused_ffn_fwd.default, (x, *params, rs, 1e-5, True, backend))
     # inference form (nothing saved): only differentiable when called with save_for_backward=True
-    torch.library.opcheck(torch.ops.uniformerv2.fused_ffn_fwd.default, (*d, rs, 1e-5, False, backend))
+    opcheck(torch.ops.uniformerv2.fused_ffn_fwd.default, (*d, rs, 1e-5, False, backend))
     _, mean, rstd, h = torch.ops.uniformerv2.fused_ffn_fwd(*d, rs, 1e-5, True, backend)
     g = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.uniformerv2.fused_ffn_bwd.default,
+    opcheck(torch.ops.uniformerv2.fused_ffn_bwd.default,
                           (g, *d, rs, mean, rstd, h, 1e-5, True, backend))
 
 

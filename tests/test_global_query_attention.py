@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, opcheck, requires_cuda
 from uniformerv2_kernels import backends
 from uniformerv2_kernels.ops.global_query_attention import global_query_attention
 from uniformerv2_kernels.reference import global_query_attention as ref
@@ -253,12 +253,12 @@ def test_triton_backward_is_deterministic():
 def test_opcheck(backend):
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, dw, db, lw, lb, q, w, b = [t.requires_grad_(True) for t in make_inputs(hw=4, N=2, T=2, C=64, dtype=dtype)]
-    torch.library.opcheck(
+    opcheck(
         torch.ops.uniformerv2.global_query_attention_fwd.default, (x, 2, dw, db, lw, lb, q, w, b, 2, 1e-5, backend)
     )
     with torch.no_grad():
         _, z, lse = torch.ops.uniformerv2.global_query_attention_fwd(x, 2, dw, db, lw, lb, q, w, b, 2, 1e-5, backend)
-    torch.library.opcheck(
+    opcheck(
         torch.ops.uniformerv2.global_query_attention_bwd.default,
         (torch.randn(1, 2, 64, dtype=dtype, device=DEVICE), x.detach(), 2, dw.detach(), db.detach(), lw.detach(), lb.detach(),
          q.detach(), w.detach(), b.detach(), z, lse, 2, 1e-5, backend),

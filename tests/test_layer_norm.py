@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, opcheck, requires_cuda
 from uniformerv2_kernels import backends
 import uniformerv2_kernels.ops.layer_norm as ops_layer_norm  # the module, not the re-exported function
 from uniformerv2_kernels.ops.layer_norm import clip_layer_norm
@@ -117,10 +117,10 @@ def test_backward_is_deterministic():
 def test_opcheck(backend):
     x = torch.randn(9, 64, device=DEVICE, requires_grad=True)
     w, b = _params(64)
-    torch.library.opcheck(torch.ops.uniformerv2.clip_layer_norm_fwd.default, (x, w, b, 1e-5, backend))
+    opcheck(torch.ops.uniformerv2.clip_layer_norm_fwd.default, (x, w, b, 1e-5, backend))
     _, mean, rstd = torch.ops.uniformerv2.clip_layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5, backend)
     g = torch.randn(9, 64, device=DEVICE)
-    torch.library.opcheck(
+    opcheck(
         torch.ops.uniformerv2.clip_layer_norm_bwd.default,
         (g, x.detach(), w.detach(), b.detach(), mean, rstd, 1e-5, backend),
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, opcheck, requires_cuda
 from uniformerv2_kernels import backends
 import importlib
 
@@ -337,12 +337,12 @@ def _op_args(training, backend, with_bs=True, dtype=torch.float32):
 @pytest.mark.parametrize("backend,training", [("triton", True), ("triton", False), ("reference", True)])
 def test_opcheck(backend, training):
     args, g = _op_args(training, backend)
-    torch.library.opcheck(torch.ops.uniformerv2.local_temporal_mhra_fwd.default, args)
+    opcheck(torch.ops.uniformerv2.local_temporal_mhra_fwd.default, args)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     out, mean, var, y1 = torch.ops.uniformerv2.local_temporal_mhra_fwd(*detached)
     (x, T, bnw, bnb, _, _, w1, b1, dww, dwb, w2, b2, tr, eps, bs, be) = detached
     bwd_args = (g, x, y1, mean, var, T, bnw, bnb, w1, b1, dww, dwb, w2, b2, tr, eps, bs, True, be)
-    torch.library.opcheck(torch.ops.uniformerv2.local_temporal_mhra_bwd.default, bwd_args)
+    opcheck(torch.ops.uniformerv2.local_temporal_mhra_bwd.default, bwd_args)
 
 
 def test_compiled_matches_eager():

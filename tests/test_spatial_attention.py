@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, opcheck, requires_cuda
 from uniformerv2_kernels import backends
 from uniformerv2_kernels.ops.spatial_attention import attention_backend, spatial_attention
 from uniformerv2_kernels.reference import spatial_attention as reference
@@ -132,16 +132,16 @@ def test_opcheck(backend):
     L, B, C = 5, 3, 64
     x = torch.randn(L, B, C, device=DEVICE, requires_grad=True)
     ln_w, ln_b, in_w, in_b, out_w, out_b = [p.requires_grad_() for p in _params(C)]
-    torch.library.opcheck(torch.ops.uniformerv2.spatial_attention_qkv_fwd.default,
+    opcheck(torch.ops.uniformerv2.spatial_attention_qkv_fwd.default,
                           (x, ln_w, ln_b, in_w, in_b, 1e-5, backend))
     qkv, mean, rstd = torch.ops.uniformerv2.spatial_attention_qkv_fwd(
         x.detach(), ln_w.detach(), ln_b.detach(), in_w.detach(), in_b.detach(), 1e-5, backend)
-    torch.library.opcheck(torch.ops.uniformerv2.spatial_attention_qkv_bwd.default,
+    opcheck(torch.ops.uniformerv2.spatial_attention_qkv_bwd.default,
                           (torch.randn_like(qkv), x.detach(), ln_w.detach(), ln_b.detach(), in_w.detach(), mean,
                            rstd, 1e-5, backend))
     o = torch.randn(B * L, C, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.uniformerv2.spatial_attention_out_fwd.default, (o, out_w, out_b, L, B, backend))
-    torch.library.opcheck(torch.ops.uniformerv2.spatial_attention_out_bwd.default,
+    opcheck(torch.ops.uniformerv2.spatial_attention_out_fwd.default, (o, out_w, out_b, L, B, backend))
+    opcheck(torch.ops.uniformerv2.spatial_attention_out_bwd.default,
                           (torch.randn(L, B, C, device=DEVICE), o.detach(), out_w.detach(), backend))
 
 

@@ -59,16 +59,6 @@ def op_body(t: torch.Tensor):
 
 
 
-def skip_aux_grads(ctx, *aux: torch.Tensor) -> None:
-    """For a custom op's ``setup_context``: its auxiliary outputs (statistics and activations saved for the
-    backward, never returned to users) are non-differentiable, and autograd passes None for their gradients
-    instead of materialising zero tensors of their shapes. Without this every backward allocated and
-    zero-filled them: for the FFN a (rows, 4C) tensor the size of its hidden activation (155 MB at B/16
-    with 16 clips in bf16) per layer. The op's backward must then accept None for its main output's gradient
-    too (gradcheck's undefined-gradient check passes it): it returns None for every input."""
-    ctx.mark_non_differentiable(*aux)
-    ctx.set_materialize_grads(False)
-
 ENV_TRITON_GEMM = "UNIFORMERV2_TRITON_GEMM"
 TRITON_GEMMS = ("triton", "cublas")
 

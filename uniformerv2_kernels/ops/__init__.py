@@ -1,4 +1,5 @@
-"""The fused ops. Each is a torch.library custom op with forward and backward, on the backend the
+"""The fused ops. Each is a pair of torch.library operators (forward, backward; registered
+by `uniformerv2_kernels.library`) with an autograd Function around them, on the backend the
 registry (`uniformerv2_kernels.backends`) picks: cuda, triton or the pure-PyTorch reference."""
 
 from .ffn import fused_ffn

@@ -1,7 +1,7 @@
 """Fused FFN of the CLIP blocks: ``x + row_scale * c_proj(quick_gelu(c_fc(ln_2(x))))``.
 
 Public API: :func:`fused_ffn`. Registered as ``torch.ops.uniformerv2.fused_ffn_fwd`` / ``fused_ffn_bwd``
-(custom ops with fake kernels and autograd). GEMM placement (Triton GEMMs with fused epilogues for c_fc,
+(operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`). GEMM placement (Triton GEMMs with fused epilogues for c_fc,
 c_proj and the activation gradient; cuBLAS for the weight gradients) is explained in
 :mod:`uniformerv2_kernels.triton.ffn`. The forward saves x, the LN mean/rstd (fp32) and the
 pre-activation h; the backward recomputes the LN output and the activation (nothing of size
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import backends, library
 from ..checks import FLOAT_DTYPES, check_same, check_tensor
 from ..reference import ffn as reference
 from . import layer_norm as ops_layer_norm
@@ -31,7 +31,7 @@ def _triton():
     return triton_ffn
 
 
-@torch.library.custom_op("uniformerv2::fused_ffn_fwd", mutates_args=())
+@library.custom_op("uniformerv2::fused_ffn_fwd")
 def _fused_ffn_fwd(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -71,7 +71,7 @@ def _(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_sca
     return torch.empty_like(x), stats, stats.clone(), h
 
 
-@torch.library.custom_op("uniformerv2::fused_ffn_bwd", mutates_args=())
+@library.custom_op("uniformerv2::fused_ffn_bwd")
 def _fused_ffn_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -120,7 +120,7 @@ def _(grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bia
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale, eps, save, backend = inputs
     _, mean, rstd, h = output
-    backends.skip_aux_grads(ctx, mean, rstd, h)
+    library.skip_aux_grads(ctx, mean, rstd, h)
     ctx.save_for_backward(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale, mean, rstd, h)
     ctx.eps = eps
     ctx.backend = backend

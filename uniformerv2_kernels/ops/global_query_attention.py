@@ -1,7 +1,7 @@
 """Fused global UniBlock attention: DPE + ln_3 + learnable-query cross-attention, K and V never formed.
 
 Public API: :func:`global_query_attention`. Registered as ``torch.ops.uniformerv2.global_query_attention_fwd``
-and ``global_query_attention_bwd`` (custom ops with fake kernels and autograd), so
+and ``global_query_attention_bwd`` (operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`), so
 ``torch.compile(fullgraph=True)`` traces through it without a graph break.
 
 The forward op returns (out (1, N, C), z (N, H, C), lse (N, H)); z = sum_j a_h(j) xhat_j and lse (the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends
+from .. import backends, library
 from ..checks import check_positive_int, check_same, check_tensor, square_side
 from ..reference import global_query_attention as reference
 
@@ -36,7 +36,7 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("uniformerv2::global_query_attention_fwd", mutates_args=())
+@library.custom_op("uniformerv2::global_query_attention_fwd")
 def _global_query_attention_fwd(
     x: torch.Tensor,
     T: int,
@@ -76,7 +76,7 @@ def _(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_
     return out, z, lse
 
 
-@torch.library.custom_op("uniformerv2::global_query_attention_bwd", mutates_args=())
+@library.custom_op("uniformerv2::global_query_attention_bwd")
 def _global_query_attention_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -120,7 +120,7 @@ def _setup_context(ctx, inputs, output):
     (x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps,
      backend) = inputs
     _, z, lse = output
-    backends.skip_aux_grads(ctx, z, lse)
+    library.skip_aux_grads(ctx, z, lse)
     ctx.save_for_backward(x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse)
     ctx.T = T
     ctx.num_heads = num_heads

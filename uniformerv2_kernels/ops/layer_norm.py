@@ -1,7 +1,7 @@
 """Fused CLIP LayerNorm: ``F.layer_norm(x.float(), (C,), weight, bias, eps).to(x.dtype)`` in one pass.
 
 Public API: :func:`clip_layer_norm`. Registered as ``torch.ops.uniformerv2.clip_layer_norm_fwd`` /
-``clip_layer_norm_bwd`` (custom ops with fake kernels and autograd), so ``torch.compile(fullgraph=True)``
+``clip_layer_norm_bwd`` (operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`), so ``torch.compile(fullgraph=True)``
 traces through it. The forward saves fp32 per-row mean and rstd; the backward computes grad_x in one pass
 and the weight/bias gradients through per-program partial sums reduced in a fixed order (deterministic).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends
+from .. import backends, library
 from ..checks import FLOAT_DTYPES, check_same, check_tensor
 from ..reference import layer_norm as reference
 
@@ -41,7 +41,7 @@ def cuda_reasons(x: torch.Tensor) -> list[str]:
     return []
 
 
-@torch.library.custom_op("uniformerv2::clip_layer_norm_fwd", mutates_args=())
+@library.custom_op("uniformerv2::clip_layer_norm_fwd")
 def _clip_layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +61,7 @@ def _(x, weight, bias, eps, backend):
     return torch.empty_like(x), stats, stats.clone()
 
 
-@torch.library.custom_op("uniformerv2::clip_layer_norm_bwd", mutates_args=())
+@library.custom_op("uniformerv2::clip_layer_norm_bwd")
 def _clip_layer_norm_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -89,7 +89,7 @@ def _(grad_y, x, weight, bias, mean, rstd, eps, backend):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, backend = inputs
     _, mean, rstd = output
-    backends.skip_aux_grads(ctx, mean, rstd)
+    library.skip_aux_grads(ctx, mean, rstd)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.eps = eps
     ctx.backend = backend

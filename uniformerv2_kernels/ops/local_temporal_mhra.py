@@ -4,7 +4,7 @@ temporal conv + 1x1x1 conv + residual, on the stream layout (L, N*T, C) with no 
     out[0] = x[0]                                       (class tokens unchanged)
     out[1:] = x[1:] + branch_scale[n] * lmhra(x[1:])    (lmhra = the official ``Local_MHRA.pos_embed``)
 
-Public API: :func:`local_temporal_mhra`. Registered ops (``torch.library.custom_op``, with fake and autograd):
+Public API: :func:`local_temporal_mhra`. Registered ops (:mod:`uniformerv2_kernels.library`, with fake and autograd):
 ``uniformerv2::local_temporal_mhra_fwd`` and ``uniformerv2::local_temporal_mhra_bwd``. The running
 statistics update (training) happens in :func:`local_temporal_mhra`, outside the custom ops, with in-place
 torch ops exactly like ``nn.BatchNorm3d`` (so the ops mutate nothing and torch.compile functionalises the
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import backends
+from .. import backends, library
 from ..checks import check_positive_int, check_same, check_tensor
 from ..reference import local_temporal_mhra as reference
 
@@ -38,7 +38,7 @@ def _triton_module():
 # --------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("uniformerv2::local_temporal_mhra_fwd", mutates_args=())
+@library.custom_op("uniformerv2::local_temporal_mhra_fwd")
 def _fwd_op(
     x: torch.Tensor,
     T: int,
@@ -103,7 +103,7 @@ def _fwd_fake(x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight,
 # --------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("uniformerv2::local_temporal_mhra_bwd", mutates_args=())
+@library.custom_op("uniformerv2::local_temporal_mhra_bwd")
 def _bwd_op(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -166,7 +166,7 @@ def _setup_context(ctx, inputs, output):
     (x, T, bn_weight, bn_bias, _rm, _rv, conv1_weight, conv1_bias, dw_weight, dw_bias, conv2_weight, conv2_bias,
      training, eps, branch_scale, backend) = inputs
     _out, mean, var, y1 = output
-    backends.skip_aux_grads(ctx, mean, var, y1)
+    library.skip_aux_grads(ctx, mean, var, y1)
     ctx.save_for_backward(x, y1, mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
                           conv2_weight, conv2_bias, branch_scale)
     ctx.T = T

@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .. import backends
+from .. import backends, library
 from ..checks import check_positive_int, check_same, check_tensor
 from ..reference import spatial_attention as reference
 from . import layer_norm as ops_layer_norm
@@ -123,7 +123,7 @@ def _attention_core(qkv: torch.Tensor, L: int, B: int, num_heads: int, backend: 
 
 # ---- ln_1 + QKV projection ----
 
-@torch.library.custom_op("uniformerv2::spatial_attention_qkv_fwd", mutates_args=())
+@library.custom_op("uniformerv2::spatial_attention_qkv_fwd")
 def _qkv_fwd(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, in_proj_weight: torch.Tensor,
     in_proj_bias: torch.Tensor, eps: float, backend: str,
@@ -146,7 +146,7 @@ def _(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps, backend):
     return x.new_empty((B * L, in_proj_weight.shape[0])), stats, stats.clone()
 
 
-@torch.library.custom_op("uniformerv2::spatial_attention_qkv_bwd", mutates_args=())
+@library.custom_op("uniformerv2::spatial_attention_qkv_bwd")
 def _qkv_bwd(
     grad_qkv: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
     in_proj_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, eps: float, backend: str,
@@ -173,7 +173,7 @@ def _(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps, backend)
 def _qkv_setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps, backend = inputs
     _, mean, rstd = output
-    backends.skip_aux_grads(ctx, mean, rstd)
+    library.skip_aux_grads(ctx, mean, rstd)
     ctx.save_for_backward(x, ln_weight, ln_bias, in_proj_weight, mean, rstd)
     ctx.eps = eps
     ctx.backend = backend
@@ -194,7 +194,7 @@ _qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 # ---- out_proj back into the stream layout ----
 
-@torch.library.custom_op("uniformerv2::spatial_attention_out_fwd", mutates_args=())
+@library.custom_op("uniformerv2::spatial_attention_out_fwd")
 def _out_fwd(o: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor, L: int, B: int,
              backend: str) -> torch.Tensor:
     """out_proj of o (B*L, C) frame-major, returned as the stream (L, B, C)."""
@@ -211,7 +211,7 @@ def _(o, out_proj_weight, out_proj_bias, L, B, backend):
     return o.new_empty((L, B, out_proj_weight.shape[0]))
 
 
-@torch.library.custom_op("uniformerv2::spatial_attention_out_bwd", mutates_args=())
+@library.custom_op("uniformerv2::spatial_attention_out_bwd")
 def _out_bwd(grad_out: torch.Tensor, o: torch.Tensor, out_proj_weight: torch.Tensor,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_o (B*L, C), d_out_proj_weight, d_out_proj_bias)."""

@@ -1,0 +1,108 @@
+"""Operator registration for the fused ops, with ``torch.library.custom_op``'s interface and less host time.
+
+Every fused op is a pair of operators (forward and backward) in the ``uniformerv2`` namespace. Written with
+``@torch.library.custom_op`` + ``register_autograd``, each forward+backward cost ~80 us of Python on the
+development CPU for ops with ~15 arguments (the wrapper's checks, and ``fill_defaults`` re-reading the
+schema's argument list per argument on every call: PyTorch issues 139500, 176592, 177109), more on the H100
+machine's host, where most fused ops' forward+backward was host-bound (2026-11-25). Here the same operators
+are defined with ``torch.library.Library.define`` / ``impl`` (schema inferred from the type hints, as
+custom_op does) and ``register_fake``, and their autograd is a ``torch.autograd.Function`` around the
+forward operator, the pattern PyTorch's maintainers recommend for low overhead: ~40 us per forward+backward
+on the same CPU (``benchmarks/launch_overhead.py`` times a custom-op round trip both ways).
+
+torch.compile sees the same thing as before: dynamo traces the Function and the operators through their fake
+kernels (no graph break). What changes: the operators' Autograd key is a fallthrough, so
+``torch.ops.uniformerv2.<name>`` called directly returns outputs that do not require grad (no gradient
+flows through a raw call); the public functions and the :class:`Operator` objects carry the gradients.
+
+    @custom_op("uniformerv2::my_op_fwd")
+    def my_op_fwd(x: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @my_op_fwd.register_fake
+    def _(x, eps, backend): ...
+
+    my_op_fwd.register_autograd(backward, setup_context=setup_context)  # as torch.library's
+    out, aux = my_op_fwd(x, 1e-5, "triton")
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+_LIBRARIES: dict[str, torch.library.Library] = {}
+
+
+def _library(namespace: str) -> torch.library.Library:
+    if namespace not in _LIBRARIES:
+        _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    return _LIBRARIES[namespace]
+
+
+class Operator:
+    """One operator ``namespace::name``: its implementation ``fn`` runs on every device (the fused ops'
+    bodies dispatch on their ``backend`` argument). Calling the Operator runs it through its autograd
+    Function when grad mode is on and an autograd formula is registered, else the operator directly."""
+
+    def __init__(self, qualname: str, fn: Callable):
+        namespace, name = qualname.split("::")
+        self._lib = _library(namespace)
+        self._lib.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        self._lib.impl(name, fn, "CompositeExplicitAutograd")
+        # Autograd passes straight through (no per-call fallback kernel): the gradient is the Function's job
+        self._lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        self.qualname = qualname
+        self.overload = getattr(getattr(torch.ops, namespace), name).default
+        self._function: type[torch.autograd.Function] | None = None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if self._function is not None and torch.is_grad_enabled():
+            return self._function.apply(*args)
+        return self.overload(*args)
+
+    def register_fake(self, fake: Callable) -> Callable:
+        """Decorator: the kernel torch.compile and FakeTensor run to get the outputs' shapes and dtypes."""
+        torch.library.register_fake(self.qualname, fake, lib=self._lib)
+        return fake
+
+    def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        """As ``torch.library.register_autograd``: ``setup_context(ctx, inputs, output)`` after the forward,
+        ``backward(ctx, *grads)`` returning one gradient (or None) per input."""
+        op = self.overload
+
+        def forward(ctx, *args):
+            output = op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        def backward_fn(ctx, *grads):
+            return backward(ctx, *grads)
+
+        self._function = type(
+            f"{self.qualname.split('::')[1]}_autograd", (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward_fn)},
+        )
+
+
+def custom_op(qualname: str) -> Callable[[Callable], Operator]:
+    """Decorator: ``fn`` (type-hinted like a ``torch.library.custom_op`` that mutates nothing) becomes the
+    operator ``qualname``."""
+    return lambda fn: Operator(qualname, fn)
+
+
+def skip_aux_grads(ctx, *aux: torch.Tensor) -> None:
+    """For a fused op's ``setup_context``: its auxiliary outputs (statistics and activations saved for the
+    backward, never returned to users) are non-differentiable, and autograd passes None for their gradients
+    instead of materialising zero tensors of their shapes. Without this every backward allocated and
+    zero-filled them: for the FFN a (rows, 4C) tensor the size of its hidden activation (155 MB at B/16
+    with 16 clips in bf16) per layer. The op's backward must then accept None for its main output's gradient
+    too (gradcheck's undefined-gradient check passes it): it returns None for every input.
+
+    Under torch.compile the graph's own autograd handles this (dynamo cannot trace
+    ``set_materialize_grads``; the non-differentiable outputs get no gradient there)."""
+    ctx.mark_non_differentiable(*aux)
+    if not torch.compiler.is_compiling():
+        ctx.set_materialize_grads(False)
