@@ -3,7 +3,7 @@
 # `run` calls of at most 10 minutes each, back to back so the machine stays warm (a later call then finds
 # the extension built by the first and skips the build; on a fresh machine it builds again, ~1-2 min):
 #
-#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, cuda_tests, overhead, tests
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, cuda_tests, tests, overhead
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, tests_cublas, end-to-end, timeline
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
 #
@@ -62,9 +62,9 @@ PYTHON="${PYTHON:-python3}"
 BUDGET="${SUITE_BUDGET_S:-560}"
 RESERVE=30
 case "${1:-all}" in
-    all) DEFAULT_STEPS="env,build,cuda_tests,overhead,tests,tests_cublas,timeline,ops,e2e,e2e_compile" ;;
+    all) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead,tests_cublas,timeline,ops,e2e,e2e_compile" ;;
     e2e_compile) DEFAULT_STEPS="env,build,e2e_compile" ;;
-    tests) DEFAULT_STEPS="env,build,cuda_tests,overhead,tests" ;;
+    tests) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
     e2e) DEFAULT_STEPS="env,build,tests_cublas,e2e,timeline" ;;
     profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
@@ -239,6 +239,11 @@ if want cuda_tests; then
     run_step cuda_tests 300 "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
         ${SUITE_TEST_ARGS:-}
 fi
+if want tests; then
+    # shellcheck disable=SC2086
+    run_step tests 440 "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
+        --ignore=tests/test_backends.py $PYTEST_ARGS ${SUITE_TEST_ARGS:-}
+fi
 if want overhead; then
     # Host time per call (seconds): an ATen op, a Triton launch, a custom op, a Python backward on the
     # autograd device thread, each fused op on tiny inputs, then whole model steps eager vs fused at a tiny
@@ -248,11 +253,6 @@ if want overhead; then
     # shellcheck disable=SC2086
     run_step overhead 120 "$PYTHON" benchmarks/launch_overhead.py $OVERHEAD_ARGS \
         --out "$STAGE/results/launch_overhead.md"
-fi
-if want tests; then
-    # shellcheck disable=SC2086
-    run_step tests 440 "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
-        --ignore=tests/test_backends.py $PYTEST_ARGS ${SUITE_TEST_ARGS:-}
 fi
 if want tests_cublas; then
     # the Triton backend's GEMMs on cuBLAS + a Triton epilogue (UNIFORMERV2_TRITON_GEMM=cublas): faster on
