@@ -325,6 +325,19 @@ def local_temporal_mhra_cases(dtypes):
                               dict(x_ptr=_ptr(dt), part_mean_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32",
                                    var_ptr="*fp32", R=40, M=12544, C=768, rows_per_prog=32 * 13),
                               dict(BLOCK_C=128)))
+            for C, m in MODELS.items():  # parameters in x's dtype (the model under autocast: fp32 ones too)
+                Cp, Kp = m["Cp"], mod.y1_width(m["Cp"])
+                pd = _ptr(dt)
+                cases.append(Case("local_temporal_mhra", "_fold_params_kernel", dt, f"C={C} BR=16 BC=128 w4",
+                                  dict(var_ptr="*fp32", bn_w_ptr=pd, bn_b_ptr=pd, w1_ptr=pd, b1_ptr=pd, dw_w_ptr=pd,
+                                       dw_b_ptr=pd, w2_ptr=pd, w1f_ptr=pd, b1f_ptr="*fp32", mix_w_ptr="*fp32",
+                                       mix_b_ptr="*fp32", w2t_ptr=pd, C=C, Cp=Cp, Kp=Kp, eps=1e-5),
+                                  dict(BLOCK_R=16, BLOCK_C=128)))
+                cases.append(Case("local_temporal_mhra", "_bn_conv1_grads_kernel", dt, f"C={C} BK=64 BC=32 w4",
+                                  dict(pc_ptr="*fp32", w1_ptr=pd, w1f_ptr=pd, db1_ptr="*fp32", var_ptr="*fp32",
+                                       bn_w_ptr=pd, bn_b_ptr=pd, d_w1_ptr=pd, d_bn_w_ptr=pd, d_bn_b_ptr=pd,
+                                       coef_ptr="*fp32", col_bias_ptr="*fp32", C=C, Cp=Cp, M=12544, eps=1e-5),
+                                  dict(BLOCK_K=64, BLOCK_C=32)))
         # dtype-independent (fp32 buffers only)
         cases.append(Case("local_temporal_mhra", "_sum_partials_kernel", "fp32", "BLOCK=512 w4",
                           dict(part_ptr="*fp32", out_ptr="*fp32", R=40, W=5 * 682), dict(BLOCK=512)))

@@ -8,8 +8,9 @@ video n, frame t): row m has frame t = m % T and video n = (m % (N*T)) // T, so 
 Forward (per call):
 1. training only: ``_bn_stats_partial_kernel`` + ``_bn_stats_combine_kernel``: per-channel mean and biased
    variance over the M patch rows (Chan/Welford merges in a fixed order: deterministic, no atomics).
-2. BatchNorm folded into the first 1x1 conv (tiny torch ops on (C', C)):
-   W1' = W1 * (gamma * rstd) per input channel, b1' = b1 + W1 @ beta, applied to X - mean (see _fold).
+2. ``_fold_params_kernel``: BatchNorm folded into the first 1x1 conv, W1' = W1 * (gamma * rstd) per input
+   channel, b1' = b1 + W1 @ beta, applied to X - mean; with W2^T and the depthwise taps in the kernels'
+   layouts, all padded to Kp rows (see _fold; ~10 small torch ops before, one launch now).
 3. GEMM1 Y1 = X @ W1'^T with cuBLAS (torch.mm): a plain GEMM with nothing to fuse (its bias b1' is added in
    fp32 inside the next kernel's operand load), so cuBLAS's tuned Hopper kernels are the fastest option.
 4. ``_fused_matmul_kernel`` (Triton) with HAS_MIX: GEMM2 whose A operand is built while loading it:
@@ -27,8 +28,9 @@ Backward (G = grad of the output's patch rows, D = dropped-path scale per row):
    ``_sum_partials_kernel``; deterministic). Optionally per-row dot products for the branch-scale grad.
 3. dW2 = G^T @ Zs and P = dY1^T @ X with cuBLAS (K = M reductions into small outputs: cuBLAS's
    split-K kernels are deterministic and fast); db2 = sum_m D[m] G[m] with ``_scaled_column_sum_kernel``.
-4. The BatchNorm parameters come from P = dY1^T (X - mean): ds = sum_j W1[j] * P[j], dgamma = ds * rstd,
-   dbeta = W1^T db1', dW1 = P * s + db1' beta^T (X centred first: no cancellation when |mean| >> std).
+4. ``_bn_conv1_grads_kernel``: the BatchNorm parameters come from P = dY1^T (X - mean): ds = sum_j W1[j] *
+   P[j], dgamma = ds * rstd, dbeta = W1^T db1', dW1 = P * s + db1' beta^T (X centred first: no cancellation
+   when |mean| >> std), and the per-channel coefficients of step 5's epilogue (~12 small torch ops before).
 5. dX = G + dY1 @ W1' - s * (dbeta + xhat * dgamma) / M (last term in training only): Triton
    ``_fused_matmul_kernel`` without the mix, with the BatchNorm-backward correction and the residual gradient
    in its epilogue (one pass over dX).
@@ -380,6 +382,83 @@ def _sum_partials_kernel(part_ptr, out_ptr, R, W, BLOCK: tl.constexpr):
     tl.store(out_ptr + cols, acc, mask=cmask)
 
 
+@triton.jit
+def _fold_params_kernel(
+    var_ptr, bn_w_ptr, bn_b_ptr, w1_ptr, b1_ptr, dw_w_ptr, dw_b_ptr, w2_ptr,
+    w1f_ptr, b1f_ptr, mix_w_ptr, mix_b_ptr, w2t_ptr, C, Cp, Kp, eps,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The parameters of one block of rows k (C' channels, padded to Kp zero rows) in the kernels' layouts:
+    W1'[k] = W1[k] * s (s = gamma * rstd, rounded to W1''s dtype), b1'[k] = b1[k] + W1[k] . beta (fp32),
+    the depthwise taps and bias (fp32), and W2^T[k] = W2[:, k] (W2^T's dtype): ``_fold`` plus the conv2
+    transpose, ~10 small torch ops, in one launch. Rows k >= C' are written as zeros."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    out_mask = rows < Kp
+    rmask = rows < Cp
+    rows64 = rows.to(tl.int64)
+    acc_b = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        s = tl.load(bn_w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) / tl.sqrt(
+            tl.load(var_ptr + cols, mask=cmask, other=1.0) + eps)
+        beta = tl.load(bn_b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        in_mask = rmask[:, None] & cmask[None, :]
+        out_tile = out_mask[:, None] & cmask[None, :]
+        offs = rows64[:, None] * C + cols[None, :]
+        w1 = tl.load(w1_ptr + offs, mask=in_mask, other=0.0).to(tl.float32)
+        tl.store(w1f_ptr + offs, (w1 * s[None, :]).to(w1f_ptr.dtype.element_ty), mask=out_tile)
+        acc_b += tl.sum(w1 * beta[None, :], axis=1)
+        w2 = tl.load(w2_ptr + cols[None, :].to(tl.int64) * Cp + rows64[:, None], mask=in_mask, other=0.0)
+        tl.store(w2t_ptr + offs, w2.to(w2t_ptr.dtype.element_ty), mask=out_tile)
+    b1 = tl.load(b1_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(b1f_ptr + rows, b1 + acc_b, mask=out_mask)
+    for j in range(3):
+        tap = tl.load(dw_w_ptr + rows64 * 3 + j, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(mix_w_ptr + rows64 * 3 + j, tap, mask=out_mask)
+    tl.store(mix_b_ptr + rows, tl.load(dw_b_ptr + rows, mask=rmask, other=0.0).to(tl.float32), mask=out_mask)
+
+
+@triton.jit
+def _bn_conv1_grads_kernel(
+    pc_ptr, w1_ptr, w1f_ptr, db1_ptr, var_ptr, bn_w_ptr, bn_b_ptr,
+    d_w1_ptr, d_bn_w_ptr, d_bn_b_ptr, coef_ptr, col_bias_ptr, C, Cp, M, eps,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward step 4 for one block of input channels c, from P = dY1^T (X - mean) (fp32, rows k) and
+    db1' (fp32): dW1[k] = P[k] * s + db1'[k] * beta (W1's dtype), ds = sum_k W1[k] * P[k],
+    dgamma = ds * rstd, dbeta = sum_k W1[k] db1'[k] (their dtypes), and the BatchNorm-backward terms of dX's
+    epilogue: coef = -s * rstd * dgamma / M and col_bias = -(sum_k W1'[k] db1'[k]) / M (fp32; with W1' as
+    rounded for the GEMM, so dX's rows sum as they should). Fixed loop order over k: deterministic."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + cols, mask=cmask, other=1.0) + eps)
+    s = tl.load(bn_w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * rstd
+    beta = tl.load(bn_b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    d_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+    d_beta = tl.zeros([BLOCK_C], dtype=tl.float32)
+    w1f_db1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, Cp, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        rmask = rows < Cp
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        p = tl.load(pc_ptr + offs, mask=mask, other=0.0)
+        w1 = tl.load(w1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w1f = tl.load(w1f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        db1 = tl.load(db1_ptr + rows, mask=rmask, other=0.0)
+        d_s += tl.sum(w1 * p, axis=0)
+        d_beta += tl.sum(w1 * db1[:, None], axis=0)
+        w1f_db1 += tl.sum(w1f * db1[:, None], axis=0)
+        d_w1 = p * s[None, :] + db1[:, None] * beta[None, :]
+        tl.store(d_w1_ptr + offs, d_w1.to(d_w1_ptr.dtype.element_ty), mask=mask)
+    d_gamma = d_s * rstd
+    tl.store(d_bn_w_ptr + cols, d_gamma.to(d_bn_w_ptr.dtype.element_ty), mask=cmask)
+    tl.store(d_bn_b_ptr + cols, d_beta.to(d_bn_b_ptr.dtype.element_ty), mask=cmask)
+    tl.store(coef_ptr + cols, -(s * rstd * d_gamma / M), mask=cmask)
+    tl.store(col_bias_ptr + cols, -w1f_db1 / M, mask=cmask)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------------------
@@ -441,13 +520,6 @@ def y1_width(Cp: int) -> int:
     (benchmarks/aot_compile_check.py).
     The cost: 0.9% more work at C' = 682, none where C' is already a multiple of 16."""
     return -(-Cp // 16) * 16
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t with zero rows appended up to `rows` (t itself when it has them already)."""
-    if t.shape[0] == rows:
-        return t.contiguous()
-    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))]).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -543,22 +615,31 @@ def _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_sca
         HAS_ROW_SCALE=row_scale is not None, HAS_E=e is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
-def _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype):
+def _fold(var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias, conv2_weight, eps, dtype):
     """BatchNorm folded into the first 1x1 conv, applied to the centred rows X - mean:
-    Y1 = (X - mean) @ W1'^T + b1' with W1' = W1 * s, b1' = b1 + W1 @ beta.
+    Y1 = (X - mean) @ W1'^T + b1' with W1' = W1 * s, s = gamma * rstd, b1' = b1 + W1 @ beta; with the
+    other parameters in the kernels' layouts. One ``_fold_params_kernel`` launch.
 
-    Returns (rstd, s, W1 fp32, W1' in dtype, b1' fp32). Folding the mean into b1' instead would make
+    Returns (W1' (Kp, C) in dtype, b1' (Kp,) fp32, taps (Kp, 3) fp32, b_dw (Kp,) fp32, W2^T (Kp, C) in
+    dtype), every row past C' zero (Kp = y1_width(C')). Folding the mean into b1' instead would make
     X @ W1'^T and b1' two large terms that cancel when a channel's |mean| >> std (CLIP streams have such
     channels), losing precision in Y1; centring first costs one extra pass over X.
     """
-    Cp = conv1_weight.shape[0]
-    C = mean.shape[0]
-    rstd = torch.rsqrt(var + eps)
-    s = bn_weight.float() * rstd
-    w1 = conv1_weight.reshape(Cp, C).float()
-    w1_folded = (w1 * s).to(dtype)
-    b1_folded = conv1_bias.float() + w1 @ bn_bias.float()
-    return rstd, s, w1, w1_folded, b1_folded
+    Cp, C = conv1_weight.shape[0], conv1_weight.shape[1]
+    Kp = y1_width(Cp)
+    dev = var.device
+    w1f = torch.empty((Kp, C), device=dev, dtype=dtype)
+    w2t = torch.empty((Kp, C), device=dev, dtype=dtype)
+    b1f = torch.empty(Kp, device=dev, dtype=torch.float32)
+    taps = torch.empty((Kp, 3), device=dev, dtype=torch.float32)
+    b_dw = torch.empty(Kp, device=dev, dtype=torch.float32)
+    BLOCK_R, BLOCK_C = (16, 32) if _interpreting(var) else (16, 128)
+    _fold_params_kernel[(triton.cdiv(Kp, BLOCK_R),)](
+        var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(), conv1_weight.contiguous(),
+        conv1_bias.contiguous(), dw_weight.contiguous(), dw_bias.contiguous(), conv2_weight.contiguous(),
+        w1f, b1f, taps, b_dw, w2t, C, Cp, Kp, float(eps), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4,
+    )
+    return w1f, b1f, taps, b_dw, w2t
 
 
 def _centre(xp: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -590,16 +671,15 @@ def forward(
         mean, var = bn_stats(xp)
     else:
         mean, var = running_mean.float(), running_var.float()
-    _, _, _, w1_folded, b1_folded = _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype)
-    y1 = _centre(xp, mean) @ _pad_rows(w1_folded, Kp).t()  # cuBLAS; (M, Kp), columns >= C' are zero
+    w1_folded, b1_folded, taps, b_dw, w2t = _fold(var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight,
+                                                  dw_bias, conv2_weight, eps, dtype)
+    y1 = _centre(xp, mean) @ w1_folded.t()  # cuBLAS; (M, Kp), columns >= C' are zero
     out = torch.empty_like(x)
     out[0].copy_(x[0])
-    mix = (_pad_rows(b1_folded, Kp), _pad_rows(dw_weight.reshape(Cp, 3).float(), Kp),
-           _pad_rows(dw_bias.float(), Kp))
     fused_matmul(
-        y1, _pad_rows(conv2_weight.reshape(C, Cp).t().to(dtype), Kp), out[1:].view(M, C), xp,
-        conv2_bias.float().contiguous(), T, NT, b_transposed=False,
-        row_scale=branch_scale.float().contiguous() if branch_scale is not None else None, mix=mix,
+        y1, w2t, out[1:].view(M, C), xp, conv2_bias.float().contiguous(), T, NT, b_transposed=False,
+        row_scale=branch_scale.float().contiguous() if branch_scale is not None else None,
+        mix=(b1_folded, taps, b_dw),
     )
     return out, mean.clone() if not training else mean, var.clone() if not training else var, y1
 
@@ -619,9 +699,8 @@ def backward(
     g = grad_out.contiguous()
     gp = g[1:].reshape(M, C)
     xp = x[1:].reshape(M, C)
-    rstd, s, w1, w1_folded, b1_folded = _fold(mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, eps, dtype)
-    w1, w1_folded, b1_folded = _pad_rows(w1, Kp), _pad_rows(w1_folded, Kp), _pad_rows(b1_folded, Kp)
-    w2t = _pad_rows(conv2_weight.reshape(C, Cp).t().to(dtype), Kp)  # (Kp, C)
+    w1_folded, b1_folded, taps, b_dw, w2t = _fold(var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight,
+                                                  dw_bias, conv2_weight, eps, dtype)
     row_scale = branch_scale.float().contiguous() if branch_scale is not None else None
 
     dz = gp @ w2t.t()  # (M, Kp) cuBLAS
@@ -637,7 +716,7 @@ def backward(
     rowdot = torch.empty((k_blocks, M) if need_branch_scale_grad else (1,), device=dev, dtype=torch.float32)
     dummy = b1_folded
     _temporal_mix_backward_kernel[(R, k_blocks)](
-        dz, y1, b1_folded, _pad_rows(dw_weight.reshape(Cp, 3).float(), Kp), _pad_rows(dw_bias.float(), Kp),
+        dz, y1, b1_folded, taps, b_dw,
         row_scale if row_scale is not None else dummy, dy1, zs, part, rowdot,
         M, Kp, T, NT, per_prog,
         HAS_ROW_SCALE=row_scale is not None, NEED_ROWDOT=need_branch_scale_grad,
@@ -664,24 +743,29 @@ def backward(
     # |mean| >> std (CLIP streams have such channels), at the cost of one extra pass over X.
     xc = _centre(xp, mean)
     pc = _mm_fp32_out(dy1.t(), xc)  # (Kp, C), zero rows past C'
-    d_s = (w1 * pc).sum(0)
-    d_bn_weight = d_s * rstd
-    d_bn_bias = w1.t() @ d_b1_folded
-    d_w1 = pc * s + d_b1_folded[:, None] * bn_bias.float()[None, :]
+    d_w1 = torch.empty(conv1_weight.shape, device=dev, dtype=conv1_weight.dtype)
+    d_bn_weight = torch.empty_like(bn_weight)
+    d_bn_bias = torch.empty_like(bn_bias)
+    coef = torch.empty(C, device=dev, dtype=torch.float32)
+    col_bias = torch.empty_like(coef)
+    BLOCK_KP, BLOCK_CP = (32, 32) if interp else (64, 32)  # GPU: C / 32 programs (24 at B/16), not C / 128
+    _bn_conv1_grads_kernel[(triton.cdiv(C, BLOCK_CP),)](
+        pc, conv1_weight.contiguous(), w1_folded, d_b1_folded, var.contiguous(), bn_weight.contiguous(),
+        bn_bias.contiguous(), d_w1, d_bn_weight, d_bn_bias, coef, col_bias, C, Cp, M, float(eps),
+        BLOCK_K=BLOCK_KP, BLOCK_C=BLOCK_CP, num_warps=4,
+    )
 
     dx = torch.empty_like(x)
     dx[0].copy_(g[0])
     if training:
-        # dX = G + dY1 @ W1' - s * (dbeta + (x - mean) * rstd * dgamma) / M
-        # (x - mean) read from the centred copy, for the same reason as P above.
-        # s * dbeta = s * W1^T db1' is taken with the W1' the GEMM uses (rounded to x's dtype), so that the
-        # rows of dX sum to what they should (the BatchNorm output does not move when all rows shift).
-        coef = s * rstd * d_bn_weight / M
-        col_bias = -(w1_folded.float().t() @ d_b1_folded) / M
-        fused_matmul(dy1, w1_folded.contiguous(), dx[1:].view(M, C), gp, col_bias.contiguous(), T, NT,
-                     b_transposed=False, e=xc, col_coef=(-coef).contiguous())
+        # dX = G + dY1 @ W1' - s * (dbeta + (x - mean) * rstd * dgamma) / M: col_bias = -s * dbeta / M (with
+        # the W1' the GEMM uses, rounded to x's dtype, so that the rows of dX sum to what they should: the
+        # BatchNorm output does not move when all rows shift), coef = -s * rstd * dgamma / M on (x - mean),
+        # read from the centred copy for the same reason as P above.
+        fused_matmul(dy1, w1_folded, dx[1:].view(M, C), gp, col_bias, T, NT, b_transposed=False, e=xc,
+                     col_coef=coef)
     else:
-        fused_matmul(dy1, w1_folded.contiguous(), dx[1:].view(M, C), gp, torch.zeros_like(s), T, NT,
+        fused_matmul(dy1, w1_folded, dx[1:].view(M, C), gp, torch.zeros_like(col_bias), T, NT,
                      b_transposed=False)
 
     if need_branch_scale_grad:
@@ -693,9 +777,9 @@ def backward(
 
     return (
         dx,
-        d_bn_weight.to(bn_weight.dtype),
-        d_bn_bias.to(bn_bias.dtype),
-        d_w1[:Cp].to(conv1_weight.dtype).reshape(conv1_weight.shape),
+        d_bn_weight,
+        d_bn_bias,
+        d_w1,
         d_b1_folded[:Cp].to(conv1_bias.dtype, copy=True),
         d_dw_weight.to(dw_weight.dtype).reshape(dw_weight.shape),
         d_dw_bias.to(dw_bias.dtype),
