@@ -40,6 +40,10 @@ GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset({"clip_layer_norm", "fused_ffn
 # Whether the Triton kernels have passed tests/ on a GPU: yes, on an H100 with triton 3.6 (commit 6814563:
 # 316 passed; the one failure was the CUDA extension's error-path crash, since fixed in setup.py). With it set,
 # `model.fused=auto` in the training / evaluation scripts uses the kernels on CUDA.
+# Added since that run, tested under the interpreter (fp32, fp16) and compiled ahead of time for sm_90 (no
+# spills), not yet run on a GPU: the global attention's _query_head_kernel, _merge_project_kernel and
+# _query_grad_kernel, the local MHRA's _fold_params_kernel and _bn_conv1_grads_kernel (2026-11-25, sixth
+# session). The next GPU run's tests call covers them (bf16 included).
 TRITON_GPU_VERIFIED: bool = True
 
 
