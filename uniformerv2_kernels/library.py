@@ -11,9 +11,10 @@ forward operator, the pattern PyTorch's maintainers recommend for low overhead: 
 on the same CPU (``benchmarks/launch_overhead.py`` times a custom-op round trip both ways).
 
 torch.compile sees the same thing as before: dynamo traces the Function and the operators through their fake
-kernels (no graph break). What changes: the operators' Autograd key is a fallthrough, so
-``torch.ops.uniformerv2.<name>`` called directly returns outputs that do not require grad (no gradient
-flows through a raw call); the public functions and the :class:`Operator` objects carry the gradients.
+kernels (no graph break). What changes: the operators' Autograd key is a fallthrough and their bodies run
+without autograd recording, so ``torch.ops.uniformerv2.<name>`` called directly returns outputs that do not
+require grad (no gradient flows through a raw call, not even part of one); the public functions and the
+:class:`Operator` objects carry the gradients.
 
     @custom_op("uniformerv2::my_op_fwd")
     def my_op_fwd(x: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -50,7 +51,15 @@ class Operator:
         namespace, name = qualname.split("::")
         self._lib = _library(namespace)
         self._lib.define(name + torch.library.infer_schema(fn, mutates_args=()))
-        self._lib.impl(name, fn, "CompositeExplicitAutograd")
+        # The body runs without autograd recording: through the Function it does anyway (grad mode is off in
+        # a Function's forward); called raw, the torch ops inside a body (a class-token copy, a cuBLAS GEMM
+        # beside the Triton kernels) must not leave a partial graph on its outputs.
+        @functools.wraps(fn)
+        def body(*args):
+            with torch.no_grad():
+                return fn(*args)
+
+        self._lib.impl(name, body, "CompositeExplicitAutograd")
         # Autograd passes straight through (no per-call fallback kernel): the gradient is the Function's job
         self._lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
         self.qualname = qualname
