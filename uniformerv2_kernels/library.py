@@ -33,6 +33,11 @@ from typing import Callable
 
 import torch
 
+try:
+    from torch.library import infer_schema as _infer_schema
+except ImportError:  # torch 2.4: only the private module has it (custom_op's own schema inference)
+    from torch._library.infer_schema import infer_schema as _infer_schema
+
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
 
@@ -50,7 +55,7 @@ class Operator:
     def __init__(self, qualname: str, fn: Callable):
         namespace, name = qualname.split("::")
         self._lib = _library(namespace)
-        self._lib.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        self._lib.define(name + _infer_schema(fn, mutates_args=()))
         # The body runs without autograd recording: through the Function it does anyway (grad mode is off in
         # a Function's forward); called raw, the torch ops inside a body (a class-token copy, a cuBLAS GEMM
         # beside the Triton kernels) must not leave a partial graph on its outputs.
