@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..backends import tf32_allowed, triton_gemm, triton_interpret
+from .host_math import cdiv
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -234,7 +235,7 @@ def linear(
     if M > 0 and N > 0:
         kernel, meta = _kernel_and_meta()
         even_k = K % 64 == 0 and (not meta or K % meta["BLOCK_K"] == 0)
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+        grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         n_outer, n_inner = swap_out_rows if swap_out_rows is not None else (1, 1)
         kernel[grid](
             a, weight, bias if bias is not None else out, out,
@@ -274,7 +275,7 @@ def _linear_cublas(a, weight, bias, epilogue, store_pre, aux, residual, row_scal
     if M > 0 and N > 0:
         bm, bn = (32, 64) if triton_interpret() else (32, 128)
         n_outer, n_inner = swap_out_rows if swap_out_rows is not None else (1, 1)
-        _linear_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        _linear_epilogue_kernel[(cdiv(M, bm), cdiv(N, bn))](
             pre, out, aux if aux is not None else out, aux2 if aux2 is not None else out,
             residual if residual is not None else out, row_scale if row_scale is not None else out,
             M, N, n_outer, n_inner, rows_per_scale,

@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
+from .host_math import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -495,10 +496,10 @@ def _token_splits(S: int, N: int, block_s: int, num_splits: int | None, device: 
             num_splits = max(1, (2 * sms + N - 1) // N)
         else:
             num_splits = 1
-    tiles = triton.cdiv(S, block_s)
+    tiles = cdiv(S, block_s)
     num_splits = max(1, min(num_splits, tiles))
-    tokens_per_split = triton.cdiv(tiles, num_splits) * block_s
-    return tokens_per_split, triton.cdiv(S, tokens_per_split)
+    tokens_per_split = cdiv(tiles, num_splits) * block_s
+    return tokens_per_split, cdiv(S, tokens_per_split)
 
 
 def _token_tile(kernel: str, BLOCK_C: int, use_dot: bool, block_s: int | None) -> tuple[int, int]:
@@ -533,8 +534,8 @@ def _common(x, T, dpe_weight, dpe_bias, num_heads):
     N = NT // T
     W = int(round((L - 1) ** 0.5))
     H = num_heads
-    BLOCK_C = triton.next_power_of_2(C)
-    BLOCK_H = max(16, triton.next_power_of_2(H))
+    BLOCK_C = next_power_of_2(C)
+    BLOCK_H = max(16, next_power_of_2(H))
     x = x.contiguous()
     dpe_w = dpe_weight.reshape(C, 27).t().float().contiguous()  # (27, C), tap k = kt*9 + kh*3 + kw
     dpe_b = dpe_bias.float().contiguous()
@@ -546,8 +547,8 @@ def _dpe_blocks(C: int) -> tuple[int, int, int]:
     gathers' latency; sm_90 AOT: 70 registers at 16 x 128 and 4 warps, ~7 programs per SM, where 32 x 128
     took 120), whole rows under the interpreter (few slow program instances)."""
     if triton_interpret():
-        return 64, triton.next_power_of_2(C), 4
-    return 16, min(128, triton.next_power_of_2(C)), 4
+        return 64, next_power_of_2(C), 4
+    return 16, min(128, next_power_of_2(C)), 4
 
 
 def apply_dpe(x: torch.Tensor, T: int, dpe_w: torch.Tensor, dpe_b: torch.Tensor) -> torch.Tensor:
@@ -558,7 +559,7 @@ def apply_dpe(x: torch.Tensor, T: int, dpe_w: torch.Tensor, dpe_b: torch.Tensor)
     y = torch.empty_like(x)
     R = L * NT
     block_r, block_c, num_warps = _dpe_blocks(C)
-    _dpe_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+    _dpe_kernel[(cdiv(R, block_r), cdiv(C, block_c))](
         x, dpe_w, dpe_b, y, R, T, NT, C, W,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
@@ -569,7 +570,7 @@ def _head_blocks(C: int, H: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_K) of the per-(video, head) kernels: all d rows of a head's in_proj slice, C in chunks
     of 128 (a 64 x 128 fp32 tile over 4 warps: 64 registers per thread); 32 under the interpreter, so the
     tests' small C still takes several chunks."""
-    return triton.next_power_of_2(C // H), (32 if triton_interpret() else 128)
+    return next_power_of_2(C // H), (32 if triton_interpret() else 128)
 
 
 def folded_query(query, in_proj_weight, in_proj_bias, ln_weight, num_heads):
@@ -622,7 +623,7 @@ def forward(
         m, lsum, acc, ln_weight.contiguous(), ln_bias.contiguous(), in_proj_weight.contiguous(),
         in_proj_bias.contiguous(), z, lse, out,
         C, H, C // H, splits,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
+        BLOCK_SPLITS=next_power_of_2(splits), BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
     )
     return out, z, lse
 
@@ -683,7 +684,7 @@ def backward(
     if dpe_block_c is None:
         dpe_block_c = BLOCK_C if triton_interpret() else min(32, BLOCK_C)
     dpe_block_s = block_s if triton_interpret() else 4
-    c_blocks = triton.cdiv(C, dpe_block_c)
+    c_blocks = cdiv(C, dpe_block_c)
     dpe_splits = num_splits
     if dpe_splits is None and x.device.type == "cuda" and not triton_interpret():
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
+from .host_math import cdiv, next_power_of_2
 
 MAX_C = 8192
 
@@ -102,7 +103,7 @@ def _layer_norm_bwd_kernel(
 
 
 def _block_sizes(C: int, target: int) -> tuple[int, int, int]:
-    block_c = triton.next_power_of_2(C)
+    block_c = next_power_of_2(C)
     block_rows = max(1, target // block_c)
     num_warps = 8 if block_c * block_rows >= 8192 else 4
     return block_c, block_rows, num_warps
@@ -136,7 +137,7 @@ def forward(
         return y, (mean if store_stats else None), (rstd if store_stats else None)
     n_outer, n_inner = swap_rows if swap_rows is not None else (1, 1)
     block_c, block_rows, num_warps = _block_sizes(C, 16384 if triton_interpret() else 4096)
-    grid = (triton.cdiv(M, block_rows),)
+    grid = (cdiv(M, block_rows),)
     _layer_norm_fwd_kernel[grid](
         x, weight, bias, y, mean, rstd,
         M, C, n_outer, n_inner, eps,
@@ -147,7 +148,7 @@ def forward(
 
 
 def _num_programs(M: int, block_rows: int, device: torch.device) -> int:
-    tiles = triton.cdiv(M, block_rows)
+    tiles = cdiv(M, block_rows)
     if triton_interpret() or device.type != "cuda":
         return min(tiles, 4)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -181,8 +182,8 @@ def backward(
                 torch.zeros(C, dtype=bias_grad_dtype, device=x.device))
     block_c, block_rows, num_warps = _block_sizes(C, 16384 if triton_interpret() else 2048)
     programs = _num_programs(M, block_rows, x.device)
-    rows_per_program = triton.cdiv(triton.cdiv(M, block_rows), programs) * block_rows
-    programs = triton.cdiv(M, rows_per_program)
+    rows_per_program = cdiv(cdiv(M, block_rows), programs) * block_rows
+    programs = cdiv(M, rows_per_program)
     partial_dw = torch.empty((programs, C), dtype=torch.float32, device=x.device)
     partial_db = torch.empty_like(partial_dw)
     n_outer, n_inner = swap_rows if swap_rows is not None else (1, 1)

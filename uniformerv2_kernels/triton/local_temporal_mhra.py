@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ..backends import tf32_allowed, triton_gemm, triton_interpret
+from .host_math import cdiv
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
@@ -492,9 +493,9 @@ def _row_split(t: torch.Tensor, M: int, col_blocks: int, block_m: int) -> tuple[
         target = 4
     else:
         target = max(1, (4 * _num_sms(t)) // max(col_blocks, 1))
-    row_blocks = triton.cdiv(M, block_m)
-    per_prog = triton.cdiv(row_blocks, min(target, row_blocks)) * block_m
-    return per_prog, triton.cdiv(M, per_prog)
+    row_blocks = cdiv(M, block_m)
+    per_prog = cdiv(row_blocks, min(target, row_blocks)) * block_m
+    return per_prog, cdiv(M, per_prog)
 
 
 def _ieee(dtype: torch.dtype) -> bool:
@@ -536,7 +537,7 @@ def bn_stats(xp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, C = xp.shape
     interp = _interpreting(xp)
     BLOCK_M, BLOCK_C = (64, 64) if interp else (32, 128)
-    col_blocks = triton.cdiv(C, BLOCK_C)
+    col_blocks = cdiv(C, BLOCK_C)
     per_prog, R = _row_split(xp, M, col_blocks, BLOCK_M)
     part_mean = torch.empty((R, C), device=xp.device, dtype=torch.float32)
     part_m2 = torch.empty_like(part_mean)
@@ -551,7 +552,7 @@ def _sum_partials(part: torch.Tensor) -> torch.Tensor:
     R, W = part.shape
     out = torch.empty(W, device=part.device, dtype=torch.float32)
     BLOCK = 256 if _interpreting(part) else 512
-    _sum_partials_kernel[(triton.cdiv(W, BLOCK),)](part, out, R, W, BLOCK=BLOCK)
+    _sum_partials_kernel[(cdiv(W, BLOCK),)](part, out, R, W, BLOCK=BLOCK)
     return out
 
 
@@ -581,7 +582,7 @@ def fused_matmul(
     N = out.shape[1]
     stride_bk, stride_bn = (1, K) if b_transposed else (N, 1)
     cfg = _gemm_config(a, a.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     dummy = col_bias
     k_bias, mix_w, mix_b = mix if mix is not None else (dummy, dummy, dummy)
     _fused_matmul_kernel[grid](
@@ -603,13 +604,13 @@ def _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_sca
         k_bias, mix_w, mix_b = mix
         z = torch.empty(a.shape, dtype=b.dtype, device=a.device)  # rounded to B's dtype, as the fused kernel does
         bm, bk = (32, 32) if interp else (32, 128)
-        _temporal_mix_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+        _temporal_mix_kernel[(cdiv(M, bm), cdiv(K, bk))](
             a, k_bias, mix_w, mix_b, z, M, K, T, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
         a = z
     acc = _mm_fp32_out(a, b.t() if b_transposed else b)  # (M, N) fp32, cuBLAS
     dummy = col_bias
     bm, bn = (32, 32) if interp else (32, 128)
-    _rows_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    _rows_epilogue_kernel[(cdiv(M, bm), cdiv(N, bn))](
         acc, out, res, e if e is not None else res, col_bias, col_coef if col_coef is not None else dummy,
         row_scale if row_scale is not None else dummy, M, N, T, NT,
         HAS_ROW_SCALE=row_scale is not None, HAS_E=e is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
@@ -634,7 +635,7 @@ def _fold(var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
     taps = torch.empty((Kp, 3), device=dev, dtype=torch.float32)
     b_dw = torch.empty(Kp, device=dev, dtype=torch.float32)
     BLOCK_R, BLOCK_C = (16, 32) if _interpreting(var) else (16, 128)
-    _fold_params_kernel[(triton.cdiv(Kp, BLOCK_R),)](
+    _fold_params_kernel[(cdiv(Kp, BLOCK_R),)](
         var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(), conv1_weight.contiguous(),
         conv1_bias.contiguous(), dw_weight.contiguous(), dw_bias.contiguous(), conv2_weight.contiguous(),
         w1f, b1f, taps, b_dw, w2t, C, Cp, Kp, float(eps), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4,
@@ -647,7 +648,7 @@ def _centre(xp: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     M, C = xp.shape
     out = torch.empty_like(xp)
     BLOCK_M, BLOCK_C = (64, 64) if _interpreting(xp) else (32, 128)
-    _centre_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))](
+    _centre_kernel[(cdiv(M, BLOCK_M), cdiv(C, BLOCK_C))](
         xp, mean.contiguous(), out, M, C, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return out
 
@@ -710,7 +711,7 @@ def backward(
     # 32x64 tiles, 8 warps: no register spills in an sm_90 AOT compile at C' = 512 and 682 (32x128 with 4
     # warps spilled 0.2-1 KB per thread; benchmarks/aot_compile_check.py)
     BLOCK_M, BLOCK_K, mix_warps = (32, 32, 4) if interp else (32, 64, 8)
-    k_blocks = triton.cdiv(Kp, BLOCK_K)
+    k_blocks = cdiv(Kp, BLOCK_K)
     per_prog, R = _row_split(x, M, k_blocks, BLOCK_M)
     part = torch.empty((R, 5, Kp), device=dev, dtype=torch.float32)
     rowdot = torch.empty((k_blocks, M) if need_branch_scale_grad else (1,), device=dev, dtype=torch.float32)
@@ -729,7 +730,7 @@ def backward(
 
     d_w2 = _mm_fp32_out(gp.t(), zs)[:, :Cp].contiguous()  # (C, C') cuBLAS
     BLOCK_MC, BLOCK_C = (64, 64) if interp else (32, 128)
-    c_blocks = triton.cdiv(C, BLOCK_C)
+    c_blocks = cdiv(C, BLOCK_C)
     per_prog_c, R_c = _row_split(x, M, c_blocks, BLOCK_MC)
     part_c = torch.empty((R_c, C), device=dev, dtype=torch.float32)
     _scaled_column_sum_kernel[(R_c, c_blocks)](
@@ -749,7 +750,7 @@ def backward(
     coef = torch.empty(C, device=dev, dtype=torch.float32)
     col_bias = torch.empty_like(coef)
     BLOCK_KP, BLOCK_CP = (32, 32) if interp else (64, 32)  # GPU: C / 32 programs (24 at B/16), not C / 128
-    _bn_conv1_grads_kernel[(triton.cdiv(C, BLOCK_CP),)](
+    _bn_conv1_grads_kernel[(cdiv(C, BLOCK_CP),)](
         pc, conv1_weight.contiguous(), w1_folded, d_b1_folded, var.contiguous(), bn_weight.contiguous(),
         bn_bias.contiguous(), d_w1, d_bn_weight, d_bn_bias, coef, col_bias, C, Cp, M, float(eps),
         BLOCK_K=BLOCK_KP, BLOCK_C=BLOCK_CP, num_warps=4,
