@@ -23,20 +23,22 @@ time per call on inputs so small that the GPU work is negligible:
 
 ``host us`` is the host's time per call with the calls issued back to back (the GPU keeps up: the kernels
 are tiny); ``wall us`` adds the wait for the GPU at the end of the batch, spread over the calls. When the two
-agree, the call is host-bound. On the CPU only the Python-side rows are timed (the Triton rows need a GPU);
-the numbers then are this machine's host costs, a floor for the GPU host's. ``ATen ops`` and ``Triton
-launches`` count what one call issues (top-level ATen ops, each a kernel launch or a tensor allocation on a
-GPU): on any machine, Triton included (under the interpreter the kernels are counted, not run). On a GPU
+agree, the call is host-bound. On the CPU the Triton rows (and the fused model steps) run with the
+interpreted launches stubbed: their time is the host's work around the launches (Python, ATen on tiny CPU
+tensors), what a GPU host does besides launching; the numbers then are this machine's host costs, a floor
+for the GPU host's. ``ATen ops`` and ``Triton launches`` count what one call issues (top-level ATen ops, each
+a kernel launch or a tensor allocation on a GPU): on any machine, Triton included. On a GPU
 machine the forward+backward building blocks also run on CPU tensors: CUDA tensors' backward runs on
 autograd's device thread, CPU tensors' on the calling thread, and the difference is that hand-off.
 
     python benchmarks/launch_overhead.py --device cuda --out benchmarks/results/launch_overhead_h100.md
-    python benchmarks/launch_overhead.py --device cpu --reps 300     # Python-side costs only
+    python benchmarks/launch_overhead.py --device cpu --reps 300     # host work, launches stubbed
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -238,36 +240,42 @@ _VIEW_OPS = {"view", "reshape", "t", "transpose", "slice", "select", "unsqueeze"
 _ALLOC_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
 
-def op_profile(fn) -> dict:
-    """What one ``fn()`` issues: top-level ATen ops from torch.profiler (not the ones inside another ATen op),
-    split into ``compute`` (everything that may launch a kernel), ``alloc`` and ``view`` (views and
-    metadata ops, and casts / contiguous calls that return their input), plus ``triton``, the calls of
-    any Triton kernel's launcher. Under the Triton interpreter the kernels are counted but not run (the
-    interpreter's own tensor copies would swamp the count; the outputs of that one call are garbage, which
-    counting does not read)."""
-    from torch.profiler import ProfilerActivity, profile
-
+@contextlib.contextmanager
+def counted_triton_launches():
+    """Counts the calls of any Triton kernel's launcher (yields a one-element list holding the count). Under the
+    Triton interpreter the launches are stubbed, not run: what remains is the host's Python and ATen work
+    around them (the interpreter's own tensor copies would swamp it; the outputs are garbage, which counting
+    and host timing do not read)."""
     import triton
     from uniformerv2_kernels import backends
 
     launcher = triton.runtime.jit.JITFunction
     if backends.triton_interpret():
         from triton.runtime.interpreter import InterpretedFunction as launcher
-    launches = 0
+    count = [0]
     original = launcher.run
 
     def counted(self, *args, **kwargs):
-        nonlocal launches
-        launches += 1
+        count[0] += 1
         return None if backends.triton_interpret() else original(self, *args, **kwargs)
 
     launcher.run = counted
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
+        yield count
     finally:
         launcher.run = original
-    counts = dict(aten=0, compute=0, alloc=0, view=0, triton=launches)
+
+
+def op_profile(fn) -> dict:
+    """What one ``fn()`` issues: top-level ATen ops from torch.profiler (not the ones inside another ATen op),
+    split into ``compute`` (everything that may launch a kernel), ``alloc`` and ``view`` (views and
+    metadata ops, and casts / contiguous calls that return their input), plus ``triton``, the calls of
+    any Triton kernel's launcher (interpreted: counted, not run; see ``counted_triton_launches``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with counted_triton_launches() as launches, profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = dict(aten=0, compute=0, alloc=0, view=0, triton=launches[0])
     for e in prof.events():
         if not e.name.startswith("aten::") or (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")):
             continue
@@ -286,6 +294,9 @@ def ops_per_call(fn) -> tuple[int, int]:
     """(ATen ops, Triton launches) that one ``fn()`` issues (see ``op_profile``)."""
     counts = op_profile(fn)
     return counts["aten"], counts["triton"]
+
+
+STUBBED_NOTE = "interpreted Triton: launches stubbed, host work around them timed (a GPU adds the launches)"
 
 
 def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[dict]:
@@ -318,8 +329,10 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
                 aten, launches = ops_per_call(fn)
                 row = dict(item=f"{name}, {mode}", backend=backend, host_us=None, wall_us=None,
                            aten_ops=aten, triton_launches=launches, note="")
-                if interpreted:
-                    row["note"] = "times need a CUDA GPU (interpreted Triton times nothing useful)"
+                if interpreted:  # the host's work around the launches, which are stubbed
+                    row["note"] = STUBBED_NOTE
+                    with counted_triton_launches():
+                        row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=5)
                 else:
                     row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=5)
                 rows.append(row)
@@ -370,9 +383,8 @@ def model_step_rows(device: torch.device, reps: int) -> list[dict]:
                 op_profile(fn) if interpreted else fn()
                 c = op_profile(fn)
                 row = dict(item=f"{recipe} {mode}", backend=provider, host_us=None, wall_us=None, **c,
-                           note="Triton interpreted: counted, not timed" if interpreted and provider == "fused"
-                           else "")
-                if not (interpreted and provider == "fused"):
+                           note=STUBBED_NOTE if interpreted and provider == "fused" else "")
+                with counted_triton_launches() if interpreted else contextlib.nullcontext():
                     row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=2)
                 rows.append(row)
     return rows
@@ -413,7 +425,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here")
-    if device.type == "cpu":  # the Triton rows then count their ops (the kernels interpreted, not timed)
+    if device.type == "cpu":  # the Triton rows then count their ops (launches stubbed: see counted_triton_launches)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, HERE)
     import harness as H

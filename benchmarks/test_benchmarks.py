@@ -376,7 +376,7 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
     assert "CUDA tensors" in by_item[("global_query_attention", "cuda")][6]
     # what one call issues is counted on any machine, Triton included (interpreted, counted, not timed)
     ln_triton = by_item[("clip_layer_norm, forward+backward", "triton")]
-    assert ln_triton[2].strip() == "-" and "need a CUDA GPU" in ln_triton[6]
+    assert float(ln_triton[2]) > 0 and "launches stubbed" in ln_triton[6]  # interpreted: host work timed
     assert int(ln_triton[4]) >= 1 and int(ln_triton[5]) >= 2  # allocations; forward + backward kernels
     ref = by_item[("global_query_attention, forward", "reference")]
     assert int(ref[4]) > 10 and int(ref[5]) == 0
@@ -386,4 +386,4 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
         eager = by_item[(f"{recipe} train fwd+bwd", "eager")]
         fused = by_item[(f"{recipe} train fwd+bwd", "fused")]
         assert float(eager[2]) > 0 and int(eager[4]) > 100 and int(eager[7]) == 0
-        assert fused[2].strip() == "-" and int(fused[7]) > 10
+        assert float(fused[2]) > 0 and int(fused[7]) > 10 and "launches stubbed" in fused[8]
