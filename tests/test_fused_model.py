@@ -154,6 +154,24 @@ def test_compiled_fused_model_matches_eager():
     assert rel_error(compiled, eager) < 1e-6
 
 
+def test_exported_fused_model_matches_eager():
+    """torch.export (deployment) of the fused model records the fused operators themselves, with grad mode on
+    (the autograd Functions around them are traced through) as well as off."""
+    torch.manual_seed(0)
+    model = small_model(layers=2, return_list=[1]).to(DEVICE).set_fused(True, backend="triton").eval()
+    video = torch.randn(1, 3, 4, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        eager = model(video)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            program = torch.export.export(model, (video,))
+        targets = {str(node.target) for node in program.graph.nodes}
+        assert {"uniformerv2.spatial_attention_qkv_fwd.default", "uniformerv2.fused_ffn_fwd.default",
+                "uniformerv2.global_query_attention_fwd.default"} <= targets, targets
+        with torch.no_grad():
+            assert rel_error(program.module()(video), eager) < 1e-6
+
+
 def test_cuda_model_runs_spatial_attention_on_triton(monkeypatch):
     """Only the spatial attention lacks a CUDA kernel: a 'cuda' model must not fail on it (it did on the
     first GPU run), while the other ops keep the CUDA request."""
