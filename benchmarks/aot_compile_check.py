@@ -385,7 +385,7 @@ def global_query_attention_cases(dtypes):
                 "global_query_attention", "_gqa_backward_tokens_kernel", dt,
                 f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} w{num_warps}",
                 dict({k: v for k, v in common.items() if k != "num_splits"}, tokens_per_split=tps,
-                     dz_ptr="*fp32", lse2_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", xhat_ptr="*fp32",
+                     dz_ptr="*fp32", lse_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", xhat_ptr="*fp32",
                      ds_ptr="*fp32"),
                 dict(BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H),
                 num_warps=num_warps))

@@ -68,7 +68,6 @@ import triton.language as tl
 from ..backends import triton_interpret
 from .host_math import cdiv, next_power_of_2
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -215,7 +214,7 @@ def _gqa_forward_partial_kernel(
 
 @triton.jit
 def _gqa_backward_tokens_kernel(
-    y_ptr, u_ptr, dz_ptr, lse2_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
+    y_ptr, u_ptr, dz_ptr, lse_ptr, D_ptr, dy_ptr, xhat_ptr, ds_ptr,
     T, NT, C, H, S, tokens_per_split, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -240,7 +239,7 @@ def _gqa_backward_tokens_kernel(
     h_mask = offs_h < H
     u_row = u_ptr + (n * H).to(tl.int64) * C
     dz_row = dz_ptr + (n * H).to(tl.int64) * C
-    lse2 = tl.load(lse2_ptr + n * H + offs_h, mask=h_mask, other=0.0)
+    lse2 = tl.load(lse_ptr + n * H + offs_h, mask=h_mask, other=0.0) * 1.4426950408889634  # base 2
     D = tl.load(D_ptr + n * H + offs_h, mask=h_mask, other=0.0)
 
     start = split * tokens_per_split
@@ -537,8 +536,9 @@ def _common(x, T, dpe_weight, dpe_bias, num_heads):
     BLOCK_C = next_power_of_2(C)
     BLOCK_H = max(16, next_power_of_2(H))
     x = x.contiguous()
-    dpe_w = dpe_weight.reshape(C, 27).t().float().contiguous()  # (27, C), tap k = kt*9 + kh*3 + kw
-    dpe_b = dpe_bias.float().contiguous()
+    # (27, C) fp32, tap k = kt*9 + kh*3 + kw: one copy kernel (transpose and cast) whatever the weight's dtype
+    dpe_w = torch.empty((27, C), device=x.device, dtype=torch.float32).copy_(dpe_weight.reshape(C, 27).t())
+    dpe_b = dpe_bias.to(torch.float32).contiguous()
     return x, L, NT, C, N, W, H, BLOCK_C, BLOCK_H, dpe_w, dpe_b
 
 
@@ -659,7 +659,6 @@ def backward(
         N, C, H, d, 1.0 / math.sqrt(d),
         WITH_GRAD=True, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=4,
     )
-    lse2 = (lse.to(f32) * LOG2E).contiguous()
 
     tokens_per_split, splits = _token_splits(S, N, block_s, num_splits, dev)
     dy = torch.empty((L, NT, C), device=dev, dtype=f32)
@@ -668,7 +667,7 @@ def backward(
     # y recomputed (cheaper than keeping it alive from the forward)
     y = apply_dpe(x, T, dpe_w, dpe_b)
     _gqa_backward_tokens_kernel[(N, splits)](
-        y, u, dz, lse2, D, dy, xhat, ds,
+        y, u, dz, lse.to(f32).contiguous(), D, dy, xhat, ds,
         T, NT, C, H, S, tokens_per_split, float(eps),
         BLOCK_S=block_s, BLOCK_C=BLOCK_C, BLOCK_H=BLOCK_H, num_warps=num_warps,
     )
@@ -698,7 +697,8 @@ def backward(
         T, NT, C, W, S, dpe_tokens_per_split, dpe_splits,
         BLOCK_S=dpe_block_s, BLOCK_C=dpe_block_c, num_warps=4,
     )
-    grad_dpe_w = dw_part.sum(dim=0).t().contiguous().reshape(C, 1, 3, 3, 3)
+    # (27, C) -> the weight's (C, 1, 3, 3, 3) layout and dtype in one copy kernel
+    grad_dpe_w = torch.empty((C, 27), device=x.device, dtype=dpe_weight.dtype).copy_(dw_part.sum(dim=0).t())
     grad_dpe_b = db_part.sum(dim=0)
 
     # step 4: the query path (reference.finish_query_gradients), then every sum over videos in a fixed order
@@ -720,7 +720,7 @@ def backward(
     grad_ln_weight = colsum[1:].reshape(2 * N * H, C).sum(0)
     return (
         dx,
-        grad_dpe_w.to(dpe_weight.dtype),
+        grad_dpe_w.reshape(dpe_weight.shape),
         grad_dpe_b.to(dpe_bias.dtype),
         grad_ln_weight.to(ln_weight.dtype),
         grad_ln_bias.to(ln_bias.dtype),
