@@ -43,7 +43,8 @@ GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset({"clip_layer_norm", "fused_ffn
 # Added since that run, tested under the interpreter (fp32, fp16) and compiled ahead of time for sm_90 (no
 # spills), not yet run on a GPU: the global attention's _query_head_kernel, _merge_project_kernel and
 # _query_grad_kernel, the local MHRA's _fold_params_kernel and _bn_conv1_grads_kernel (2026-11-25, sixth
-# session). The next GPU run's tests call covers them (bf16 included).
+# session); _gqa_backward_tokens_kernel now scales the saved lse to base 2 itself. The next GPU run's tests
+# call covers them (bf16 included).
 TRITON_GPU_VERIFIED: bool = True
 
 
