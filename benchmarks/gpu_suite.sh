@@ -46,7 +46,8 @@
 # Environment knobs: SUITE_STEPS (comma list; the defaults per call are in the `case` below), SUITE_BUDGET_S,
 # SUITE_OP_ARGS (default "--frames 8 --batch 16 --rep 30 --warmup 5 --mode fwd,fwd+bwd": b16 and l14 at 8
 # frames; the first H100 run needed ~90 s per benchmark for that, of a 105 s cap), SUITE_E2E_ARGS
-# (default "--batch 16 --rep 1000 --warmup 100"), SUITE_TEST_ARGS (extra pytest arguments), PYTHON.
+# (default "--batch 16 --rep 1000 --warmup 100"), SUITE_TEST_ARGS (extra pytest arguments, shell-quoted:
+# '-k "a and b"' works), PYTHON.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -233,16 +234,22 @@ fi
 if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then
     PYTEST_ARGS="$PYTEST_ARGS --timeout=300"  # a hung test must not eat the whole step
 fi
+# SUITE_TEST_ARGS is split with the shell's quoting rules, so a -k expression with spaces survives:
+# SUITE_TEST_ARGS='-k "attention and not cublas"'
+EXTRA_TEST_ARGS=()
+if [ -n "${SUITE_TEST_ARGS:-}" ]; then
+    eval "EXTRA_TEST_ARGS=(${SUITE_TEST_ARGS})"
+fi
 if want cuda_tests; then
     # first and on its own: the CUDA kernels' tests decide whether they are verified (issue 9)
     # shellcheck disable=SC2086
     run_step cuda_tests 300 "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
-        ${SUITE_TEST_ARGS:-}
+        ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
 if want tests; then
     # shellcheck disable=SC2086
     run_step tests 440 "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
-        --ignore=tests/test_backends.py $PYTEST_ARGS ${SUITE_TEST_ARGS:-}
+        --ignore=tests/test_backends.py $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
 if want overhead; then
     # Host time per call (seconds): an ATen op, a Triton launch, a custom op, a Python backward on the
@@ -260,7 +267,7 @@ if want tests_cublas; then
     # shellcheck disable=SC2086
     run_step tests_cublas 240 env UNIFORMERV2_TRITON_GEMM=cublas "$PYTHON" -m pytest tests/test_ffn.py \
         tests/test_spatial_attention.py tests/test_local_temporal_mhra.py tests/test_fused_model.py \
-        $PYTEST_ARGS ${SUITE_TEST_ARGS:-}
+        $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
 
 # ------------------------------------------------------------------------------------------- benches
