@@ -48,8 +48,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, _grad_dydx):
-    if grad is None:
-        return (None,) * len(ctx.needs_input_grad)
     x, dydx = ctx.saved_tensors
     dx, dw = _bwd(grad, x, dydx, ctx.scale)
     return dx, dw, None, grad.sum(0) if ctx.has_bias else None, None

@@ -63,7 +63,6 @@ def op_body(t: torch.Tensor):
             yield
 
 
-
 ENV_TRITON_GEMM = "UNIFORMERV2_TRITON_GEMM"
 TRITON_GEMMS = ("triton", "cublas")
 

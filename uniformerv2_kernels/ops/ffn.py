@@ -129,8 +129,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _gm, _gr, _gh):
-    if grad_out is None:  # no gradient reached the output (autograd passes None, see skip_aux_grads)
-        return (None,) * len(ctx.needs_input_grad)
     if not ctx.saved:
         raise RuntimeError("fused_ffn was called with save_for_backward=False; it cannot be differentiated")
     x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale, mean, rstd, h = ctx.saved_tensors

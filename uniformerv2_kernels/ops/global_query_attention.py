@@ -129,8 +129,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_z, _grad_lse):
-    if grad_out is None:  # no gradient reached the output (autograd passes None, see skip_aux_grads)
-        return (None,) * len(ctx.needs_input_grad)
     x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse = ctx.saved_tensors
     grads = _global_query_attention_bwd(
         grad_out, x, ctx.T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,

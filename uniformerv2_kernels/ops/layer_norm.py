@@ -96,8 +96,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    if grad_y is None:  # no gradient reached the output (autograd passes None, see skip_aux_grads)
-        return (None,) * len(ctx.needs_input_grad)
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dw, db = _clip_layer_norm_bwd(grad_y, x, weight, bias, mean, rstd, ctx.eps, ctx.backend)
     return dx, dw, db, None, None

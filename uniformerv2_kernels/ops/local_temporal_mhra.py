@@ -176,8 +176,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _g_mean, _g_var, _g_y1):
-    if grad_out is None:  # no gradient reached the output (autograd passes None, see skip_aux_grads)
-        return (None,) * len(ctx.needs_input_grad)
     (x, y1, mean, var, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias, conv2_weight, conv2_bias,
      branch_scale) = ctx.saved_tensors
     need_bs = branch_scale is not None and ctx.needs_input_grad[14]

@@ -181,8 +181,6 @@ def _qkv_setup_context(ctx, inputs, output):
 
 
 def _qkv_backward(ctx, grad_qkv, _gm, _gr):
-    if grad_qkv is None:  # no gradient reached the output (autograd passes None, see skip_aux_grads)
-        return (None,) * len(ctx.needs_input_grad)
     x, ln_weight, ln_bias, in_proj_weight, mean, rstd = ctx.saved_tensors
     dx, d_ln_w, d_ln_b, d_in_w, d_in_b = _qkv_bwd(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd,
                                                    ctx.eps, ctx.backend)

@@ -520,7 +520,7 @@ def y1_width(Cp: int) -> int:
     and spilled ~720 B/thread; padded to 688 it compiles like B/16's C' = 512, no spills
     (benchmarks/aot_compile_check.py).
     The cost: 0.9% more work at C' = 682, none where C' is already a multiple of 16."""
-    return -(-Cp // 16) * 16
+    return cdiv(Cp, 16) * 16
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -664,8 +664,6 @@ def forward(
     """
     L, NT, C = x.shape
     M = (L - 1) * NT
-    Cp = conv1_weight.shape[0]
-    Kp = y1_width(Cp)
     dtype = x.dtype
     xp = x[1:].reshape(M, C)
     if training:
@@ -726,7 +724,7 @@ def backward(
     sums = _sum_partials(part.view(R, 5 * Kp)).view(5, Kp)
     d_dw_bias = sums[0, :Cp].clone()  # clones: outputs of a custom op must not alias each other
     d_dw_weight = sums[1:4, :Cp].t().contiguous()  # (C', 3)
-    d_b1_folded = sums[4].clone()  # (Kp,), zero past C'
+    d_b1_folded = sums[4]  # (Kp,), zero past C'; its output below is a copy
 
     d_w2 = _mm_fp32_out(gp.t(), zs)[:, :Cp].contiguous()  # (C, C') cuBLAS
     BLOCK_MC, BLOCK_C = (64, 64) if interp else (32, 128)
