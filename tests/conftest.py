@@ -8,6 +8,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# On a GPU the Triton GEMM autotunes among two configurations, not nine: each new shape compiles and times
+# every one, which dominated the suite's time on a cold cache (uniformerv2_kernels/triton/ffn.py);
+# tests/test_ffn.py runs each of the nine once.
+os.environ.setdefault("UNIFORMERV2_AUTOTUNE", "quick")
+
 # Tests of the Triton paths run on the GPU where there is one (real kernels), else interpreted on the CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -24,6 +24,8 @@ products use TF32 exactly when torch.matmul would (``backends.tf32_allowed``: ``
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,22 +41,39 @@ EPI_QUICK_GELU = 1  # pre = acc + bias (optionally stored), out = quick_gelu(pre
 EPI_QUICK_GELU_GRAD = 2  # out = acc * quick_gelu'(pre) with pre loaded from Aux; Aux2 = quick_gelu(pre)
 
 
-def _configs():
-    cfgs = []
-    for bm, bn, bk, stages, warps in [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 4),
-        (128, 128, 64, 3, 8),
-        (64, 256, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 3, 8),
-        (64, 64, 32, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_stages=stages, num_warps=warps))
-    return cfgs
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) the autotuner chooses among on a GPU
+_CONFIG_SHAPES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 3, 8),
+    (64, 256, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 3, 8),
+    (64, 64, 32, 4, 4),
+]
+# UNIFORMERV2_AUTOTUNE=quick: a large and a small tile only. For the GPU tests (tests/conftest.py sets it):
+# each new (shape, flags) key compiles and times every configuration, which made single tests of the
+# spatial attention take 90-108 s on a cold cache on the H100 (the suite's `tests` step was cut at 420 s).
+# tests/test_ffn.py runs every configuration of the full list once, directly, so none goes unchecked.
+_QUICK_CONFIG_SHAPES = [(128, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
+ENV_AUTOTUNE = "UNIFORMERV2_AUTOTUNE"
+AUTOTUNE_CHOICES = ("full", "quick")
+
+
+def autotune_setting() -> str:
+    """UNIFORMERV2_AUTOTUNE: "full" (default) or "quick"; read when the autotuned GEMM is first built."""
+    choice = os.environ.get(ENV_AUTOTUNE, "full").strip().lower() or "full"
+    if choice not in AUTOTUNE_CHOICES:
+        raise ValueError(f"{ENV_AUTOTUNE}={choice!r}: expected one of {AUTOTUNE_CHOICES}")
+    return choice
+
+
+def _configs(quick: bool = False) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=stages, num_warps=warps)
+            for bm, bn, bk, stages, warps in (_QUICK_CONFIG_SHAPES if quick else _CONFIG_SHAPES)]
 
 
 @triton.jit
@@ -168,14 +187,17 @@ _INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 _autotuned_linear_kernel = None
 
 
-def _kernel_and_meta():
-    """The autotuned kernel on a GPU; one fixed configuration under the interpreter."""
+def _kernel_and_meta(config: triton.Config | None = None):
+    """(kernel, launch meta): the given configuration; else the autotuned kernel on a GPU, one fixed
+    configuration under the interpreter (which cannot autotune several)."""
     global _autotuned_linear_kernel
+    if config is not None:
+        return _linear_kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     if triton_interpret():
         return _linear_kernel, dict(_INTERPRET_META)
     if _autotuned_linear_kernel is None:
         _autotuned_linear_kernel = triton.autotune(
-            configs=_configs(),
+            configs=_configs(quick=autotune_setting() == "quick"),
             key=["M", "N", "K", "EPILOGUE", "HAS_RES", "HAS_ROW_SCALE", "SWAP_OUT_ROWS", "EVEN_K"],
         )(_linear_kernel)
     return _autotuned_linear_kernel, {}
@@ -200,6 +222,7 @@ def linear(
     rows_per_scale: int = 1,
     swap_out_rows: tuple[int, int] | None = None,
     gemm: str | None = None,
+    config: triton.Config | None = None,
 ):
     """One fused GEMM: ``epilogue(a @ weight.T + bias)``.
 
@@ -214,12 +237,13 @@ def linear(
     - EPI_NONE: ``out`` only; ``residual`` (same rows as out) and ``row_scale`` apply as
       ``residual + row_scale[row // rows_per_scale] * (a @ weight.T + bias)``.
     ``swap_out_rows=(n_outer, n_inner)`` stores GEMM row m at row (m % n_inner) * n_outer + m // n_inner.
+    ``config``: run ``_linear_kernel`` with this configuration instead of the autotuner's choice (tests).
     """
     M, K = a.shape
     N, K2 = weight.shape
     assert K == K2, (a.shape, weight.shape)
     if gemm is None:
-        gemm = triton_gemm()
+        gemm = "triton" if config is not None else triton_gemm()
     if gemm == "cublas":
         return _linear_cublas(a, weight, bias, epilogue, store_pre, aux, residual, row_scale, rows_per_scale,
                               swap_out_rows)
@@ -233,7 +257,7 @@ def linear(
     if residual is not None:
         assert residual.is_contiguous() and residual.numel() == M * N
     if M > 0 and N > 0:
-        kernel, meta = _kernel_and_meta()
+        kernel, meta = _kernel_and_meta(config)
         even_k = K % 64 == 0 and (not meta or K % meta["BLOCK_K"] == 0)
         grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         n_outer, n_inner = swap_out_rows if swap_out_rows is not None else (1, 1)
