@@ -16,7 +16,6 @@ limits) through ``extra_reasons``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -48,19 +47,37 @@ GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset({"clip_layer_norm", "fused_ffn
 TRITON_GPU_VERIFIED: bool = True
 
 
-@contextlib.contextmanager
-def op_body(t: torch.Tensor):
+class op_body:
     """Context for a custom op's body, from its first tensor argument:
     - autocast off: autocast reaches the bodies of custom ops (they have no autocast kernel), where it would
       retype their internal torch matmuls to 16 bits; each op picks its own precision (fp32 folding,
       statistics and small products; the input's dtype for the big GEMMs);
-    - the tensors' CUDA device current: Triton launches on the current device, which need not be theirs."""
-    with torch.autocast(device_type=t.device.type, enabled=False):
-        if t.is_cuda:
-            with torch.cuda.device(t.device):
-                yield
-        else:
-            yield
+    - the tensors' CUDA device current: Triton launches on the current device, which need not be theirs.
+    A class that enters only what is needed (autocast on, another device current): ~300 op bodies run per
+    training step, and the @contextmanager form cost 3.6 us each on the development CPU even with nothing
+    to change."""
+
+    __slots__ = ("_autocast_off", "_device")
+
+    def __init__(self, t: torch.Tensor):
+        kind = t.device.type
+        self._autocast_off = torch.autocast(device_type=kind, enabled=False) if torch.is_autocast_enabled(kind) \
+            else None
+        self._device = torch.cuda.device(t.device) if t.is_cuda and t.device.index != torch.cuda.current_device() \
+            else None
+
+    def __enter__(self) -> None:
+        if self._autocast_off is not None:
+            self._autocast_off.__enter__()
+        if self._device is not None:
+            self._device.__enter__()
+
+    def __exit__(self, *exc) -> bool:
+        if self._device is not None:
+            self._device.__exit__(*exc)
+        if self._autocast_off is not None:
+            self._autocast_off.__exit__(*exc)
+        return False
 
 
 ENV_TRITON_GEMM = "UNIFORMERV2_TRITON_GEMM"

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import tf32_allowed, triton_gemm, triton_interpret
+from ..backends import tf32_allowed, triton_gemm
+from . import INTERPRETED
 from .host_math import cdiv
 
 QUICK_GELU_ALPHA = 1.702
@@ -193,7 +194,7 @@ def _kernel_and_meta(config: triton.Config | None = None):
     global _autotuned_linear_kernel
     if config is not None:
         return _linear_kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    if triton_interpret():
+    if INTERPRETED:
         return _linear_kernel, dict(_INTERPRET_META)
     if _autotuned_linear_kernel is None:
         _autotuned_linear_kernel = triton.autotune(
@@ -297,7 +298,7 @@ def _linear_cublas(a, weight, bias, epilogue, store_pre, aux, residual, row_scal
     if residual is not None:
         assert residual.is_contiguous() and residual.numel() == M * N
     if M > 0 and N > 0:
-        bm, bn = (32, 64) if triton_interpret() else (32, 128)
+        bm, bn = (32, 64) if INTERPRETED else (32, 128)
         n_outer, n_inner = swap_out_rows if swap_out_rows is not None else (1, 1)
         _linear_epilogue_kernel[(cdiv(M, bm), cdiv(N, bn))](
             pre, out, aux if aux is not None else out, aux2 if aux2 is not None else out,

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpret
+from . import INTERPRETED
 from .host_math import cdiv, next_power_of_2
 
 
@@ -490,7 +490,7 @@ def _operand_dtype(dtype: torch.dtype):
 def _token_splits(S: int, N: int, block_s: int, num_splits: int | None, device: torch.device) -> tuple[int, int]:
     """(tokens_per_split, splits): tokens_per_split is a multiple of block_s and every split is non-empty."""
     if num_splits is None:
-        if device.type == "cuda" and not triton_interpret():
+        if device.type == "cuda" and not INTERPRETED:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             num_splits = max(1, (2 * sms + N - 1) // N)
         else:
@@ -510,7 +510,7 @@ def _token_tile(kernel: str, BLOCK_C: int, use_dot: bool, block_s: int | None) -
     backward 8 tokens and 8 warps (16 warps: 128 registers and spills). Under the interpreter, 64-token
     tiles keep the number of (slow) program instances small.
     """
-    if triton_interpret():
+    if INTERPRETED:
         return block_s or 64, 4
     if BLOCK_C <= 512:
         return block_s or 16, (4 if BLOCK_C <= 256 else 8)
@@ -523,7 +523,7 @@ def _forward_stages(device: torch.device) -> int:
     """Software-pipeline stages of the forward token kernel: 2 (the next tile of y loads while this one is
     reduced; sm_90 / sm_80 AOT, 16-bit, C = 768 and 1024: 99 KB of shared memory, 112-119 registers, no
     spills) where an SM has the shared memory for it with room to spare (A100, H100), else 1 (66 KB)."""
-    if device.type != "cuda" or triton_interpret():
+    if device.type != "cuda" or INTERPRETED:
         return 1
     return 2 if torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor >= 140 * 1024 else 1
 
@@ -546,7 +546,7 @@ def _dpe_blocks(C: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) of the DPE kernel: small tiles on a GPU (many programs per SM hide the
     gathers' latency; sm_90 AOT: 70 registers at 16 x 128 and 4 warps, ~7 programs per SM, where 32 x 128
     took 120), whole rows under the interpreter (few slow program instances)."""
-    if triton_interpret():
+    if INTERPRETED:
         return 64, next_power_of_2(C), 4
     return 16, min(128, next_power_of_2(C)), 4
 
@@ -570,7 +570,7 @@ def _head_blocks(C: int, H: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_K) of the per-(video, head) kernels: all d rows of a head's in_proj slice, C in chunks
     of 128 (a 64 x 128 fp32 tile over 4 warps: 64 registers per thread); 32 under the interpreter, so the
     tests' small C still takes several chunks."""
-    return next_power_of_2(C // H), (32 if triton_interpret() else 128)
+    return next_power_of_2(C // H), (32 if INTERPRETED else 128)
 
 
 def folded_query(query, in_proj_weight, in_proj_bias, ln_weight, num_heads):
@@ -681,11 +681,11 @@ def backward(
     # 4 tokens x 32 channels, 4 warps: 128 registers in an sm_90 AOT compile, no spills (8 x 32: 168-205
     # registers)
     if dpe_block_c is None:
-        dpe_block_c = BLOCK_C if triton_interpret() else min(32, BLOCK_C)
-    dpe_block_s = block_s if triton_interpret() else 4
+        dpe_block_c = BLOCK_C if INTERPRETED else min(32, BLOCK_C)
+    dpe_block_s = block_s if INTERPRETED else 4
     c_blocks = cdiv(C, dpe_block_c)
     dpe_splits = num_splits
-    if dpe_splits is None and x.device.type == "cuda" and not triton_interpret():
+    if dpe_splits is None and x.device.type == "cuda" and not INTERPRETED:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         dpe_splits = max(1, (4 * sms + N * c_blocks - 1) // (N * c_blocks))
     dpe_tokens_per_split, dpe_splits = _token_splits(S, N, dpe_block_s, dpe_splits, x.device)

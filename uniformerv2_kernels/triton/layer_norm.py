@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpret
+from . import INTERPRETED
 from .host_math import cdiv, next_power_of_2
 
 MAX_C = 8192
@@ -136,7 +136,7 @@ def forward(
     if M == 0:
         return y, (mean if store_stats else None), (rstd if store_stats else None)
     n_outer, n_inner = swap_rows if swap_rows is not None else (1, 1)
-    block_c, block_rows, num_warps = _block_sizes(C, 16384 if triton_interpret() else 4096)
+    block_c, block_rows, num_warps = _block_sizes(C, 16384 if INTERPRETED else 4096)
     grid = (cdiv(M, block_rows),)
     _layer_norm_fwd_kernel[grid](
         x, weight, bias, y, mean, rstd,
@@ -149,7 +149,7 @@ def forward(
 
 def _num_programs(M: int, block_rows: int, device: torch.device) -> int:
     tiles = cdiv(M, block_rows)
-    if triton_interpret() or device.type != "cuda":
+    if INTERPRETED or device.type != "cuda":
         return min(tiles, 4)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return min(tiles, 4 * sms)
@@ -180,7 +180,7 @@ def backward(
     if M == 0:  # two separate tensors: a custom op's outputs must not alias
         return (dx, torch.zeros(C, dtype=weight_grad_dtype, device=x.device),
                 torch.zeros(C, dtype=bias_grad_dtype, device=x.device))
-    block_c, block_rows, num_warps = _block_sizes(C, 16384 if triton_interpret() else 2048)
+    block_c, block_rows, num_warps = _block_sizes(C, 16384 if INTERPRETED else 2048)
     programs = _num_programs(M, block_rows, x.device)
     rows_per_program = cdiv(cdiv(M, block_rows), programs) * block_rows
     programs = cdiv(M, rows_per_program)

@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import tf32_allowed, triton_gemm, triton_interpret
+from ..backends import tf32_allowed, triton_gemm
+from . import INTERPRETED
 from .host_math import cdiv
 
 # --------------------------------------------------------------------------------------------------------
@@ -466,7 +467,7 @@ def _bn_conv1_grads_kernel(
 
 
 def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" or triton_interpret()
+    return t.device.type == "cpu" or INTERPRETED
 
 
 def _num_sms(t: torch.Tensor) -> int:
