@@ -155,6 +155,15 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(v["exp_avg_sq"], sb["optimizer_state"]["state"][k]["exp_avg_sq"])
 
 
+def test_a_non_finite_loss_stops_training(tmp_path):
+    """The check runs after the backward is queued (no host sync mid-step) but still before the optimizer
+    step: lr 1e30 makes the second forward overflow."""
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        train.main(["--preset", "synthetic", "--output-dir", str(tmp_path / "run"), *TINY, "train.batch_size=4",
+                    "train.max_steps=4", "train.epochs=1", "train.eval_every=0", "optim.lr=1e30",
+                    "optim.warmup_epochs=0", "optim.clip_grad=null"])
+
+
 # ---------------------------------------------------------------------------------------- torchrun
 
 

@@ -75,15 +75,16 @@ def evaluate_model(model: nn.Module, dataset, cfg: dict, info: du.DistInfo, num_
             video = video.unsqueeze(1)
         b, v = video.shape[:2]
         logits = forward(video.flatten(0, 1))
-        p = logits.float().softmax(-1).view(b, v, -1).mean(1)
-        probs.append(p.cpu())
+        # kept on the device until the end: a copy to the host per batch would wait for the GPU and keep the
+        # host from queueing the next batch meanwhile
+        probs.append(logits.float().softmax(-1).view(b, v, -1).mean(1))
         labels.append(batch["label"])
         indices.append(batch["index"])
     bar.close()
     if was_training:
         model.train()
     elapsed = time.time() - t0
-    local = (torch.cat(probs) if probs else torch.zeros(0, num_classes),
+    local = (torch.cat(probs).cpu() if probs else torch.zeros(0, num_classes),
              torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
              torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long), failed)
     gathered = du.all_gather_objects(local, info)

@@ -512,7 +512,9 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
         bar = tqdm(total=iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{epochs}",
                    disable=not (info.is_main and t_cfg["progress"]), dynamic_ncols=True, mininterval=1.0,
                    file=sys.stderr)
-        window_loss, window_n, window_t = 0.0, 0, time.time()
+        # the window's loss stays on the device until a log step: a .item() per step would stop the host
+        # from queueing the next step while the GPU finishes this one
+        window_loss, window_n, window_t = torch.zeros((), device=device), 0, time.time()
         step_in_epoch = skip
         for batch in loader:
             if step_in_epoch >= iters_per_epoch:
@@ -528,10 +530,12 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
                 logits = model(video)
                 loss = nn.functional.cross_entropy(logits.float(), label,
                                                    label_smoothing=float(t_cfg["label_smoothing"]))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {global_step}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            # checked once the backward is queued (the check waits for the GPU; before the backward it kept
+            # the host idle through the forward's GPU time) and before the optimizer step, which it protects
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {global_step}")
             if o_cfg.get("clip_grad"):
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(core.parameters(), float(o_cfg["clip_grad"]))
@@ -540,19 +544,21 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
             scheduler.step()
             global_step += 1
             step_in_epoch += 1
-            mean_loss = du.all_reduce_mean(loss.detach().float(), info).item()
             if t_cfg.get("rank_report"):
                 rank_losses.append(loss.item())
-            window_loss += mean_loss
+            window_loss += loss.detach().float()
             window_n += 1
             bar.update(1)
             if global_step % log_every == 0 or step_in_epoch == iters_per_epoch:
+                # every rank reaches the same log steps: the mean over ranks of the window's sum is the sum
+                # over its steps of each step's mean over ranks
+                mean_loss = du.all_reduce_mean(window_loss, info).item() / window_n
                 dt = time.time() - window_t
                 cps = window_n * global_batch / max(dt, 1e-9)
-                bar.set_postfix(loss=f"{window_loss / window_n:.4f}", lr=f"{lr:.2e}", clips_s=f"{cps:.1f}")
-                metrics.add(kind="train", epoch=epoch + 1, step=global_step, loss=window_loss / window_n,
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{cps:.1f}")
+                metrics.add(kind="train", epoch=epoch + 1, step=global_step, loss=mean_loss,
                             lr=lr, clips_per_s=cps, acc1=None, acc5=None, time_s=time.time() - t_start)
-                window_loss, window_n, window_t = 0.0, 0, time.time()
+                window_loss, window_n, window_t = torch.zeros((), device=device), 0, time.time()
             if max_steps is not None and global_step >= int(max_steps):
                 stop = True
                 break
