@@ -11,9 +11,12 @@ Providers (one freshly built model each, same seed, so the same weights):
 - ``fused-cublas-gemm``: ``fused`` with UNIFORMERV2_TRITON_GEMM=cublas (the Triton backend's GEMMs with
                        fused epilogues run as cuBLAS + a Triton epilogue pass; the default until a GPU run
                        has timed both is the Triton GEMMs)
-- ``fused+graph``:     inference only, CUDA only: the fused model replayed from a CUDA graph through
+- ``fused+graph``:     CUDA only: the fused model replayed from a CUDA graph. Inference: through
                        ``uniformerv2.cuda_graph.GraphedInference`` (what ``eval.cuda_graph=true`` runs;
-                       copying the batch in and the logits out included)
+                       copying the batch in and the logits out included). Training: the whole step (forward,
+                       loss, backward, AdamW with ``capturable=True``) captured once on the static batch, as in
+                       PyTorch's whole-network capture: what a training step costs with no host work at all
+                       (the training script has no such mode yet; this row says what one would gain)
 
 Tasks (``--mode``: ``forward`` = inference, ``forward+backward`` = training step; ``backward`` is not a
 thing end-to-end and is ignored):
@@ -167,6 +170,36 @@ def make_step(model, run, task: str, x, labels, args):
     return step
 
 
+def make_graphed_train_step(model, x, labels, args, warmup: int = 3):
+    """The training step of ``make_step`` (fused AdamW, made capturable) captured once in a CUDA graph; returns
+    the graph's replay. PyTorch's whole-network capture: warm-up steps on a side stream (Triton's compiles
+    and autotuning, cuBLAS workspaces: none of it may happen inside the capture), gradients set to None
+    before the capture so that the captured backward allocates them in the graph's pool and each replay
+    rewrites them; autocast without its cache (PyTorch's rule for autocast in a capture)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True,
+                            capturable=True)
+
+    def body():
+        with autocast_ctx(args, cache_enabled=False):
+            loss = F.cross_entropy(model(x).float(), labels)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
 def count_flops(model, task: str, x, labels, args) -> float | None:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -245,8 +278,8 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 row.update(status="skipped", note=why)
                 rows.append(row)
                 continue
-        if prov == "fused+graph" and (task != "inference" or args.device.type != "cuda"):
-            row.update(status="skipped", note="inference only" if task != "inference" else "needs a CUDA GPU")
+        if prov == "fused+graph" and args.device.type != "cuda":
+            row.update(status="skipped", note="needs a CUDA GPU")
             rows.append(row)
             continue
         try:
@@ -265,12 +298,15 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 run_model = torch.compile(model, **kwargs)
             else:
                 run_model = model
-            step = make_step(model, run_model, task, x, labels, args)
-            if prov == "fused+graph":
+            if prov == "fused+graph" and task == "train":
+                step = graphed = make_graphed_train_step(model, x, labels, args)
+            elif prov == "fused+graph":
                 from uniformerv2.cuda_graph import GraphedInference
 
                 graphed = GraphedInference(model, context=lambda: autocast_ctx(args, cache_enabled=False))
                 step = lambda: graphed(x)  # noqa: E731
+            else:
+                step = make_step(model, run_model, task, x, labels, args)
             if prov == "fused-cublas-gemm":
                 step = H.with_triton_gemm(step, "cublas")
             elif fused:  # the setting this run started with, whatever an earlier provider set since
