@@ -1,16 +1,18 @@
-"""GraphedInference (uniformerv2/cuda_graph.py): a CUDA-graph replay of the model's forward equals the model.
+"""GraphedInference and GraphedTrainStep (uniformerv2/cuda_graph.py): a CUDA-graph replay of the model's
+forward (inference), or of a training step's forward, loss and backward, equals the model run eagerly.
 
-The replay itself needs a GPU; on the CPU the wrapper runs the model as is, and its argument checks run
+The replay itself needs a GPU; on the CPU the wrappers run the model as is, and their argument checks run
 everywhere.
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
 
 import uniformerv2
-from uniformerv2.cuda_graph import GraphedInference
+from uniformerv2.cuda_graph import GraphedInference, GraphedTrainStep, check_training_options
 
 from conftest import requires_cuda
 from test_model import randomise_
@@ -143,3 +145,108 @@ def test_evaluation_from_the_graph_equals_the_plain_one():
     for key in ("acc1", "acc5", "mean_class_acc"):
         if key in plain:
             assert abs(plain[key] - graphed[key]) < 1e-6, key
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def loss_fn(logits, label):
+    return torch.nn.functional.cross_entropy(logits.float(), label)
+
+
+def labels(batch, device="cpu", seed=0):
+    return torch.randint(0, 5, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _eager_step(model, x, y):
+    for p in model.parameters():
+        p.grad = None
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+def test_train_step_on_cpu_inputs_is_the_eager_step_with_gradients_rewritten():
+    model = small_model().train()
+    reference = copy.deepcopy(model)
+    step = GraphedTrainStep(model, loss_fn)
+    x, y = video(3), labels(3)
+    for _ in range(2):  # the second call rewrites the gradients (zeroed in place), never accumulates
+        loss = step(x, y)
+    expected = _eager_step(reference, x, y)
+    assert step.graph is None and step.eager_calls == 2
+    assert torch.equal(loss, expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7), name
+
+
+def test_train_step_bad_arguments_and_options_are_named():
+    model = small_model()
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        GraphedTrainStep(lambda v: v, loss_fn)
+    with pytest.raises(ValueError, match="warmup must be at least 1"):
+        GraphedTrainStep(model, loss_fn, warmup=0)
+    with pytest.raises(ValueError, match=r"model\.train\(\)"):
+        GraphedTrainStep(model.eval(), loss_fn)(video(2), labels(2))
+    from uniformerv2.recipes import DEFAULTS, build_config
+
+    assert DEFAULTS["train"]["cuda_graph"] is False
+    check_training_options(build_config("synthetic"), world_size=1)  # the defaults are fine
+    cfg = build_config("synthetic", None, ["train.compile=true", "model.grad_checkpointing=true"])
+    with pytest.raises(ValueError, match=r"2 processes.*train\.compile=true.*model\.grad_checkpointing=true"):
+        check_training_options(cfg, world_size=2)
+
+
+def test_training_with_the_switch_on_a_cpu_is_the_plain_one(tmp_path, monkeypatch):
+    from test_train import TINY, _rows
+    from uniformerv2 import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU on a GPU machine too
+
+    runs = {}
+    for switch in ("false", "true"):
+        out = tmp_path / switch
+        assert train.main(["--preset", "synthetic", "--output-dir", str(out), *TINY, "train.batch_size=4",
+                           "train.max_steps=3", "train.epochs=1", "train.eval_every=0",
+                           f"train.cuda_graph={switch}"]) == 0
+        runs[switch] = [r["loss"] for r in _rows(out)]
+    assert len(runs["true"]) == 3 and runs["true"] == runs["false"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_graphed_training_steps_equal_eager_steps(fused):
+    """Three AdamW steps, graphed and eager side by side (no drop path or dropout: the same math); the third
+    batch has another size and runs eagerly on the graphed side. BatchNorm's running statistics match too:
+    the warm-up's updates are undone."""
+    model = small_model(fused=fused, device="cuda").train()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    step = GraphedTrainStep(model, loss_fn)
+    batches = [(video(4, "cuda", 1), labels(4, "cuda", 1)), (video(4, "cuda", 2), labels(4, "cuda", 2)),
+               (video(3, "cuda", 3), labels(3, "cuda", 3))]
+    for i, (x, y) in enumerate(batches):
+        loss = step(x, y)
+        opt.step()
+        expected = _eager_step(reference, x, y)
+        opt_ref.step()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5, msg=f"loss of step {i}")
+    assert step.replays == 2 and step.eager_calls == 1
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@requires_cuda
+def test_training_from_the_graph_runs_with_bf16_autocast(tmp_path):
+    from test_train import TINY, _rows
+    from uniformerv2 import train
+
+    out = tmp_path / "graphed"
+    assert train.main(["--preset", "synthetic", "--output-dir", str(out), *TINY, "train.batch_size=4",
+                       "train.max_steps=4", "train.epochs=1", "train.eval_every=0", "train.amp=bf16",
+                       "train.cuda_graph=true"]) == 0
+    losses = [r["loss"] for r in _rows(out)]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

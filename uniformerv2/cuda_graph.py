@@ -97,3 +97,121 @@ class GraphedInference:
             self.static_output = self.model(self.static_input)
         self.graph = graph
         logger.info("CUDA graph captured for inputs %s %s", tuple(video.shape), video.dtype)
+
+
+class GraphedTrainStep:
+    """``loss = GraphedTrainStep(model, loss_fn)(video, label)``: the forward, the loss and the backward of a
+    training step replayed from a CUDA graph; it returns the loss and leaves the gradients in each
+    parameter's ``.grad``. The optimizer step (gradient clipping, GradScaler, the lr schedule) stays eager:
+    its state and checkpoints are those of eager training, and the loss can be checked before the weights
+    change. The graph is captured for the first batch's shape; other shapes, and CPU inputs, run eagerly.
+
+    The gradients are static tensors the graph rewrites on each replay, not accumulates into: do not set them
+    to None between steps (``optimizer.zero_grad(set_to_none=True)`` would detach them from the graph); the
+    eager path zeroes them in place. ``scale``: applied to the loss before the backward (``GradScaler.scale``:
+    its scale is a device tensor updated in place, so the graph follows it). ``context``: the forward's
+    context, entered at capture and on the eager path; autocast must have ``cache_enabled=False``.
+
+    Capture does not run the model; the ``warmup`` forward+backward passes before it do (Triton's compiles
+    and autotuning, cuBLAS's workspaces: none may happen inside a capture). They update BatchNorm's running
+    statistics, so the module's buffers are put back afterwards, and they draw random numbers (drop path):
+    the random stream differs from eager training's, not its distribution. Not supported: several
+    processes (DDP), gradient checkpointing, ``torch.compile`` (see ``check_training_options``).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 scale: Callable[[torch.Tensor], torch.Tensor] | None = None, warmup: int = 3):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (the capture must not compile or autotune), got {warmup}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.context = context or contextlib.nullcontext
+        self.scale = scale or (lambda loss: loss)
+        self.warmup = warmup
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_video: torch.Tensor | None = None
+        self.static_label: torch.Tensor | None = None
+        self.static_loss: torch.Tensor | None = None
+        self.replays = 0
+        self.eager_calls = 0
+        self._warned_shapes: set[tuple] = set()
+
+    def __call__(self, video: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if not isinstance(video, torch.Tensor) or not isinstance(label, torch.Tensor):
+            raise TypeError("video and label must be tensors")
+        if not self.model.training:
+            raise ValueError("GraphedTrainStep needs model.train(): a graph captured in training mode replays "
+                             "training-mode BatchNorm and drop path")
+        if video.device.type != "cuda":
+            return self._eager(video, label)
+        if self.graph is None:
+            self._capture(video, label)
+        if (video.shape != self.static_video.shape or video.dtype != self.static_video.dtype
+                or label.shape != self.static_label.shape or video.device != self.static_video.device):
+            key = (tuple(video.shape), video.dtype, tuple(label.shape))
+            if key not in self._warned_shapes:
+                self._warned_shapes.add(key)
+                logger.info("training step captured for %s %s; batch %s %s runs eagerly",
+                            tuple(self.static_video.shape), self.static_video.dtype, tuple(video.shape), video.dtype)
+            return self._eager(video, label)
+        self.static_video.copy_(video)
+        self.static_label.copy_(label)
+        self.graph.replay()
+        self.replays += 1
+        return self.static_loss.clone()
+
+    def _forward_backward(self, video: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        with self.context():
+            loss = self.loss_fn(self.model(video), label)
+        self.scale(loss).backward()
+        return loss.detach()
+
+    def _eager(self, video: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.eager_calls += 1
+        for p in self.params:  # in place: after a capture these are the graph's gradient tensors
+            if p.grad is not None:
+                p.grad.zero_()
+        return self._forward_backward(video, label)
+
+    def _capture(self, video: torch.Tensor, label: torch.Tensor) -> None:
+        self.static_video = video.detach().clone()
+        self.static_label = label.detach().clone()
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        side = torch.cuda.Stream(device=video.device)
+        side.wait_stream(torch.cuda.current_stream(video.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                for p in self.params:
+                    p.grad = None
+                self._forward_backward(self.static_video, self.static_label)
+        torch.cuda.current_stream(video.device).wait_stream(side)
+        for p in self.params:  # the captured backward allocates them in the graph's pool
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.static_loss = self._forward_backward(self.static_video, self.static_label)
+        with torch.no_grad():  # the warm-up's BatchNorm updates undone (the capture itself ran nothing)
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
+        self.graph = graph
+        logger.info("training step (forward, loss, backward) captured in a CUDA graph for inputs %s %s",
+                    tuple(video.shape), video.dtype)
+
+
+def check_training_options(cfg: dict, world_size: int) -> None:
+    """Raises ValueError, naming the options, where ``train.cuda_graph`` cannot work."""
+    problems = []
+    if world_size > 1:
+        problems.append(f"{world_size} processes (DDP's gradient all-reduce runs in backward hooks outside "
+                        "a graph; use one process)")
+    if cfg["train"].get("compile"):
+        problems.append("train.compile=true (torch.compile has its own CUDA graphs: mode reduce-overhead)")
+    if cfg["model"].get("grad_checkpointing"):
+        problems.append("model.grad_checkpointing=true (recomputation saves and restores the RNG state, "
+                        "which a capture forbids)")
+    if problems:
+        raise ValueError("train.cuda_graph=true cannot be used with " + "; ".join(problems))

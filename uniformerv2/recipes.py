@@ -81,6 +81,7 @@ DEFAULTS: dict = {
         "label_smoothing": 0.0,
         "find_unused_parameters": False,
         "compile": False,
+        "cuda_graph": False,       # forward+loss+backward replayed from a CUDA graph (uniformerv2/cuda_graph.py)
         "rank_report": False,      # write rank<r>.json with losses and a parameter digest (tests)
     },
     "eval": {

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as du
+from .cuda_graph import GraphedTrainStep, check_training_options
 from .data import FailureReporter, VideoListDataset, collate_videos, read_labels
 from .recipes import PRESETS, build_config, save_config
 from .synthetic import MovingShapes
@@ -454,6 +455,18 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
             find_unused_parameters=bool(t_cfg["find_unused_parameters"]))
     if t_cfg.get("compile"):
         model = torch.compile(model)
+    label_smoothing = float(t_cfg["label_smoothing"])
+
+    def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.float(), label, label_smoothing=label_smoothing)
+
+    graphed_step = None  # train.cuda_graph: forward, loss and backward replayed from a CUDA graph
+    if t_cfg.get("cuda_graph"):
+        check_training_options(cfg, info.world_size)
+        if device.type != "cuda" and info.is_main:
+            logger.warning("train.cuda_graph=true needs a CUDA device; the steps run eagerly on %s", device)
+        graphed_step = GraphedTrainStep(core, loss_fn, scale=scaler.scale,
+                                        context=lambda: autocast_context(device, amp, cache_enabled=False))
 
     metrics = MetricsLog(out_dir, info.is_main, resume_step=global_step if resume else None)
     reporter = FailureReporter()
@@ -526,12 +539,13 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
             video = batch["video"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
             lr = scheduler.get_last_lr()
-            with autocast_context(device, amp):
-                logits = model(video)
-                loss = nn.functional.cross_entropy(logits.float(), label,
-                                                   label_smoothing=float(t_cfg["label_smoothing"]))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if graphed_step is not None:
+                loss = graphed_step(video, label)  # rewrites the gradients: no zero_grad
+            else:
+                with autocast_context(device, amp):
+                    loss = loss_fn(model(video), label)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             # checked once the backward is queued (the check waits for the GPU; before the backward it kept
             # the host idle through the forward's GPU time) and before the optimizer step, which it protects
             if not torch.isfinite(loss):
