@@ -13,10 +13,9 @@ Providers (one freshly built model each, same seed, so the same weights):
                        has timed both is the Triton GEMMs)
 - ``fused+graph``:     CUDA only: the fused model replayed from a CUDA graph. Inference: through
                        ``uniformerv2.cuda_graph.GraphedInference`` (what ``eval.cuda_graph=true`` runs;
-                       copying the batch in and the logits out included). Training: the whole step (forward,
-                       loss, backward, AdamW with ``capturable=True``) captured once on the static batch, as in
-                       PyTorch's whole-network capture: what a training step costs with no host work at all
-                       (the training script has no such mode yet; this row says what one would gain)
+                       copying the batch in and the logits out included). Training: what ``train.cuda_graph=true``
+                       runs, the forward, loss and backward replayed through
+                       ``uniformerv2.cuda_graph.GraphedTrainStep`` and the AdamW step eager
 
 Tasks (``--mode``: ``forward`` = inference, ``forward+backward`` = training step; ``backward`` is not a
 thing end-to-end and is ignored):
@@ -170,34 +169,21 @@ def make_step(model, run, task: str, x, labels, args):
     return step
 
 
-def make_graphed_train_step(model, x, labels, args, warmup: int = 3):
-    """The training step of ``make_step`` (fused AdamW, made capturable) captured once in a CUDA graph; returns
-    the graph's replay. PyTorch's whole-network capture: warm-up steps on a side stream (Triton's compiles
-    and autotuning, cuBLAS workspaces: none of it may happen inside the capture), gradients set to None
-    before the capture so that the captured backward allocates them in the graph's pool and each replay
-    rewrites them; autocast without its cache (PyTorch's rule for autocast in a capture)."""
+def make_graphed_train_step(model, x, labels, args):
+    """What ``train.cuda_graph=true`` runs: the forward, loss and backward replayed from a CUDA graph
+    (``uniformerv2.cuda_graph.GraphedTrainStep``, captured at the first call), then the optimizer step of
+    ``make_step`` eagerly. No ``zero_grad``: each replay rewrites the gradients."""
+    from uniformerv2.cuda_graph import GraphedTrainStep
+
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True,
-                            capturable=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    graphed = GraphedTrainStep(model, lambda logits, y: F.cross_entropy(logits.float(), y),
+                               context=lambda: autocast_ctx(args, cache_enabled=False))
 
-    def body():
-        with autocast_ctx(args, cache_enabled=False):
-            loss = F.cross_entropy(model(x).float(), labels)
-        loss.backward()
+    def step():
+        graphed(x, labels)
         opt.step()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            opt.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph.replay
+    return step
 
 
 def count_flops(model, task: str, x, labels, args) -> float | None:
@@ -299,7 +285,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             else:
                 run_model = model
             if prov == "fused+graph" and task == "train":
-                step = graphed = make_graphed_train_step(model, x, labels, args)
+                step = make_graphed_train_step(model, x, labels, args)
             elif prov == "fused+graph":
                 from uniformerv2.cuda_graph import GraphedInference
 
