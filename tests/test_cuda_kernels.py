@@ -175,7 +175,7 @@ def _ffn_reference(x, params, row_scale, g):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("L,B,C,hidden,use_scale", [(7, 3, 64, 256, True), (5, 2, 20, 52, True),
-                                                    (197, 4, 768, 3072, False)])
+                                                    (197, 4, 768, 3072, False), (9, 2, 1024, 4096, True)])
 def test_ffn_matches_reference_and_triton(L, B, C, hidden, use_scale, dtype):
     x64, p64, rs64, g64 = _ffn_inputs(L, B, C, hidden)
     x64, g64 = x64.to(DEV), g64.to(DEV)

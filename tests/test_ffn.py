@@ -81,6 +81,7 @@ def test_reference_gradcheck_float64():
         ((3, 2, 2, 64), torch.float32, True),  # (L, N, T, C): row_scale along dim 0 only
         ((3, 2, 768), torch.float32, True),
         ((2, 3, 768), torch.float16, False),
+        ((2, 3, 1024), torch.float16, True),  # the L/14 width (hidden 4096)
     ],
 )
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both are kept until timed

@@ -67,6 +67,7 @@ def test_reference_gradcheck_float64():
         ((5, 3, 96), 3, torch.float16),
         ((5, 2, 768), 12, torch.float32),
         ((3, 2, 768), 12, torch.float16),
+        ((3, 2, 1024), 16, torch.float32),  # the L/14 width: 16 heads of 64
     ],
 )
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both are kept until timed
