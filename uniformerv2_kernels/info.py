@@ -51,6 +51,8 @@ def report() -> str:
         gemm = f"invalid: {exc}"
     lines.append(f"  Triton backend's fused GEMMs: {gemm} ({backends.ENV_TRITON_GEMM}="
                  f"{os.environ.get(backends.ENV_TRITON_GEMM, '(unset)')}; triton or cublas)")
+    lines.append(f"  Triton GEMM autotuning: UNIFORMERV2_AUTOTUNE={os.environ.get('UNIFORMERV2_AUTOTUNE', '(unset)')} "
+                 "(full, the default: nine configurations; quick: two, as the tests set it)")
     lines.append("")
     info = backends.build_info()
     if info:
