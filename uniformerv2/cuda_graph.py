@@ -1,4 +1,4 @@
-"""Inference from a CUDA graph: the model's forward captured once, replayed per batch.
+"""Inference and training steps from CUDA graphs: captured once, replayed per batch.
 
 Why: on the H100 the fused model's inference at batch 16 was bound by the host, not the GPU. Each fused op
 issues tens of small ATen ops and a few kernel launches per call (``benchmarks/launch_overhead.py`` counts
@@ -6,10 +6,12 @@ them), at ~25 us of host time each on that machine, which adds up to more than t
 graph issues all of a forward's kernels in one call. The benchmarks' ``GPU ms`` column (a step replayed
 from a CUDA graph) is what this gets.
 
-Inference only (``model.eval()``, no autograd): BatchNorm uses its running statistics, so every clip's
-logits depend on that clip alone, and a smaller batch is padded to the captured one and cut back. The
-graph reads the parameters where they live: in-place updates (``optimizer.step()``, ``load_state_dict``)
-are seen by later replays; replacing a parameter tensor is not (capture again: a new ``GraphedInference``).
+``GraphedInference`` (``eval.cuda_graph``): ``model.eval()``, no autograd. BatchNorm uses its running
+statistics, so every clip's logits depend on that clip alone, and a smaller batch is padded to the captured
+one and cut back. ``GraphedTrainStep`` (``train.cuda_graph``): a training step's forward, loss and backward;
+the optimizer step stays eager. Both graphs read the parameters where they live: in-place updates
+(``optimizer.step()``, ``load_state_dict``) are seen by later replays; replacing a parameter tensor is not
+(capture again: a new object).
 """
 
 from __future__ import annotations
