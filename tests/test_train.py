@@ -50,6 +50,15 @@ def test_config_layers_and_errors(tmp_path):
         parse_override("optim.lr")
 
 
+def test_compile_setting_maps_to_torch_compile_arguments():
+    assert train.compile_options(False) is None and train.compile_options(None) is None
+    assert train.compile_options(True) == {}
+    assert train.compile_options("Max-Autotune") == {"mode": "max-autotune"}
+    assert build_config("synthetic", None, ["train.compile=reduce-overhead"])["train"]["compile"] == "reduce-overhead"
+    with pytest.raises(ValueError, match="train.compile='fast'"):
+        train.compile_options("fast")
+
+
 def test_schedule_param_groups_and_sampler():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     groups = train.param_groups(model, 0.05)

@@ -210,8 +210,11 @@ def check_training_options(cfg: dict, world_size: int) -> None:
     if world_size > 1:
         problems.append(f"{world_size} processes (DDP's gradient all-reduce runs in backward hooks outside "
                         "a graph; use one process)")
-    if cfg["train"].get("compile"):
-        problems.append("train.compile=true (torch.compile has its own CUDA graphs: mode reduce-overhead)")
+    compile_setting = cfg["train"].get("compile")
+    if compile_setting:
+        shown = str(compile_setting).lower() if isinstance(compile_setting, bool) else compile_setting
+        problems.append(f"train.compile={shown} (torch.compile has CUDA graphs of its own: "
+                        "train.compile=reduce-overhead)")
     if cfg["model"].get("grad_checkpointing"):
         problems.append("model.grad_checkpointing=true (recomputation saves and restores the RNG state, "
                         "which a capture forbids)")

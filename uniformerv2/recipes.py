@@ -80,7 +80,7 @@ DEFAULTS: dict = {
         "progress": True,
         "label_smoothing": 0.0,
         "find_unused_parameters": False,
-        "compile": False,
+        "compile": False,          # torch.compile the model: false, true, or a mode (e.g. max-autotune)
         "cuda_graph": False,       # forward+loss+backward replayed from a CUDA graph (uniformerv2/cuda_graph.py)
         "rank_report": False,      # write rank<r>.json with losses and a parameter digest (tests)
     },

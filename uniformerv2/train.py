@@ -241,6 +241,21 @@ class WarmupCosine:
         self._apply()
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(setting) -> dict | None:
+    """``train.compile``: false / null (no compile), true (torch.compile's default mode) or one of its modes;
+    returns torch.compile's keyword arguments, or None for no compile."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        return {}
+    if isinstance(setting, str) and setting.strip().lower() in COMPILE_MODES:
+        return {"mode": setting.strip().lower()}
+    raise ValueError(f"train.compile={setting!r}: expected true, false or one of {COMPILE_MODES}")
+
+
 def autocast_context(device: torch.device, amp: str, cache_enabled: bool | None = None):
     """Autocast for train.amp; ``cache_enabled=False`` for a CUDA-graph capture (PyTorch requires it there:
     the cast-weight cache would hold tensors from outside the graph's memory pool)."""
@@ -453,8 +468,9 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(t_cfg["find_unused_parameters"]))
-    if t_cfg.get("compile"):
-        model = torch.compile(model)
+    compile_kwargs = compile_options(t_cfg.get("compile"))
+    if compile_kwargs is not None:
+        model = torch.compile(model, **compile_kwargs)
     label_smoothing = float(t_cfg["label_smoothing"])
 
     def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
