@@ -26,6 +26,38 @@ import torch.nn as nn
 logger = logging.getLogger("uniformerv2")
 
 
+def _check_arguments(model, warmup: int) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the capture must not compile or autotune), got {warmup}")
+
+
+def _warm_up_and_capture(device: torch.device, warmup: int,
+                         step: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``warmup`` calls of ``step`` on a side stream (Triton's compiles and autotuning, cuBLAS's
+    workspaces: none of it may happen inside a capture), then ``step`` captured; returns (graph, its output).
+    The capture runs nothing: its output is filled by each replay."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a DataLoader's pin-memory thread may touch CUDA during the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = step()
+    return graph, out
+
+
+def _log_eager_once(seen: set, key: tuple, what: str, static: torch.Tensor, video: torch.Tensor) -> None:
+    if key not in seen:
+        seen.add(key)
+        logger.info("%s captured for %s %s; input %s %s runs eagerly", what, tuple(static.shape), static.dtype,
+                    tuple(video.shape), video.dtype)
+
+
 class GraphedInference:
     """``GraphedInference(model)(video)`` equals ``model(video)`` under ``torch.no_grad()`` and ``context()``;
     on CUDA it captures the forward for the first batch's shape and replays it for every batch of that
@@ -38,10 +70,7 @@ class GraphedInference:
 
     def __init__(self, model: nn.Module, context: Callable[[], contextlib.AbstractContextManager] | None = None,
                  warmup: int = 3):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if warmup < 1:
-            raise ValueError(f"warmup must be at least 1 (the capture must not compile or autotune), got {warmup}")
+        _check_arguments(model, warmup)
         self.model = model
         self.context = context or contextlib.nullcontext
         self.warmup = warmup
@@ -66,11 +95,8 @@ class GraphedInference:
         static = self.static_input
         if video.shape[1:] != static.shape[1:] or video.shape[0] > static.shape[0] or video.dtype != static.dtype \
                 or video.device != static.device:
-            key = (tuple(video.shape), video.dtype, str(video.device))
-            if key not in self._warned_shapes:
-                self._warned_shapes.add(key)
-                logger.info("CUDA graph captured for %s %s; input %s %s runs eagerly", tuple(static.shape),
-                            static.dtype, tuple(video.shape), video.dtype)
+            _log_eager_once(self._warned_shapes, (tuple(video.shape), video.dtype, str(video.device)),
+                            "CUDA graph", static, video)
             return self._eager(video)
         n = video.shape[0]
         static[:n].copy_(video)
@@ -87,17 +113,12 @@ class GraphedInference:
 
     def _capture(self, video: torch.Tensor) -> None:
         self.static_input = video.detach().clone()
-        side = torch.cuda.Stream(device=video.device)
-        side.wait_stream(torch.cuda.current_stream(video.device))
-        with torch.cuda.stream(side), self.context():
-            for _ in range(self.warmup):
-                self.model(self.static_input)
-        torch.cuda.current_stream(video.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may touch CUDA during the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), self.context():
-            self.static_output = self.model(self.static_input)
-        self.graph = graph
+
+        def forward():
+            with self.context():
+                return self.model(self.static_input)
+
+        self.graph, self.static_output = _warm_up_and_capture(video.device, self.warmup, forward)
         logger.info("CUDA graph captured for inputs %s %s", tuple(video.shape), video.dtype)
 
 
@@ -124,10 +145,7 @@ class GraphedTrainStep:
     def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  context: Callable[[], contextlib.AbstractContextManager] | None = None,
                  scale: Callable[[torch.Tensor], torch.Tensor] | None = None, warmup: int = 3):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if warmup < 1:
-            raise ValueError(f"warmup must be at least 1 (the capture must not compile or autotune), got {warmup}")
+        _check_arguments(model, warmup)
         self.model = model
         self.loss_fn = loss_fn
         self.context = context or contextlib.nullcontext
@@ -154,11 +172,8 @@ class GraphedTrainStep:
             self._capture(video, label)
         if (video.shape != self.static_video.shape or video.dtype != self.static_video.dtype
                 or label.shape != self.static_label.shape or video.device != self.static_video.device):
-            key = (tuple(video.shape), video.dtype, tuple(label.shape))
-            if key not in self._warned_shapes:
-                self._warned_shapes.add(key)
-                logger.info("training step captured for %s %s; batch %s %s runs eagerly",
-                            tuple(self.static_video.shape), self.static_video.dtype, tuple(video.shape), video.dtype)
+            _log_eager_once(self._warned_shapes, (tuple(video.shape), video.dtype, tuple(label.shape)),
+                            "training step", self.static_video, video)
             return self._eager(video, label)
         self.static_video.copy_(video)
         self.static_label.copy_(label)
@@ -183,23 +198,17 @@ class GraphedTrainStep:
         self.static_video = video.detach().clone()
         self.static_label = label.detach().clone()
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        side = torch.cuda.Stream(device=video.device)
-        side.wait_stream(torch.cuda.current_stream(video.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                for p in self.params:
-                    p.grad = None
-                self._forward_backward(self.static_video, self.static_label)
-        torch.cuda.current_stream(video.device).wait_stream(side)
-        for p in self.params:  # the captured backward allocates them in the graph's pool
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.static_loss = self._forward_backward(self.static_video, self.static_label)
+
+        def step():
+            # gradients set to None first: the captured backward allocates them in the graph's pool
+            for p in self.params:
+                p.grad = None
+            return self._forward_backward(self.static_video, self.static_label)
+
+        self.graph, self.static_loss = _warm_up_and_capture(video.device, self.warmup, step)
         with torch.no_grad():  # the warm-up's BatchNorm updates undone (the capture itself ran nothing)
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)
-        self.graph = graph
         logger.info("training step (forward, loss, backward) captured in a CUDA graph for inputs %s %s",
                     tuple(video.shape), video.dtype)
 
