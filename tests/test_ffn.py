@@ -119,10 +119,6 @@ def test_triton_on_gpu_real_width(monkeypatch, dtype, gemm):
         assert_close(o, r64, rl, name="out" if i == 0 else GRAD_NAMES[i - 1], grad=i > 0)
 
 
-def _quick_gelu64(h):
-    return h * torch.sigmoid(1.702 * h)
-
-
 # The GPU tests autotune among two configurations (UNIFORMERV2_AUTOTUNE=quick, tests/conftest.py); this runs
 # every configuration of the full list, which the benchmarks and training autotune among, once each.
 @pytest.mark.parametrize("config_index", range(len(triton_ffn._CONFIG_SHAPES)))
@@ -142,7 +138,7 @@ def test_every_gemm_configuration_matches_float64(config_index):
     act, pre = triton_ffn.linear(a, w, bias, epilogue=triton_ffn.EPI_QUICK_GELU, store_pre=True, config=config)
     pre64 = ab + bias.double()
     torch.testing.assert_close(pre.double(), pre64, **tol)
-    torch.testing.assert_close(act.double(), _quick_gelu64(pre64), **tol)
+    torch.testing.assert_close(act.double(), reference.quick_gelu(pre64), **tol)
 
     residual = torch.randn(M, N, device=DEVICE).to(dtype)
     row_scale = torch.rand(M // 7, device=DEVICE).to(dtype)
@@ -157,9 +153,8 @@ def test_every_gemm_configuration_matches_float64(config_index):
     h = torch.randn(M, N, device=DEVICE).to(dtype)
     grad_pre, act = triton_ffn.linear(a, w, epilogue=triton_ffn.EPI_QUICK_GELU_GRAD, aux=h, config=config)
     h64 = h.double()
-    s = torch.sigmoid(1.702 * h64)
-    torch.testing.assert_close(grad_pre.double(), ab * (s + 1.702 * h64 * s * (1 - s)), **tol)
-    torch.testing.assert_close(act.double(), _quick_gelu64(h64), **tol)
+    torch.testing.assert_close(grad_pre.double(), ab * reference.quick_gelu_grad(h64), **tol)
+    torch.testing.assert_close(act.double(), reference.quick_gelu(h64), **tol)
 
 
 def test_autotune_setting_reads_the_environment_and_names_a_bad_value(monkeypatch):
