@@ -3,6 +3,10 @@
 # `run` calls of at most 10 minutes each, back to back so the machine stays warm (a later call then finds
 # the extension built by the first and skips the build; on a fresh machine it builds again, ~1-2 min):
 #
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh lease   # ONE call for a 15-minute device budget (below)
+#
+# or, where a session has 30 minutes of device time, three calls:
+#
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, cuda_tests, tests, overhead
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, tests_cublas, end-to-end, timeline
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
@@ -14,6 +18,13 @@
 #                                                        # Nsight Compute per kernel
 #
 # With no argument (or `all`) every step except profile runs in one call, cut by the time budget.
+#
+# `lease` fits what a drawn session gets now: 15 minutes of device time in all, machine start (1-2 min)
+# included, so one 600 s call (`run` with timeout_s=600) and no second start. In order of value: env, build,
+# cuda_tests (issue 9's verdict), tests (the Triton kernels and the model changed since the last GPU run),
+# then e2e with what is left (eager / fused / fused+graph / fused-cublas-gemm, inference and training step,
+# short timing, no timeline; UNIFORMERV2_AUTOTUNE=quick so that cold Triton GEMM autotuning does not eat
+# the step: its rows say so). Budget 550 s; caps cuda_tests 140 s, tests 200 s, per-test timeout 120 s.
 #
 # Steps (each logged with its exit code and seconds; a failing step does not stop the next one):
 #   env      nvidia-smi, nvcc, python/torch/triton versions, commit             -> env.txt
@@ -60,7 +71,7 @@ mkdir -p "$STAGE/logs" "$STAGE/results"
 LOG="$OUT/suite.log"
 : >"$LOG"
 PYTHON="${PYTHON:-python3}"
-BUDGET="${SUITE_BUDGET_S:-560}"
+BUDGET_DEFAULT=560
 RESERVE=30
 case "${1:-all}" in
     all) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead,tests_cublas,timeline,ops,e2e,e2e_compile" ;;
@@ -68,12 +79,23 @@ case "${1:-all}" in
     tests) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
     e2e) DEFAULT_STEPS="env,build,tests_cublas,e2e,timeline" ;;
+    lease) DEFAULT_STEPS="env,build,cuda_tests,tests,e2e" ;;
     profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
-    *) echo "usage: $0 [all|tests|ops|e2e|e2e_compile|profile]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|lease|tests|ops|e2e|e2e_compile|profile]" >&2; exit 2 ;;
 esac
+# step caps (seconds) and the e2e providers; `lease` shrinks them to share one 600 s call
+CAP_CUDA_TESTS=300 CAP_TESTS=440 CAP_E2E=300 TEST_TIMEOUT=300 E2E_TIMELINE=1
+E2E_PROVIDERS="eager,fused,fused-cuda,fused-cublas-gemm,fused+graph"
+if [ "${1:-all}" = lease ]; then
+    BUDGET_DEFAULT=550 CAP_CUDA_TESTS=140 CAP_TESTS=200 TEST_TIMEOUT=120 E2E_TIMELINE=0
+    E2E_PROVIDERS="eager,fused,fused+graph,fused-cublas-gemm"
+    E2E_ARGS_DEFAULT="--batch 16 --rep 300 --warmup 30"
+    export UNIFORMERV2_AUTOTUNE="${UNIFORMERV2_AUTOTUNE:-quick}"
+fi
 STEPS=",${SUITE_STEPS:-$DEFAULT_STEPS},"
 OP_ARGS="${SUITE_OP_ARGS:---frames 8 --batch 16 --rep 30 --warmup 5 --mode fwd,fwd+bwd}"
-E2E_ARGS="${SUITE_E2E_ARGS:---batch 16 --rep 1000 --warmup 100}"
+E2E_ARGS="${SUITE_E2E_ARGS:-${E2E_ARGS_DEFAULT:---batch 16 --rep 1000 --warmup 100}}"
+BUDGET="${SUITE_BUDGET_S:-$BUDGET_DEFAULT}"
 DEVICE="${SUITE_DEVICE:-cuda}"  # cpu only to try the script itself on a machine without a GPU
 START=$SECONDS
 STATUS_FILE="$STAGE/steps.tsv"
@@ -232,7 +254,7 @@ if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
     PYTEST_ARGS="$PYTEST_ARGS -n 12"  # 16 cores, one GPU: Triton's compiles are CPU-bound
 fi
 if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then
-    PYTEST_ARGS="$PYTEST_ARGS --timeout=300"  # a hung test must not eat the whole step
+    PYTEST_ARGS="$PYTEST_ARGS --timeout=$TEST_TIMEOUT"  # a hung test must not eat the whole step
 fi
 # SUITE_TEST_ARGS is split with the shell's quoting rules, so a -k expression with spaces survives:
 # SUITE_TEST_ARGS='-k "attention and not cublas"'
@@ -243,12 +265,12 @@ fi
 if want cuda_tests; then
     # first and on its own: the CUDA kernels' tests decide whether they are verified (issue 9)
     # shellcheck disable=SC2086
-    run_step cuda_tests 300 "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
+    run_step cuda_tests "$CAP_CUDA_TESTS" "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
         ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
 if want tests; then
     # shellcheck disable=SC2086
-    run_step tests 440 "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
+    run_step tests "$CAP_TESTS" "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
         --ignore=tests/test_backends.py $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
 if want overhead; then
@@ -281,9 +303,10 @@ if want ops; then
 fi
 if want e2e; then
     # shellcheck disable=SC2086
-    run_step bench_e2e 300 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
-        --providers eager,fused,fused-cuda,fused-cublas-gemm,fused+graph --mode fwd,fwd+bwd \
-        --timeline "$STAGE/results/e2e_timeline.md" $E2E_ARGS
+    E2E_TIMELINE_ARGS=()
+    [ "$E2E_TIMELINE" = 1 ] && E2E_TIMELINE_ARGS=(--timeline "$STAGE/results/e2e_timeline.md")
+    run_step bench_e2e "$CAP_E2E" "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
+        --providers "$E2E_PROVIDERS" --mode fwd,fwd+bwd ${E2E_TIMELINE_ARGS[@]+"${E2E_TIMELINE_ARGS[@]}"} $E2E_ARGS
 fi
 if want e2e_compile; then
     # a separate CSV name would lose the shared table; the rows carry the provider, so one e2e.csv holds both
