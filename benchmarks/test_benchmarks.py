@@ -387,3 +387,24 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
         fused = by_item[(f"{recipe} train fwd+bwd", "fused")]
         assert float(eager[2]) > 0 and int(eager[4]) > 100 and int(eager[7]) == 0
         assert float(fused[2]) > 0 and int(fused[7]) > 10 and "launches stubbed" in fused[8]
+
+
+# ---- the GPU suite script, dry-run on the CPU (a broken script would waste a rare GPU lease) ----
+
+
+def test_gpu_suite_lease_call_dry_run(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SUITE_DEVICE="cpu", PYTHON=sys.executable,
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), SUITE_STEPS="env,cuda_tests",
+               SUITE_TEST_ARGS="-k quick_gelu", GIT_COMMIT="dry-run")
+    env.pop("UNIFORMERV2_AUTOTUNE", None)
+    script = os.path.join(HERE, "gpu_suite.sh")
+    proc = subprocess.run(["bash", script, "lease"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| cuda_tests | rc=0 |" in summary, summary
+    assert "of a 550 s budget" in summary, summary  # the lease's budget, not the three-call one
+    log = (tmp_path / "out" / "suite.log").read_text()
+    assert "START cuda_tests (limit 140s)" in log, log
+    assert (tmp_path / "out" / "gpu_suite_results.tar.gz").exists()
+    bad = subprocess.run(["bash", script, "no-such-call"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
