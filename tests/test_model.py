@@ -220,6 +220,16 @@ def test_any_frame_count_and_bad_input_errors():
         model(torch.randn(1, 3, 4, 24, 24))
     with pytest.raises(ValueError, match=r"\(N, 3, T, H, W\)"):
         model(torch.randn(3, 4, 16, 16))
+    with pytest.raises(TypeError, match="uint8.*normalised"):  # raw pixels
+        model(torch.randint(0, 255, (1, 3, 4, 16, 16), dtype=torch.uint8))
+    with pytest.raises(TypeError, match="float64 but the model's weights are torch.float32"):
+        model(torch.randn(1, 3, 4, 16, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input itself, but never float64
+        assert model(torch.randn(1, 3, 4, 16, 16, dtype=torch.float16)).shape == (1, 3)
+        with pytest.raises(TypeError, match="float64 but the model's weights are torch.float32"):
+            model(torch.randn(1, 3, 4, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="input is on meta but the model is on cpu"):
+        model(torch.randn(1, 3, 4, 16, 16, device="meta"))
 
 
 def test_set_fused_switches_every_block():

@@ -438,10 +438,25 @@ class UniFormerV2(nn.Module):
         self.transformer.checkpoint_num = len(self.transformer.resblocks) if num_blocks is None else num_blocks
 
     # -- forward --------------------------------------------------------------------------------------
+    def _check_input_type(self, x: torch.Tensor) -> None:
+        """Name the problem where conv1 would only say "expected scalar type ...": raw pixels, or a dtype or
+        device other than the weights' (autocast casts the input itself, unless either is float64)."""
+        weight = self.conv1.weight
+        if not x.is_floating_point():
+            raise TypeError(f"input has dtype {x.dtype}; expected floating-point pixels normalised with mean "
+                            f"0.45 and std 0.225 on a [0, 1] scale (e.g. (video / 255 - 0.45) / 0.225)")
+        if x.device != weight.device:
+            raise ValueError(f"input is on {x.device} but the model is on {weight.device}")
+        autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype)
+        if x.dtype != weight.dtype and not autocast:
+            raise TypeError(f"input has dtype {x.dtype} but the model's weights are {weight.dtype}: cast the "
+                            f"input (x.to({weight.dtype})) or run under torch.autocast")
+
     def stem(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(N, 3, T_in, H, W) -> the token stream (L, N*T, C) after ln_pre, and T."""
         if x.dim() != 5 or x.shape[1] != 3:
             raise ValueError(f"input must have shape (N, 3, T, H, W), got {tuple(x.shape)}")
+        self._check_input_type(x)
         x = self.conv1(x)
         N, C, T, H, W = x.shape
         if (H * W + 1) != self.positional_embedding.shape[0]:
