@@ -1,8 +1,10 @@
 """Trainer, evaluation and prediction end to end: real (PyAV-encoded) videos, exact resumption, a
 2-process torchrun/gloo run, and a short version of the embedded main job."""
 
+import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -48,6 +50,44 @@ def test_config_layers_and_errors(tmp_path):
         build_config("k999")
     with pytest.raises(ValueError, match="section.key=value"):
         parse_override("optim.lr")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=1e-4x", "optim.lr='1e-4x': expected a number"),
+    ("optim.lr=0", "optim.lr=0: expected a value > 0"),
+    ("train.epochs=-1", "train.epochs=-1: expected a value >= 1"),
+    ("train.epochs=2.5", "train.epochs=2.5: expected an integer"),
+    ("train.amp=fp8", "train.amp='fp8': expected one of none, fp16, bf16"),
+    ("train.progress=1", "train.progress=1: expected true or false"),
+    ("data.scale=0.5", "data.scale=0.5: expected a list"),
+    ("data.synthetic.seed=x", "data.synthetic.seed='x': expected an integer"),
+    ("train.label_smoothing=null", "train.label_smoothing=None: expected a number"),
+])
+def test_bad_setting_values_are_named_before_any_work(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_config("synthetic", None, [override])
+
+
+def test_settings_that_take_more_than_their_defaults_type():
+    cfg = build_config("synthetic", None, ["optim.clip_grad=null", "model.fused=true", "train.compile=max-autotune",
+                                           "optim.warmup_epochs=2", "train.max_steps=0", "model.overrides.width=96"])
+    assert cfg["optim"]["clip_grad"] is None and cfg["optim"]["warmup_epochs"] == 2
+    for name in PRESETS:  # every preset and every shipped YAML file passes the check
+        build_config(name)
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))):
+        build_config(None, path)
+
+
+def test_command_lines_report_bad_input_as_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["optim.lr=abc"])
+    assert exit_info.value.code == 2 and "config optim.lr='abc': expected a number" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.pt")
+    for main, argv in ((evaluate.main, ["--checkpoint", missing]),
+                       (predict.main, ["video.mp4", "--checkpoint", missing])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and f"checkpoint {missing!r} not found" in capsys.readouterr().err
 
 
 def test_compile_setting_maps_to_torch_compile_arguments():

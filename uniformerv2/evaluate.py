@@ -169,9 +169,11 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
     (model in eval mode, cfg, class names or None)."""
     import uniformerv2
 
-    from .recipes import DEFAULTS, build_config, load_yaml, merge, parse_override
+    from .recipes import DEFAULTS, build_config, check_config, load_yaml, merge, parse_override
     from .train import resolve_fused
 
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     ours = isinstance(ckpt, dict) and "model_build" in ckpt and "model_state" in ckpt
     if ours:
@@ -180,6 +182,7 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
             cfg = merge(cfg, load_yaml(config_file))
         for o in cfg_overrides or []:
             cfg = merge(cfg, parse_override(o))
+        check_config(cfg)
         build = dict(ckpt["model_build"])
         model = uniformerv2.build_model(**build)
         model.load_state_dict(ckpt["model_state"])
@@ -289,11 +292,15 @@ def main(argv=None) -> int:
     info = du.setup()
     ok = False
     try:
-        model, cfg, names = load_trained(args.checkpoint, overrides, args.config, args.model, info.device,
-                                         args.fused)
+        from .recipes import USER_ERRORS, error_message
         from .train import build_dataset
 
-        dataset = build_dataset(cfg, train=False)
+        try:  # a missing file or a bad setting: a usage error, not a traceback
+            model, cfg, names = load_trained(args.checkpoint, overrides, args.config, args.model, info.device,
+                                             args.fused)
+            dataset = build_dataset(cfg, train=False)
+        except USER_ERRORS as exc:
+            build_parser().error(error_message(exc))
         num_classes = model.transformer.proj[2].out_features
         result = evaluate_model(model, dataset, cfg, info, num_classes, progress=not args.no_progress)
         if info.is_main:

@@ -55,13 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .evaluate import load_trained
+    from .recipes import USER_ERRORS, error_message
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    model, cfg, names = load_trained(args.checkpoint, [], args.config, args.model, device,
-                                     args.fused if device.type == "cuda" else False)
+    try:  # a missing file or a bad setting: a usage error, not a traceback
+        model, cfg, names = load_trained(args.checkpoint, [], args.config, args.model, device,
+                                         args.fused if device.type == "cuda" else False)
+    except USER_ERRORS as exc:
+        build_parser().error(error_message(exc))
     if args.labels:
         names = read_labels(args.labels)
     d, e = cfg["data"], cfg["eval"]

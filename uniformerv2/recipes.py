@@ -237,7 +237,82 @@ def build_config(preset: str | None = None, config_file: str | None = None,
     for p in parsed:
         cfg = merge(cfg, p)
     cfg["preset"] = name
+    check_config(cfg)
     return cfg
+
+
+# Settings that may be null although their default is not.
+_NULLABLE = {"optim.clip_grad"}
+# Settings whose type is not their default's: `fused` and `compile` take true/false or a name.
+_BOOL_OR_STR = {"model.fused", "train.compile"}
+# (lowest allowed value, whether it is allowed itself): numbers out of range are errors before training starts
+_RANGES = {
+    "data.num_frames": (1, True), "data.crop_size": (1, True), "data.num_workers": (0, True),
+    "optim.lr": (0, False), "optim.min_lr": (0, True), "optim.warmup_start_lr": (0, True),
+    "optim.warmup_epochs": (0, True), "optim.weight_decay": (0, True), "optim.eps": (0, False),
+    "optim.clip_grad": (0, False),
+    "train.epochs": (1, True), "train.batch_size": (1, True), "train.eval_every": (0, True),
+    "train.checkpoint_every": (0, True), "train.max_steps": (0, True), "train.log_every": (1, True),
+    "train.label_smoothing": (0, True),
+    "eval.batch_size": (1, True), "eval.num_clips": (1, True), "eval.num_crops": (1, True),
+}
+_CHOICES = {"train.amp": ("none", "fp16", "bf16"), "data.dataset": ("synthetic", "video_list")}
+
+
+def _type_name(default) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list"}.get(type(default), type(default).__name__)
+
+
+def check_config(cfg: dict, defaults: dict | None = None, path: str = "") -> None:
+    """Raise ValueError naming the setting whose value has the wrong type or is out of range, so that a typo
+    such as ``optim.lr=1e-4x`` or ``train.epochs=-1`` fails before any work, not deep inside training."""
+    defaults = DEFAULTS if defaults is None else defaults
+    for key, default in defaults.items():
+        where = f"{path}{key}"
+        if key not in cfg or where == "model.overrides":
+            continue
+        value = cfg[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"config {where}: expected a mapping, got {value!r}")
+            check_config(value, default, where + ".")
+            continue
+        if default is None or (value is None and where in _NULLABLE):
+            continue
+        if where in _BOOL_OR_STR:
+            ok = isinstance(value, (bool, str))
+        elif isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"config {where}={value!r}: expected {_type_name(default)}")
+        if where in _CHOICES and value not in _CHOICES[where]:
+            raise ValueError(f"config {where}={value!r}: expected one of {', '.join(_CHOICES[where])}")
+    for where, (low, inclusive) in _RANGES.items():
+        section, _, key = where.partition(".")
+        if path or section not in cfg:
+            continue
+        value = cfg[section].get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value < low or (value == low and not inclusive):
+                raise ValueError(f"config {where}={value!r}: expected a value {'>=' if inclusive else '>'} {low}")
+
+
+# What a command line reports as a usage error (before any work starts) rather than as a traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
+
+
+def error_message(exc: BaseException) -> str:
+    """The message of ``exc`` without the quotes ``str(KeyError)`` adds."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
 
 
 def save_config(cfg: dict, path: str) -> None:

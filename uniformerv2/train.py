@@ -35,7 +35,7 @@ import torch.nn as nn
 from . import distributed as du
 from .cuda_graph import GraphedTrainStep, check_training_options
 from .data import FailureReporter, VideoListDataset, collate_videos, read_labels
-from .recipes import PRESETS, build_config, save_config
+from .recipes import PRESETS, USER_ERRORS, build_config, error_message, save_config
 from .synthetic import MovingShapes
 
 logger = logging.getLogger("uniformerv2")
@@ -668,7 +668,10 @@ def main(argv=None) -> int:
     preset = args.preset
     if preset is None and not args.config:
         preset = "synthetic"
-    cfg = build_config(preset, args.config, overrides)
+    try:
+        cfg = build_config(preset, args.config, overrides)
+    except USER_ERRORS as exc:
+        build_parser().error(error_message(exc))
     if args.print_config:
         import yaml
 
