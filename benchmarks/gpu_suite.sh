@@ -22,9 +22,10 @@
 # `lease` fits what a drawn session gets now: 15 minutes of device time in all, machine start (1-2 min)
 # included, so one 600 s call (`run` with timeout_s=600) and no second start. In order of value: env, build,
 # cuda_tests (issue 9's verdict), tests (the Triton kernels and the model changed since the last GPU run),
-# then e2e with what is left (eager / fused / fused+graph / fused-cublas-gemm, inference and training step,
-# short timing, no timeline; UNIFORMERV2_AUTOTUNE=quick so that cold Triton GEMM autotuning does not eat
-# the step: its rows say so). Budget 550 s; caps cuda_tests 140 s, tests 200 s, per-test timeout 120 s.
+# then e2e (eager / fused / fused+graph / fused-cublas-gemm, inference and training step, short timing, no
+# timeline; UNIFORMERV2_AUTOTUNE=quick so that cold Triton GEMM autotuning does not eat the step: its rows
+# say so), then overhead (--reps 300) with what is left. Budget 550 s; caps cuda_tests 140 s, tests 200 s
+# (120 s per test), e2e 150 s.
 #
 # Steps (each logged with its exit code and seconds; a failing step does not stop the next one):
 #   env      nvidia-smi, nvcc, python/torch/triton versions, commit             -> env.txt
@@ -79,15 +80,15 @@ case "${1:-all}" in
     tests) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
     e2e) DEFAULT_STEPS="env,build,tests_cublas,e2e,timeline" ;;
-    lease) DEFAULT_STEPS="env,build,cuda_tests,tests,e2e" ;;
+    lease) DEFAULT_STEPS="env,build,cuda_tests,tests,e2e,overhead" ;;
     profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
     *) echo "usage: $0 [all|lease|tests|ops|e2e|e2e_compile|profile]" >&2; exit 2 ;;
 esac
 # step caps (seconds) and the e2e providers; `lease` shrinks them to share one 600 s call
-CAP_CUDA_TESTS=300 CAP_TESTS=440 CAP_E2E=300 TEST_TIMEOUT=300 E2E_TIMELINE=1
+CAP_CUDA_TESTS=300 CAP_TESTS=440 CAP_E2E=300 TEST_TIMEOUT=300 E2E_TIMELINE=1 OVERHEAD_REPS=1000
 E2E_PROVIDERS="eager,fused,fused-cuda,fused-cublas-gemm,fused+graph"
 if [ "${1:-all}" = lease ]; then
-    BUDGET_DEFAULT=550 CAP_CUDA_TESTS=140 CAP_TESTS=200 TEST_TIMEOUT=120 E2E_TIMELINE=0
+    BUDGET_DEFAULT=550 CAP_CUDA_TESTS=140 CAP_TESTS=200 CAP_E2E=150 TEST_TIMEOUT=120 E2E_TIMELINE=0 OVERHEAD_REPS=300
     E2E_PROVIDERS="eager,fused,fused+graph,fused-cublas-gemm"
     E2E_ARGS_DEFAULT="--batch 16 --rep 300 --warmup 30"
     export UNIFORMERV2_AUTOTUNE="${UNIFORMERV2_AUTOTUNE:-quick}"
@@ -273,16 +274,6 @@ if want tests; then
     run_step tests "$CAP_TESTS" "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
         --ignore=tests/test_backends.py $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
-if want overhead; then
-    # Host time per call (seconds): an ATen op, a Triton launch, a custom op, a Python backward on the
-    # autograd device thread, each fused op on tiny inputs, then whole model steps eager vs fused at a tiny
-    # width (benchmarks/launch_overhead.py; the per-op table is written before the model steps run)
-    OVERHEAD_ARGS="--device cuda --dtype bfloat16"
-    [ "$DEVICE" = cpu ] && OVERHEAD_ARGS="--device cpu --reps 100"  # dry run
-    # shellcheck disable=SC2086
-    run_step overhead 120 "$PYTHON" benchmarks/launch_overhead.py $OVERHEAD_ARGS \
-        --out "$STAGE/results/launch_overhead.md"
-fi
 if want tests_cublas; then
     # the Triton backend's GEMMs on cuBLAS + a Triton epilogue (UNIFORMERV2_TRITON_GEMM=cublas): faster on
     # the H100 in every benchmark; it becomes the default once these pass on a GPU
@@ -317,6 +308,16 @@ if want e2e_compile; then
         $E2E_ARGS
 fi
 
+if want overhead; then
+    # Host time per call (seconds): an ATen op, a Triton launch, a custom op, a Python backward on the
+    # autograd device thread, each fused op on tiny inputs, then whole model steps eager vs fused at a tiny
+    # width (benchmarks/launch_overhead.py; the per-op table is written before the model steps run)
+    OVERHEAD_ARGS="--device cuda --dtype bfloat16 --reps $OVERHEAD_REPS"
+    [ "$DEVICE" = cpu ] && OVERHEAD_ARGS="--device cpu --reps 100"  # dry run
+    # shellcheck disable=SC2086
+    run_step overhead 120 "$PYTHON" benchmarks/launch_overhead.py $OVERHEAD_ARGS \
+        --out "$STAGE/results/launch_overhead.md"
+fi
 if want timeline; then
     # torch.profiler (a minute): per op and per backend / variant (benchmarks/README.md: the variants a GPU
     # run decides between), host launch time vs GPU busy time of one forward+backward, and the top kernels,
