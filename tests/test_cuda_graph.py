@@ -243,13 +243,23 @@ def test_graphed_training_steps_equal_eager_steps(fused):
 
 
 @requires_cuda
-def test_training_from_the_graph_runs_with_bf16_autocast(tmp_path):
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_training_from_the_graph_follows_eager_training_under_autocast(tmp_path, amp):
+    """The training script with and without train.cuda_graph, under bf16 autocast and under fp16 autocast
+    with its GradScaler (whose scale the graph reads from a device tensor the eager update() changes in
+    place). No dropout or drop path in this preset, so the first step's loss (before any update) is the same
+    math on both sides; later steps drift only by rounding that AdamW amplifies."""
     from test_train import TINY, _rows
     from uniformerv2 import train
 
-    out = tmp_path / "graphed"
-    assert train.main(["--preset", "synthetic", "--output-dir", str(out), *TINY, "train.batch_size=4",
-                       "train.max_steps=4", "train.epochs=1", "train.eval_every=0", "train.amp=bf16",
-                       "train.cuda_graph=true"]) == 0
-    losses = [r["loss"] for r in _rows(out)]
-    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    losses = {}
+    for switch in ("false", "true"):
+        out = tmp_path / switch
+        assert train.main(["--preset", "synthetic", "--output-dir", str(out), *TINY, "train.batch_size=4",
+                           "train.max_steps=4", "train.epochs=1", "train.eval_every=0", f"train.amp={amp}",
+                           f"train.cuda_graph={switch}"]) == 0
+        losses[switch] = torch.tensor([r["loss"] for r in _rows(out)])
+    graphed, eager = losses["true"], losses["false"]
+    assert len(graphed) == 4 and torch.isfinite(graphed).all()
+    torch.testing.assert_close(graphed[0], eager[0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(graphed, eager, rtol=5e-2, atol=1e-2)
