@@ -408,3 +408,24 @@ def test_gpu_suite_lease_call_dry_run(tmp_path):
     assert (tmp_path / "out" / "gpu_suite_results.tar.gz").exists()
     bad = subprocess.run(["bash", script, "no-such-call"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+# ---- the input pipeline benchmark (benchmarks/data_pipeline.py) on tiny synthetic videos ----
+
+
+def test_data_pipeline_benchmark_runs_on_tiny_videos(tmp_path):
+    pytest.importorskip("av")
+    import data_pipeline
+
+    out = tmp_path / "data.md"
+    rows = data_pipeline.main(["--videos", "2", "--frames", "12", "--size", "64x48", "--codec", "mpeg4",
+                               "--num-frames", "4", "--crop-size", "32", "--clips", "2", "--crops", "3",
+                               "--reps", "1", "--workers", "0", "--batch-size", "2", "--batches", "2",
+                               "--gpu-clips-per-s", "100", "--out", str(out)])
+    assert [r["stage"].split(" (")[0] for r in rows] == ["decode", "train transform",
+                                                         "training clip: decode + transform", "test views of a video"]
+    assert all(r["ms"] > 0 and r["rate"] > 0 for r in rows)
+    text = out.read_text()
+    assert "clips/s" in text and "needs about" in text and "DataLoader, 0 workers" in text
+    with pytest.raises(SystemExit):
+        data_pipeline.main(["--crops", "2"])
