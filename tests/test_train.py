@@ -54,7 +54,8 @@ def test_config_layers_and_errors(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=1e-4x", "optim.lr='1e-4x': expected a number"),
-    ("optim.lr=0", "optim.lr=0: expected a value > 0"),
+    ("optim.lr=-1e-4", "optim.lr=-0.0001: expected a value >= 0"),
+    ("optim.eps=0", "optim.eps=0: expected a value > 0"),
     ("train.epochs=-1", "train.epochs=-1: expected a value >= 1"),
     ("train.epochs=2.5", "train.epochs=2.5: expected an integer"),
     ("train.amp=fp8", "train.amp='fp8': expected one of none, fp16, bf16"),
@@ -69,6 +70,7 @@ def test_bad_setting_values_are_named_before_any_work(override, message):
 
 
 def test_settings_that_take_more_than_their_defaults_type():
+    assert build_config("synthetic", None, ["optim.clip_grad=0"])["optim"]["clip_grad"] == 0  # off, as null
     cfg = build_config("synthetic", None, ["optim.clip_grad=null", "model.fused=true", "train.compile=max-autotune",
                                            "optim.warmup_epochs=2", "train.max_steps=0", "model.overrides.width=96"])
     assert cfg["optim"]["clip_grad"] is None and cfg["optim"]["warmup_epochs"] == 2

@@ -248,9 +248,9 @@ _BOOL_OR_STR = {"model.fused", "train.compile"}
 # (lowest allowed value, whether it is allowed itself): numbers out of range are errors before training starts
 _RANGES = {
     "data.num_frames": (1, True), "data.crop_size": (1, True), "data.num_workers": (0, True),
-    "optim.lr": (0, False), "optim.min_lr": (0, True), "optim.warmup_start_lr": (0, True),
+    "optim.lr": (0, True), "optim.min_lr": (0, True), "optim.warmup_start_lr": (0, True),
     "optim.warmup_epochs": (0, True), "optim.weight_decay": (0, True), "optim.eps": (0, False),
-    "optim.clip_grad": (0, False),
+    "optim.clip_grad": (0, True),  # 0 (or null) switches clipping off
     "train.epochs": (1, True), "train.batch_size": (1, True), "train.eval_every": (0, True),
     "train.checkpoint_every": (0, True), "train.max_steps": (0, True), "train.log_every": (1, True),
     "train.label_smoothing": (0, True),
