@@ -213,6 +213,9 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
             cfg["data"]["crop_size"] = model.config["input_resolution"]
         names = None
     del ckpt
+    if cfg["data"]["crop_size"] != model.config["input_resolution"]:
+        raise ValueError(f"data.crop_size={cfg['data']['crop_size']} but the model takes "
+                         f"{model.config['input_resolution']}x{model.config['input_resolution']} crops")
     if cfg["data"].get("labels"):
         from .data import read_labels
 

@@ -264,6 +264,15 @@ def _type_name(default) -> str:
             list: "a list"}.get(type(default), type(default).__name__)
 
 
+def _check_crop_fits_model(cfg: dict) -> None:
+    """The model takes crops of its input resolution (its positional embedding has one row per patch)."""
+    resolution = ((cfg.get("model") or {}).get("overrides") or {}).get("input_resolution")
+    crop = (cfg.get("data") or {}).get("crop_size")
+    if resolution is not None and crop is not None and resolution != crop:
+        raise ValueError(f"config data.crop_size={crop} but model.overrides.input_resolution={resolution}: the "
+                         "model takes crops of its input resolution; set both (or only data.crop_size)")
+
+
 def check_config(cfg: dict, defaults: dict | None = None, path: str = "") -> None:
     """Raise ValueError naming the setting whose value has the wrong type or is out of range, so that a typo
     such as ``optim.lr=1e-4x`` or ``train.epochs=-1`` fails before any work, not deep inside training."""
@@ -294,6 +303,8 @@ def check_config(cfg: dict, defaults: dict | None = None, path: str = "") -> Non
             raise ValueError(f"config {where}={value!r}: expected {_type_name(default)}")
         if where in _CHOICES and value not in _CHOICES[where]:
             raise ValueError(f"config {where}={value!r}: expected one of {', '.join(_CHOICES[where])}")
+    if not path:
+        _check_crop_fits_model(cfg)
     for where, (low, inclusive) in _RANGES.items():
         section, _, key = where.partition(".")
         if path or section not in cfg:
