@@ -64,6 +64,7 @@ def test_config_layers_and_errors(tmp_path):
     ("data.synthetic.seed=x", "data.synthetic.seed='x': expected an integer"),
     ("train.label_smoothing=null", "train.label_smoothing=None: expected a number"),
     ("data.crop_size=48", "data.crop_size=48 but model.overrides.input_resolution=32"),  # the preset's model
+    ("eval.num_crops=2", "eval.num_crops=2: expected one of 1, 3"),
 ])
 def test_bad_setting_values_are_named_before_any_work(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):

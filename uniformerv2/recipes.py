@@ -256,7 +256,8 @@ _RANGES = {
     "train.label_smoothing": (0, True),
     "eval.batch_size": (1, True), "eval.num_clips": (1, True), "eval.num_crops": (1, True),
 }
-_CHOICES = {"train.amp": ("none", "fp16", "bf16"), "data.dataset": ("synthetic", "video_list")}
+_CHOICES = {"train.amp": ("none", "fp16", "bf16"), "data.dataset": ("synthetic", "video_list"),
+            "eval.num_crops": (1, 3)}
 
 
 def _type_name(default) -> str:
@@ -302,7 +303,7 @@ def check_config(cfg: dict, defaults: dict | None = None, path: str = "") -> Non
         if not ok:
             raise ValueError(f"config {where}={value!r}: expected {_type_name(default)}")
         if where in _CHOICES and value not in _CHOICES[where]:
-            raise ValueError(f"config {where}={value!r}: expected one of {', '.join(_CHOICES[where])}")
+            raise ValueError(f"config {where}={value!r}: expected one of {', '.join(map(str, _CHOICES[where]))}")
     if not path:
         _check_crop_fits_model(cfg)
     for where, (low, inclusive) in _RANGES.items():
