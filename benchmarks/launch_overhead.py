@@ -241,11 +241,11 @@ _ALLOC_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_st
 
 
 @contextlib.contextmanager
-def counted_triton_launches():
+def counted_triton_launches(stub: bool | None = None):
     """Counts the calls of any Triton kernel's launcher (yields a one-element list holding the count). Under the
-    Triton interpreter the launches are stubbed, not run: what remains is the host's Python and ATen work
-    around them (the interpreter's own tensor copies would swamp it; the outputs are garbage, which counting
-    and host timing do not read)."""
+    Triton interpreter (or with ``stub=True``, on a GPU) the launches are stubbed, not run: what remains is the
+    host's Python and ATen work around them (the interpreter's own tensor copies would swamp it; the outputs
+    are garbage, which counting and host timing do not read)."""
     import triton
     from uniformerv2_kernels import backends
 
@@ -254,10 +254,11 @@ def counted_triton_launches():
         from triton.runtime.interpreter import InterpretedFunction as launcher
     count = [0]
     original = launcher.run
+    skip = backends.triton_interpret() if stub is None else stub
 
     def counted(self, *args, **kwargs):
         count[0] += 1
-        return None if backends.triton_interpret() else original(self, *args, **kwargs)
+        return None if skip else original(self, *args, **kwargs)
 
     launcher.run = counted
     try:
@@ -297,6 +298,19 @@ def ops_per_call(fn) -> tuple[int, int]:
 
 
 STUBBED_NOTE = "interpreted Triton: launches stubbed, host work around them timed (a GPU adds the launches)"
+GPU_STUBBED = "Triton launches stubbed"
+GPU_STUBBED_NOTE = ("the row above without running its Triton launches: the difference is what the launches "
+                    "cost the host")
+
+
+def stubbed_host_us(fn, device, reps: int, warmup: int) -> tuple[float | None, float | None, str]:
+    """(host us, wall us, note) of ``fn`` on a GPU with every Triton launch skipped (outputs garbage, unread)."""
+    try:
+        with counted_triton_launches(stub=True):
+            host, wall = per_call_us(fn, device, reps, warmup=warmup)
+        return host, wall, GPU_STUBBED_NOTE
+    except Exception as exc:  # a measurement aid: its failure must not cost the rest of the table
+        return None, None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
 
 
 def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[dict]:
@@ -336,6 +350,10 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
                 else:
                     row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=5)
                 rows.append(row)
+                if backend == "triton" and not interpreted:
+                    host, wall, note = stubbed_host_us(fn, device, reps, warmup=5)
+                    rows.append(dict(item=f"{name}, {mode}", backend=f"triton, {GPU_STUBBED}", host_us=host,
+                                     wall_us=wall, aten_ops=aten, triton_launches=launches, note=note))
     return rows
 
 
@@ -387,6 +405,9 @@ def model_step_rows(device: torch.device, reps: int) -> list[dict]:
                 with counted_triton_launches() if interpreted else contextlib.nullcontext():
                     row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=2)
                 rows.append(row)
+                if provider == "fused" and not interpreted:
+                    host, wall, note = stubbed_host_us(fn, device, reps, warmup=2)
+                    rows.append(dict(row, backend=f"fused, {GPU_STUBBED}", host_us=host, wall_us=wall, note=note))
     return rows
 
 

@@ -429,3 +429,29 @@ def test_data_pipeline_benchmark_runs_on_tiny_videos(tmp_path):
     assert "clips/s" in text and "needs about" in text and "DataLoader, 0 workers" in text
     with pytest.raises(SystemExit):
         data_pipeline.main(["--crops", "2"])
+
+
+def test_launch_overhead_stubbed_measurement_skips_every_triton_launch():
+    """The GPU rows "Triton launches stubbed" time a call with no launch run; checked here on the interpreter,
+    where a launch that slipped through would run the (slow) interpreted kernel and change the output."""
+    code = r"""
+import torch, launch_overhead as lo
+ops, leaves = lo._tiny_op_calls(torch.device("cpu"), torch.float32)
+call = lambda: ops["clip_layer_norm"]("triton")
+real = call()  # kept alive: the stubbed call's output cannot reuse its memory (and its values)
+with lo.counted_triton_launches(stub=True) as n:
+    stubbed = call()
+assert n[0] == 1, n
+assert not torch.equal(stubbed, real)  # torch.empty's contents: the kernel did not run
+host, wall, note = lo.stubbed_host_us(call, torch.device("cpu"), reps=3, warmup=1)
+assert host > 0 and wall >= host and note == lo.GPU_STUBBED_NOTE, (host, wall, note)
+def broken():
+    raise RuntimeError("boom")
+host, wall, note = lo.stubbed_host_us(broken, torch.device("cpu"), reps=1, warmup=0)
+assert host is None and note == "failed: RuntimeError: boom", note
+print("ok")
+"""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", PYTHONPATH=HERE)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=HERE)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
