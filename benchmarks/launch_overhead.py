@@ -159,6 +159,16 @@ def building_block_rows(device: torch.device, reps: int) -> list[dict]:
     c = torch.empty_like(a)
     add("ATen op: torch.add(a, b, out=c)", lambda: torch.add(a, b, out=c))
     add("plain function: x * 2", lambda: a * 2)
+    add("allocation: torch.empty(64)", lambda: torch.empty(64, device=device))
+    from uniformerv2_kernels.backends import op_body
+
+    def enter_op_body():
+        with op_body(a):
+            pass
+
+    add("op body context (backends.op_body)", enter_op_body)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        add("op body context under autocast (turns it off inside)", enter_op_body)
     add("custom op: uniformerv2_bench::scale2(x)", lambda: _scale2_op(a))
     scale2_lib = _library_scale2()
     add("library operator: uniformerv2_bench::scale2_lib(x)", lambda: scale2_lib(a))
