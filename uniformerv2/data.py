@@ -21,6 +21,7 @@ so the caller can report each bad file once (see ``FailureReporter``).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -160,12 +161,58 @@ def count_frames(path: str) -> int:
         container.close()
 
 
+def _frame_index(container, stream) -> tuple[list[int], list[int]] | None:
+    """(every frame's pts in display order, the keyframes' pts), from the packets alone (no decoding; the
+    mp4 / webm demuxer reads ~1 ms per 10 s clip), or None when a packet has no pts."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's final empty packet
+            continue
+        if packet.pts is None:
+            return None
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
+    return sorted(pts), sorted(keys)
+
+
+def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], unique: list[int]) -> list | None:
+    """The frames ``unique`` (sorted display indices), decoding from the keyframe before each one only where
+    that skips frames; None where anything does not go as the packet index says (the caller then decodes
+    sequentially). A frame's display index is the rank of its pts among all packets' pts."""
+    got = []
+    position = None  # pts of the last decoded frame
+    frames = None
+    for index in unique:
+        target = pts[index]
+        key = keys[bisect.bisect_right(keys, target) - 1] if keys and keys[0] <= target else None
+        if key is None:
+            return None
+        if frames is None or (position is not None and key > position):
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+            position = None
+        for frame in frames:
+            if frame.pts is None or frame.pts > target:
+                return None
+            position = frame.pts
+            if frame.pts == target:
+                got.append(frame.to_ndarray(format="rgb24"))
+                break
+        else:
+            return None
+    return got
+
+
 def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
     """Decode the frames that ``index_fn(num_frames) -> list[int]`` asks for.
 
     Returns (frames uint8 (K, H, W, 3) in the order of the unique sorted indices, the indices as
-    requested mapped into rows of that tensor). Decodes sequentially up to the largest index (what
-    FFmpeg does anyway for sparse sampling of short clips). If the header's frame count was too high,
+    requested mapped into rows of that tensor). When the video has several keyframes (e.g. re-encoded with
+    short GOPs: ``python -m uniformerv2.reencode``), each wanted frame is decoded from the keyframe before it
+    and the frames in between are skipped; otherwise, or if the packets and the decoded frames disagree,
+    frames are decoded sequentially up to the largest index (what FFmpeg does anyway for sparse sampling of
+    a short clip with few keyframes). Both give the same frames. If the header's frame count was too high,
     missing indices fall back to the last decoded frame.
     """
     container = _open(path)
@@ -181,26 +228,19 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
                 raise VideoDecodeError("no frames decoded")
         wanted = index_fn(n)
         unique = sorted(set(wanted))
-        if decoded is None:
-            want = set(unique)
-            got: dict[int, np.ndarray] = {}
-            last_frame, last_i = None, -1
-            for i, frame in enumerate(container.decode(stream)):
-                if i in want:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                last_frame, last_i = frame, i
-                if i >= unique[-1]:
-                    break
-            if last_frame is None:
-                raise VideoDecodeError("no frames decoded")
-            missing = [i for i in unique if i not in got]
-            if missing:  # the header overestimated the length: repeat the last decoded frame
-                fallback = got[last_i] if last_i in got else last_frame.to_ndarray(format="rgb24")
-                for i in missing:
-                    got[i] = fallback
-            arrays = [got[i] for i in unique]
-        else:
+        arrays = None
+        if decoded is not None:
             arrays = [decoded[i] for i in unique]
+        else:
+            index = _frame_index(container, stream)
+            if index is not None and len(index[0]) == n and len(index[1]) > 1:
+                arrays = _decode_by_seeking(container, stream, index[0], index[1], unique)
+            if arrays is None:  # sequential, from the start (a fresh container: no seek state to undo)
+                container.close()
+                container = _open(path)
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                arrays = _decode_sequentially(container, stream, unique)
     except VideoDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt stream, bad packet, ...
@@ -210,6 +250,27 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
     frames = torch.from_numpy(np.stack(arrays))
     row = {i: r for r, i in enumerate(unique)}
     return frames, [row[i] for i in wanted]
+
+
+def _decode_sequentially(container, stream, unique: list[int]) -> list:
+    """The frames ``unique`` (sorted display indices), decoding every frame up to the last one."""
+    want = set(unique)
+    got: dict[int, np.ndarray] = {}
+    last_frame, last_i = None, -1
+    for i, frame in enumerate(container.decode(stream)):
+        if i in want:
+            got[i] = frame.to_ndarray(format="rgb24")
+        last_frame, last_i = frame, i
+        if i >= unique[-1]:
+            break
+    if last_frame is None:
+        raise VideoDecodeError("no frames decoded")
+    missing = [i for i in unique if i not in got]
+    if missing:  # the header overestimated the length: repeat the last decoded frame
+        fallback = got[last_i] if last_i in got else last_frame.to_ndarray(format="rgb24")
+        for i in missing:
+            got[i] = fallback
+    return [got[i] for i in unique]
 
 
 # ----------------------------------------------------------------------------------------------------
