@@ -16,9 +16,10 @@ that rate per worker. The per-clip rows run in one process; FFmpeg may decode wi
 cores on the 2-core development machine).
 
 Videos: ``--list FILE`` (a ``path label`` list, as for training; ``--root``), or, by default, synthetic ones
-written to a temporary folder (``--videos``, ``--frames``, ``--size``, ``--codec``, ``--fps``), shaped like
-Kinetics clips (10 s at 30 fps, short side 256) unless told otherwise. Their content is simpler than real
-footage, so real files decode more slowly: measure your own with ``--list``.
+written to a temporary folder (``--videos``, ``--frames``, ``--size``, ``--codec``, ``--fps``, ``--gop``),
+shaped like Kinetics clips (10 s at 30 fps, short side 256) unless told otherwise. Their content (a smooth
+panning field, a moving blob, a little noise) is simpler than real footage, so real files decode more
+slowly: measure your own with ``--list``. ``--gop 16`` writes them as ``uniformerv2-reencode`` would.
 
     python benchmarks/data_pipeline.py                                  # synthetic Kinetics-like clips
     python benchmarks/data_pipeline.py --list k400/train.txt --workers 8 --randaugment rand-m7-n4-mstd0.5-inc1 \\
@@ -44,21 +45,41 @@ import harness as H  # noqa: E402  (puts the repository on sys.path)
 from uniformerv2 import data as D  # noqa: E402
 
 
+def _natural_frames(rng: np.random.Generator, frames: int, width: int, height: int):
+    """Frames that code like footage rather than noise: a smooth colour field panning slowly, a moving bright
+    blob, and a little sensor noise (pure noise would make every keyframe huge and slow)."""
+    import torch.nn.functional as F
+
+    low = torch.from_numpy(rng.uniform(0, 255, (1, 3, 9, 12)).astype(np.float32))
+    field = F.interpolate(low, size=(2 * height, 2 * width), mode="bicubic", align_corners=False)[0].clamp(0, 255)
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    colour = torch.tensor(rng.uniform(0, 1, 3), dtype=torch.float32)[:, None, None]
+    for t in range(frames):
+        dy, dx = int(height / 4 * (1 + np.sin(t / 40))), (t * width // 300) % width
+        frame = field[:, dy:dy + height, dx:dx + width]
+        cy, cx = height / 2 * (1 + 0.5 * np.sin(t / 15)), width / 2 * (1 + 0.6 * np.cos(t / 20))
+        blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (height / 10) ** 2))
+        frame = frame * (1 - blob) + 255 * blob * colour + torch.from_numpy(
+            rng.normal(0, 2, (3, height, width)).astype(np.float32))
+        yield frame.clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
 def write_synthetic_videos(out_dir: str, count: int, frames: int, width: int, height: int, codec: str,
-                           fps: int) -> str:
-    """``count`` videos of moving noise (some motion, so that inter-frame coding has work) and a list file."""
+                           fps: int, gop: int | None = None) -> str:
+    """``count`` synthetic videos (``_natural_frames``) and a list file; ``gop``: a keyframe every gop frames
+    (default: the encoder's, 250 for H.264, which is what downloaded clips mostly have)."""
     import av
 
     rng = np.random.default_rng(0)
     lines = []
     for i in range(count):
         name = f"clip_{i:04d}.mp4"
-        base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         with av.open(os.path.join(out_dir, name), "w") as container:
             stream = container.add_stream(codec, rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for t in range(frames):
-                frame = np.roll(base, (t * 3, t * 2), axis=(0, 1))
+            if gop:
+                stream.codec_context.gop_size = gop
+            for frame in _natural_frames(rng, frames, width, height):
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)
             for packet in stream.encode():
@@ -110,6 +131,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--size", default="340x256", help="WIDTHxHEIGHT of the synthetic videos")
     p.add_argument("--codec", default="h264", help="codec of the synthetic videos")
     p.add_argument("--fps", type=int, default=30)
+    p.add_argument("--gop", type=int, default=None,
+                   help="synthetic videos: a keyframe every GOP frames (as `uniformerv2-reencode --gop` writes; "
+                        "default: the encoder's)")
     p.add_argument("--num-frames", type=int, default=8, help="frames per clip (the model's T)")
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--randaugment", default="rand-m7-n4-mstd0.5-inc1",
@@ -138,10 +162,12 @@ def main(argv=None) -> list[dict]:
             except ValueError:
                 p.error(f"--size must look like 340x256, got {args.size!r}")
             t0 = time.perf_counter()
-            list_file = write_synthetic_videos(tmp, args.videos, args.frames, width, height, args.codec, args.fps)
+            list_file = write_synthetic_videos(tmp, args.videos, args.frames, width, height, args.codec, args.fps,
+                                               args.gop)
             root = None
             source = (f"{args.videos} synthetic {args.codec} videos, {args.frames} frames of {width}x{height} at "
-                      f"{args.fps} fps (written in {time.perf_counter() - t0:.1f} s)")
+                      f"{args.fps} fps, keyframe every {args.gop or 'default'} frames "
+                      f"(written in {time.perf_counter() - t0:.1f} s)")
         paths = [path for path, _ in D.read_video_list(list_file, root)]
         if not paths:
             p.error(f"{list_file} lists no videos")

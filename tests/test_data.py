@@ -175,6 +175,40 @@ def test_a_single_keyframe_video_decodes_sequentially(tmp_path, monkeypatch):
     assert torch.allclose(levels, torch.tensor([28.0, 156.0]), atol=6)
 
 
+def test_reencoding_keeps_every_frame_and_adds_keyframes(tmp_path, capsys, monkeypatch):
+    import uniformerv2.data as data
+    from uniformerv2 import reencode
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    _short_gop_video(str(src / "a.mp4"), 30, "h264", gop=100)
+    _short_gop_video(str(src / "sub" / "b.mp4"), 30, "mpeg4", gop=100)
+    (src / "bad.mp4").write_bytes(b"not a video")
+    (src / "train.txt").write_text("a.mp4 3\nbad.mp4 1\nsub/b.mp4 0\n")
+    out = tmp_path / "fast"
+    argv = [str(src / "train.txt"), str(out), "--gop", "4", "--short-side", "32", "--workers", "1", "--no-progress"]
+    assert reencode.main(argv) == 0
+    report = capsys.readouterr()
+    assert "2 re-encoded, 0 already there, 1 unreadable" in report.out and "bad.mp4" in report.err
+    assert (out / "train.txt").read_text() == "a.mp4 3\nsub/b.mp4 0\n"  # order and labels kept, bad left out
+    seeks = []
+    real_seek = data._decode_by_seeking
+    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: seeks.append(1) or real_seek(*a))
+    for name in ("a.mp4", "sub/b.mp4"):
+        with av.open(str(out / name)) as c:
+            stream = c.streams.video[0]
+            assert (stream.width, stream.height, stream.frames) == (42, 32, 30)  # 64x48 -> short side 32
+            assert sum(p.is_keyframe for p in c.demux(stream) if p.size) >= 7
+        frames, rows = decode_video(str(out / name), lambda n: [0, 13, 29])
+        levels = frames[rows].float().flatten(1).median(dim=1).values
+        assert torch.allclose(levels, torch.tensor([4.0, 108.0, 236.0]), atol=8), (name, levels)  # frame i kept
+    assert len(seeks) == 2
+    assert reencode.main(argv) == 0  # a second run keeps what is there
+    assert "0 re-encoded, 2 already there, 1 unreadable" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        reencode.main([str(src / "train.txt"), str(src)])  # would overwrite the originals
+
+
 def test_unreadable_videos_are_reported_once_and_skipped(tmp_path, caplog):
     good = [_frame_id_video(str(tmp_path / f"g{i}.mp4"), 12) for i in range(3)]
     (tmp_path / "garbage.mp4").write_bytes(os.urandom(3000))
