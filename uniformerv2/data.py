@@ -2,7 +2,8 @@
 
 Decoder choice: PyAV (``av``). Its wheels bundle FFmpeg, so it decodes (and, for the tests, encodes)
 h264/mpeg4 with no system libraries; torchcodec needs the system FFmpeg shared libraries, and decord has
-been unmaintained since 2022.
+been unmaintained since 2022. A clip with several keyframes is decoded from the keyframe before each sampled
+frame (``uniformerv2.reencode`` writes such clips), else sequentially; both give the same frames.
 
 Frame sampling follows the official UniFormerV2 "sparse" (TSN) sampling:
 
