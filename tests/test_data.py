@@ -207,6 +207,10 @@ def test_reencoding_keeps_every_frame_and_adds_keyframes(tmp_path, capsys, monke
     assert "0 re-encoded, 2 already there, 1 unreadable" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         reencode.main([str(src / "train.txt"), str(src)])  # would overwrite the originals
+    (src / "clash.txt").write_text("a.mp4 0\na.avi 1\n")
+    with pytest.raises(SystemExit):  # both would become a.mp4
+        reencode.main([str(src / "clash.txt"), str(tmp_path / "clash"), "--no-progress"])
+    assert "would both be written to" in capsys.readouterr().err
 
 
 def test_unreadable_videos_are_reported_once_and_skipped(tmp_path, caplog):

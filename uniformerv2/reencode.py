@@ -147,6 +147,11 @@ def main(argv=None) -> int:
         parser.error("out_dir is the list's root: the re-encoded videos would replace the originals")
     jobs = [(i, src, output_path(src, root, out_dir), args.gop, args.short_side, args.crf, args.overwrite)
             for i, (src, _) in enumerate(items)]
+    sources_of: dict[str, str] = {}
+    for _, src, dst, *_ in jobs:  # e.g. a.avi and a.mp4 (or two absolute paths outside the root named alike)
+        if dst in sources_of and sources_of[dst] != src:
+            parser.error(f"{sources_of[dst]} and {src} would both be written to {dst}")
+        sources_of[dst] = src
     from tqdm import tqdm
 
     results: dict[int, tuple[str, str | None]] = {}
