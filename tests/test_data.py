@@ -205,6 +205,12 @@ def test_reencoding_keeps_every_frame_and_adds_keyframes(tmp_path, capsys, monke
     assert len(seeks) == 2
     assert reencode.main(argv) == 0  # a second run keeps what is there
     assert "0 re-encoded, 2 already there, 1 unreadable" in capsys.readouterr().out
+    parallel = argv[:1] + [str(tmp_path / "parallel")] + argv[2:-3] + ["--workers", "2", "--no-progress"]
+    assert reencode.main(parallel) == 0  # through a process pool: the same list, the same frames
+    assert (tmp_path / "parallel" / "train.txt").read_text() == (out / "train.txt").read_text()
+    for name in ("a.mp4", "sub/b.mp4"):
+        assert torch.equal(decode_video(str(tmp_path / "parallel" / name), lambda n: [0, 13, 29])[0],
+                           decode_video(str(out / name), lambda n: [0, 13, 29])[0])
     with pytest.raises(SystemExit):
         reencode.main([str(src / "train.txt"), str(src)])  # would overwrite the originals
     (src / "clash.txt").write_text("a.mp4 0\na.avi 1\n")
