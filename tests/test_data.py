@@ -121,12 +121,12 @@ def test_decode_selected_frames_in_order(tmp_path):
     assert torch.allclose(levels, torch.tensor([44.0, 12.0, 44.0, 188.0]), atol=3)
 
 
-def _short_gop_video(path, n, codec, gop):
-    """Frame i: a flat grey of level 8*i (reveals the index) plus a moving bar (gives inter-frame coding work),
-    encoded with a keyframe every ``gop`` frames (B-frames as the codec's defaults have them)."""
+def _short_gop_video(path, n, codec, gop, step=8):
+    """Frame i: a flat grey of level step*i + 4 (reveals the index) plus a moving bar (gives inter-frame coding
+    work), encoded with a keyframe every ``gop`` frames (B-frames as the codec's defaults have them)."""
     frames = []
     for i in range(n):
-        f = np.full((48, 64, 3), 8 * i + 4, dtype=np.uint8)
+        f = np.full((48, 64, 3), step * i + 4, dtype=np.uint8)
         f[:, (3 * i) % 56:(3 * i) % 56 + 8] = 255
         frames.append(f)
     with av.open(path, "w") as c:
@@ -147,22 +147,23 @@ def test_seeking_to_keyframes_gives_the_frames_of_sequential_decoding(tmp_path, 
     exactly those of decoding every frame in order (the fallback), for sparse and for clustered indices."""
     import uniformerv2.data as data
 
-    path = _short_gop_video(str(tmp_path / f"gop.{codec}.mp4"), 30, codec, gop=4)
+    path = _short_gop_video(str(tmp_path / f"gop.{codec}.mp4"), 60, codec, gop=4, step=4)
     with av.open(path) as c:
         keyframes = sum(p.is_keyframe for p in c.demux(c.streams.video[0]) if p.size)
-    assert keyframes >= 7
-    seeks = []
+    assert keyframes >= 14
+    results = []
     real_seek = data._decode_by_seeking
-    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: seeks.append(1) or real_seek(*a))
-    index_sets = [[0, 4, 8, 12, 16, 20, 24, 29], [29, 3, 3, 17], [5, 6, 7, 8], [0], [28, 29], [9, 1, 22, 14, 27]]
-    seeked = [decode_video(path, lambda n, idx=idx: idx) for idx in index_sets]
-    assert len(seeks) == len(index_sets)  # the seek path ran (and did not give up: compared below)
-    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: None)  # force the sequential path
-    for idx, (frames, rows) in zip(index_sets, seeked):
+    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: results.append(real_seek(*a)) or results[-1])
+    sparse = [[3, 25, 50], [59, 10, 10, 40], [1, 33], [0, 20, 41, 59], [58, 59]]  # seeking skips frames: used
+    dense = [[5, 6, 7, 8], list(range(0, 60, 4))]  # it would not pay: sequential
+    seeked = [decode_video(path, lambda n, idx=idx: idx) for idx in sparse + dense]
+    assert [r is not None for r in results] == [True] * len(sparse) + [False] * len(dense)
+    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: None)  # the sequential path only
+    for idx, (frames, rows) in zip(sparse + dense, seeked):
         expected, expected_rows = decode_video(path, lambda n, idx=idx: idx)
         assert rows == expected_rows and torch.equal(frames, expected), idx
         levels = frames[rows].float().flatten(1).median(dim=1).values  # the grey, not the bar (1/8 of the width)
-        assert torch.allclose(levels, torch.tensor([8.0 * i + 4 for i in idx]), atol=6), idx
+        assert torch.allclose(levels, torch.tensor([4.0 * i + 4 for i in idx]), atol=6), idx
 
 
 def test_a_single_keyframe_video_decodes_sequentially(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 Decoder choice: PyAV (``av``). Its wheels bundle FFmpeg, so it decodes (and, for the tests, encodes)
 h264/mpeg4 with no system libraries; torchcodec needs the system FFmpeg shared libraries, and decord has
-been unmaintained since 2022. A clip with several keyframes is decoded from the keyframe before each sampled
+been unmaintained since 2022. A clip with several keyframes is decoded from the keyframe before a sampled
 frame (``uniformerv2.reencode`` writes such clips), else sequentially; both give the same frames.
 
 Frame sampling follows the official UniFormerV2 "sparse" (TSN) sampling:
@@ -177,26 +177,47 @@ def _frame_index(container, stream) -> tuple[list[int], list[int]] | None:
     return sorted(pts), sorted(keys)
 
 
-def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], unique: list[int]) -> list | None:
-    """The frames ``unique`` (sorted display indices), decoding from the keyframe before each one only where
-    that skips frames; None where anything does not go as the packet index says (the caller then decodes
-    sequentially). A frame's display index is the rank of its pts among all packets' pts."""
-    got = []
-    position = None  # pts of the last decoded frame
-    frames = None
+# A seek restarts the decoder (and its frame threads): about as costly as decoding this many frames, measured
+# on the development machine. A seek pays only where it skips more frames than that.
+_SEEK_COST_FRAMES = 8
+
+
+def _seek_plan(pts: list[int], keys: list[int], unique: list[int]) -> list[bool] | None:
+    """For each wanted frame (sorted display indices), whether to seek to its keyframe before decoding on to it
+    (else decoding continues from the last frame); None where no keyframe precedes a wanted frame, or where
+    the plan would not decode fewer frames than reading sequentially to the last one."""
+    plan, decoded, position = [], 0, None
     for index in unique:
-        target = pts[index]
-        key = keys[bisect.bisect_right(keys, target) - 1] if keys and keys[0] <= target else None
-        if key is None:
+        k = bisect.bisect_right(keys, pts[index]) - 1
+        if k < 0:
             return None
-        if frames is None or (position is not None and key > position):
-            container.seek(key, stream=stream, backward=True, any_frame=False)
+        key_index = bisect.bisect_left(pts, keys[k])
+        seek = position is None or key_index - position - 1 > _SEEK_COST_FRAMES
+        decoded += (index - key_index + 1 + _SEEK_COST_FRAMES) if seek else (index - position)
+        plan.append(seek)
+        position = index
+    return plan if decoded < unique[-1] + 1 else None
+
+
+def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], unique: list[int]) -> list | None:
+    """The frames ``unique`` (sorted display indices), seeking to the keyframe before a wanted frame where that
+    skips enough frames (``_seek_plan``); None where seeking does not pay or anything does not go as the
+    packet index says (the caller then decodes sequentially). A frame's display index is the rank of its pts
+    among all packets' pts."""
+    plan = _seek_plan(pts, keys, unique)
+    if plan is None:
+        return None
+    got = []
+    frames = None
+    for index, seek in zip(unique, plan):
+        target = pts[index]
+        if seek:
+            container.seek(keys[bisect.bisect_right(keys, target) - 1], stream=stream, backward=True,
+                           any_frame=False)
             frames = container.decode(stream)
-            position = None
         for frame in frames:
             if frame.pts is None or frame.pts > target:
                 return None
-            position = frame.pts
             if frame.pts == target:
                 got.append(frame.to_ndarray(format="rgb24"))
                 break
@@ -210,8 +231,8 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
 
     Returns (frames uint8 (K, H, W, 3) in the order of the unique sorted indices, the indices as
     requested mapped into rows of that tensor). When the video has several keyframes (e.g. re-encoded with
-    short GOPs: ``python -m uniformerv2.reencode``), each wanted frame is decoded from the keyframe before it
-    and the frames in between are skipped; otherwise, or if the packets and the decoded frames disagree,
+    short GOPs: ``python -m uniformerv2.reencode``), decoding jumps to the keyframe before a wanted frame
+    wherever that skips enough frames (``_seek_plan``); otherwise, or if the packets and the decoded frames disagree,
     frames are decoded sequentially up to the largest index (what FFmpeg does anyway for sparse sampling of
     a short clip with few keyframes). Both give the same frames. If the header's frame count was too high,
     missing indices fall back to the last decoded frame.
