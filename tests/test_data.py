@@ -166,6 +166,25 @@ def test_seeking_to_keyframes_gives_the_frames_of_sequential_decoding(tmp_path, 
         assert torch.allclose(levels, torch.tensor([4.0 * i + 4 for i in idx]), atol=6), idx
 
 
+def test_a_video_without_a_frame_count_in_its_header(tmp_path):
+    """webm (Something-Something's format) has no frame count: the clip is decoded once and only the wanted
+    frames are converted to RGB."""
+    try:
+        av.codec.Codec("libvpx-vp9", "w")
+    except Exception:  # noqa: BLE001
+        pytest.skip("this PyAV build has no VP9 encoder")
+    path = str(tmp_path / "clip.webm")
+    frames = np.stack([np.full((48, 64, 3), 8 * i + 4, dtype=np.uint8) for i in range(12)])
+    _encode(path, frames, codec="libvpx-vp9", fps=12)
+    with av.open(path) as c:
+        assert not c.streams.video[0].frames  # the case under test
+    assert count_frames(path) == 12
+    out, rows = decode_video(path, lambda n: [5, 1, 5, n - 1])
+    assert out.shape == (3, 48, 64, 3)
+    levels = out[rows].float().mean(dim=(1, 2, 3))
+    assert torch.allclose(levels, torch.tensor([44.0, 12.0, 44.0, 92.0]), atol=4)
+
+
 def test_a_single_keyframe_video_decodes_sequentially(tmp_path, monkeypatch):
     import uniformerv2.data as data
 
