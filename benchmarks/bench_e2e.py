@@ -316,8 +316,11 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 note.append("fused ops backend: cuda (spatial attention: triton)")
             elif fused:
                 note.append("fused ops backend: " + _fused_backend(args))
-            if fused and prov != "fused-cublas-gemm" and args.device.type == "cuda" and _quick_autotune():
-                note.append("Triton GEMM autotuned among 2 configurations (UNIFORMERV2_AUTOTUNE=quick)")
+            if fused and prov != "fused-cublas-gemm" and args.device.type == "cuda":
+                from uniformerv2_kernels.triton.ffn import autotune_setting
+
+                if autotune_setting() == "quick":  # the GPU suite's one-call lease sets it to save compile time
+                    note.append("Triton GEMM autotuned among 2 configurations (UNIFORMERV2_AUTOTUNE=quick)")
             row.update(status="ok", ms=ms, items_per_s=batch / (ms * 1e-3), note="; ".join(note))
         except Exception as exc:
             if args.strict:
@@ -367,12 +370,6 @@ def _cuda_backend_unavailable(args) -> str | None:
     if args.device.type != "cuda":
         return "the CUDA C++ kernels need a CUDA GPU"
     return backends.cuda_extension_error()
-
-
-def _quick_autotune() -> bool:
-    """UNIFORMERV2_AUTOTUNE=quick (the GPU suite's one-call lease sets it to save compile time): the Triton
-    GEMM's autotuner chose among 2 configurations, so its rows may be a little slower than with all 9."""
-    return os.environ.get("UNIFORMERV2_AUTOTUNE", "full").strip().lower() == "quick"
 
 
 def _fused_backend(args) -> str:

@@ -146,6 +146,14 @@ def _open(path):
     return container
 
 
+def open_video_stream(path):
+    """(container, its first video stream) with FFmpeg's frame and slice threads on."""
+    container = _open(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
 def count_frames(path: str) -> int:
     """Number of decodable frames (decodes the stream when the header does not say)."""
     container = _open(path)
@@ -182,10 +190,10 @@ def _frame_index(container, stream) -> tuple[list[int], list[int]] | None:
 _SEEK_COST_FRAMES = 8
 
 
-def _seek_plan(pts: list[int], keys: list[int], unique: list[int]) -> list[bool] | None:
-    """For each wanted frame (sorted display indices), whether to seek to its keyframe before decoding on to it
-    (else decoding continues from the last frame); None where no keyframe precedes a wanted frame, or where
-    the plan would not decode fewer frames than reading sequentially to the last one."""
+def _seek_plan(pts: list[int], keys: list[int], unique: list[int]) -> list[int | None] | None:
+    """For each wanted frame (sorted display indices), the pts of the keyframe to seek to before decoding on to
+    it, or None to continue from the last frame; None (the whole plan) where no keyframe precedes a wanted
+    frame, or where the plan would not decode fewer frames than reading sequentially to the last one."""
     plan, decoded, position = [], 0, None
     for index in unique:
         k = bisect.bisect_right(keys, pts[index]) - 1
@@ -194,7 +202,7 @@ def _seek_plan(pts: list[int], keys: list[int], unique: list[int]) -> list[bool]
         key_index = bisect.bisect_left(pts, keys[k])
         seek = position is None or key_index - position - 1 > _SEEK_COST_FRAMES
         decoded += (index - key_index + 1 + _SEEK_COST_FRAMES) if seek else (index - position)
-        plan.append(seek)
+        plan.append(keys[k] if seek else None)
         position = index
     return plan if decoded < unique[-1] + 1 else None
 
@@ -209,11 +217,10 @@ def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], uniqu
         return None
     got = []
     frames = None
-    for index, seek in zip(unique, plan):
+    for index, key in zip(unique, plan):
         target = pts[index]
-        if seek:
-            container.seek(keys[bisect.bisect_right(keys, target) - 1], stream=stream, backward=True,
-                           any_frame=False)
+        if key is not None:
+            container.seek(key, stream=stream, backward=True, any_frame=False)
             frames = container.decode(stream)
         for frame in frames:
             if frame.pts is None or frame.pts > target:
@@ -237,10 +244,8 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
     a short clip with few keyframes). Both give the same frames. If the header's frame count was too high,
     missing indices fall back to the last decoded frame.
     """
-    container = _open(path)
+    container, stream = open_video_stream(path)
     try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         n = int(stream.frames or 0)
         decoded = None
         if n <= 0:  # unknown length (webm has none in its header): decode everything once, convert to RGB
@@ -259,9 +264,7 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
                 arrays = _decode_by_seeking(container, stream, index[0], index[1], unique)
             if arrays is None:  # sequential, from the start (a fresh container: no seek state to undo)
                 container.close()
-                container = _open(path)
-                stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
+                container, stream = open_video_stream(path)
                 arrays = _decode_sequentially(container, stream, unique)
     except VideoDecodeError:
         raise

@@ -304,13 +304,15 @@ def check_config(cfg: dict, defaults: dict | None = None, path: str = "") -> Non
             raise ValueError(f"config {where}={value!r}: expected {_type_name(default)}")
         if where in _CHOICES and value not in _CHOICES[where]:
             raise ValueError(f"config {where}={value!r}: expected one of {', '.join(map(str, _CHOICES[where]))}")
-    if not path:
+    if not path:  # the checks across sections, once, on the whole configuration
+        _check_ranges(cfg)
         _check_crop_fits_model(cfg)
+
+
+def _check_ranges(cfg: dict) -> None:
     for where, (low, inclusive) in _RANGES.items():
         section, _, key = where.partition(".")
-        if path or section not in cfg:
-            continue
-        value = cfg[section].get(key)
+        value = cfg.get(section, {}).get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value < low or (value == low and not inclusive):
                 raise ValueError(f"config {where}={value!r}: expected a value {'>=' if inclusive else '>'} {low}")

@@ -23,7 +23,7 @@ import os
 import sys
 from fractions import Fraction
 
-from .data import VideoDecodeError, read_video_list
+from .data import VideoDecodeError, open_video_stream, read_video_list
 
 
 def output_path(path: str, root: str, out_dir: str) -> str:
@@ -48,16 +48,9 @@ def reencode_video(src: str, dst: str, gop: int = 16, short_side: int | None = N
         return "kept"
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     tmp = dst + ".part.mp4"
-    try:
-        source = av.open(src)
-    except Exception as exc:  # noqa: BLE001 - any FFmpeg/IO error means "unreadable"
-        raise VideoDecodeError(f"cannot open: {type(exc).__name__}: {exc}") from exc
+    source, stream_in = open_video_stream(src)  # VideoDecodeError when unreadable
     written = 0
     try:
-        if not source.streams.video:
-            raise VideoDecodeError("no video stream")
-        stream_in = source.streams.video[0]
-        stream_in.thread_type = "AUTO"
         rate = stream_in.average_rate or stream_in.guessed_rate or Fraction(30)
         with av.open(tmp, "w") as out:
             stream_out = None
