@@ -30,20 +30,20 @@ ENV_BACKEND = "UNIFORMERV2_BACKEND"
 # Automatic selection only picks the cuda backend for these ops; the others run on Triton unless a caller
 # asks for cuda explicitly (per call or UNIFORMERV2_BACKEND=cuda), which is how the GPU suite tests them.
 # Add an op here only with GPU evidence recorded in benchmarks/results/.
-# Evidence (H100, torch 2.11, commit 6814563, benchmarks/results/h100_2026-11-25.md "Second run"): every
-# numeric case of tests/test_cuda_kernels.py passed for all four ops. global_query_attention is verified but
-# left out: its CUDA kernel computes the DPE on the fly and took 2.3x (forward) / 1.3x (forward+backward) the
-# GPU time of the Triton one at B/16.
+# Evidence: H100, torch 2.11, commit 6814563 (benchmarks/results/h100_2026-11-25.md "Second run"): every
+# numeric case of tests/test_cuda_kernels.py passed for all four ops; H200, torch 2.11, commit d922e963ade3
+# (benchmarks/results/h200_2026-11-26.md): the whole file, 83 cases, passed, bad-input checks included.
+# global_query_attention is verified but left out: its CUDA kernel computes the DPE on the fly and took 2.3x
+# (forward) / 1.3x (forward+backward) the GPU time of the Triton one at B/16 (H100).
 GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset({"clip_layer_norm", "fused_ffn", "local_temporal_mhra"})
 
-# Whether the Triton kernels have passed tests/ on a GPU: yes, on an H100 with triton 3.6 (commit 6814563:
-# 316 passed; the one failure was the CUDA extension's error-path crash, since fixed in setup.py). With it set,
-# `model.fused=auto` in the training / evaluation scripts uses the kernels on CUDA.
-# Added since that run, tested under the interpreter (fp32, fp16) and compiled ahead of time for sm_90 (no
-# spills), not yet run on a GPU: the global attention's _query_head_kernel, _merge_project_kernel and
-# _query_grad_kernel, the local MHRA's _fold_params_kernel and _bn_conv1_grads_kernel (2026-11-25, sixth
-# session); _gqa_backward_tokens_kernel now scales the saved lse to base 2 itself. The next GPU run's tests
-# call covers them (bf16 included).
+# Whether the Triton kernels have passed tests/ on a GPU: yes. H100, triton 3.6, commit 6814563 (316 passed);
+# H200, triton 3.6, commit d922e963ade3 (benchmarks/results/h200_2026-11-26.md): 325 passed, bf16 included,
+# the kernels added since the H100 run among them (the global attention's _query_head_kernel,
+# _merge_project_kernel and _query_grad_kernel, the local MHRA's _fold_params_kernel and
+# _bn_conv1_grads_kernel); the one failure was a torch.compile test cut by the per-test timeout under 12
+# workers, which passed alone. With it set, `model.fused=auto` in the training / evaluation scripts uses
+# the kernels on CUDA.
 TRITON_GPU_VERIFIED: bool = True
 
 
