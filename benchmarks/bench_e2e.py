@@ -169,6 +169,16 @@ def make_step(model, run, task: str, x, labels, args):
     return step
 
 
+def make_graphed_inference_step(model, x, args):
+    """What ``eval.cuda_graph=true`` runs: ``uniformerv2.cuda_graph.GraphedInference`` (captured at the first
+    call), the batch copied in and the logits out included."""
+    from uniformerv2.cuda_graph import GraphedInference
+
+    model.eval()
+    graphed = GraphedInference(model, context=lambda: autocast_ctx(args, cache_enabled=False))
+    return lambda: graphed(x)
+
+
 def make_graphed_train_step(model, x, labels, args):
     """What ``train.cuda_graph=true`` runs: the forward, loss and backward replayed from a CUDA graph
     (``uniformerv2.cuda_graph.GraphedTrainStep``, captured at the first call), then the optimizer step of
@@ -287,10 +297,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             if prov == "fused+graph" and task == "train":
                 step = make_graphed_train_step(model, x, labels, args)
             elif prov == "fused+graph":
-                from uniformerv2.cuda_graph import GraphedInference
-
-                graphed = GraphedInference(model, context=lambda: autocast_ctx(args, cache_enabled=False))
-                step = lambda: graphed(x)  # noqa: E731
+                step = make_graphed_inference_step(model, x, args)
             else:
                 step = make_step(model, run_model, task, x, labels, args)
             if prov == "fused-cublas-gemm":
@@ -330,7 +337,7 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 import traceback
                 traceback.print_exc()
         finally:
-            model = run_model = step = graphed = None  # noqa: F841  (graphed: its graph's memory pool)
+            model = run_model = step = None  # noqa: F841  (a graphed step holds its graph's memory pool)
             import gc
             gc.collect()
             if args.device.type == "cuda":
@@ -377,8 +384,12 @@ def _fused_backend(args) -> str:
 
     if args.device.type == "cuda":  # the registry picks cuda only for GPU-verified ops unless forced
         forced = os.environ.get(backends.ENV_BACKEND)
+        if forced:
+            return forced
+        if backends.cuda_extension_error():  # not built here: every op on Triton
+            return "triton (CUDA extension not loaded)"
         verified = ", ".join(sorted(backends.GPU_VERIFIED_CUDA_OPS))
-        return forced or ("triton" + (f" (cuda for {verified})" if verified else ""))
+        return "triton" + (f" (cuda for {verified})" if verified else "")
     return "triton (interpreted)" if backends.triton_interpret() else "reference (CPU)"
 
 

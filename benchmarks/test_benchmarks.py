@@ -173,6 +173,26 @@ def test_e2e_tiny(benchmark, provider, task):
     benchmark(step)
 
 
+def test_e2e_graphed_steps_set_the_mode_they_need():
+    """The fused+graph steps put the model in the mode their graph needs (a GPU run once built the inference
+    graph on a model left in training mode and got GraphedInference's ValueError in every row). On the CPU
+    both run the model eagerly: the same code path up to the capture."""
+    pytest.importorskip("uniformerv2.model")
+    import bench_e2e
+
+    args = H.parse_args("", ["--device", "cpu", "--quick", "--no-save"], extra=bench_e2e.extra_args)
+    model = bench_e2e.build("tiny", {}, None, False, args, seed=0)
+    bench_e2e.randomise_buffers(model)
+    x, labels, _, _ = bench_e2e.make_inputs(model, 2, args, seed=1)
+    model.train()
+    logits = bench_e2e.make_graphed_inference_step(model, x, args)()
+    assert not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x))
+    bench_e2e.make_graphed_train_step(model, x, labels, args)()
+    assert model.training
+
+
 # ---- checks of the harness itself (not timed; skipped under --benchmark-only) ----
 
 def test_time_fn_cpu_median_is_positive_and_grows_with_work():
