@@ -301,12 +301,6 @@ def op_profile(fn) -> dict:
     return counts
 
 
-def ops_per_call(fn) -> tuple[int, int]:
-    """(ATen ops, Triton launches) that one ``fn()`` issues (see ``op_profile``)."""
-    counts = op_profile(fn)
-    return counts["aten"], counts["triton"]
-
-
 STUBBED_NOTE = "interpreted Triton: launches stubbed, host work around them timed (a GPU adds the launches)"
 GPU_STUBBED = "Triton launches stubbed"
 GPU_STUBBED_NOTE = ("the row above without running its Triton launches: the difference is what the launches "
@@ -350,9 +344,7 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
                 call(backend).backward(grad)
 
             for mode, fn in (("forward", forward), ("forward+backward", fwd_bwd)):
-                aten, launches = ops_per_call(fn)
-                row = dict(item=f"{name}, {mode}", backend=backend, host_us=None, wall_us=None,
-                           aten_ops=aten, triton_launches=launches, note="")
+                row = dict(item=f"{name}, {mode}", backend=backend, host_us=None, wall_us=None, note="")
                 if interpreted:  # the host's work around the launches, which are stubbed
                     row["note"] = STUBBED_NOTE
                     with counted_triton_launches():
@@ -363,8 +355,25 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
                 if backend == "triton" and not interpreted:
                     host, wall, note = stubbed_host_us(fn, device, reps, warmup=5)
                     rows.append(dict(item=f"{name}, {mode}", backend=f"triton, {GPU_STUBBED}", host_us=host,
-                                     wall_us=wall, aten_ops=aten, triton_launches=launches, note=note))
+                                     wall_us=wall, note=note, counts_of=row))
+                row["count_fn"] = fn  # counted by count_ops once every row is timed
     return rows
+
+
+def count_ops(rows: list[dict]) -> None:
+    """Fills each row's ATen op and Triton launch counts (torch.profiler), after all the timing: on an H200
+    the Triton launches timed after a torch.profiler session took far longer than in a fresh process
+    (clip_layer_norm forward through the op: 239 us against 94 us; benchmarks/results/h200_2026-11-26.md)."""
+    for row in rows:
+        fn = row.pop("count_fn", None)
+        if fn is not None:
+            counts = op_profile(fn)
+            row.update(counts, aten_ops=counts["aten"], triton_launches=counts["triton"])
+    for row in rows:
+        source = row.pop("counts_of", None)
+        if source is not None:
+            row.update({k: source.get(k) for k in ("aten", "compute", "alloc", "view", "triton",
+                                                   "aten_ops", "triton_launches")})
 
 
 # ------------------------------------------------------------------------------------------ model step
@@ -409,15 +418,16 @@ def model_step_rows(device: torch.device, reps: int) -> list[dict]:
                 # warm-up (on a GPU: Triton's compiles): a real call; interpreted, a counted one (op_profile
                 # stubs the launches; running the interpreter here would take minutes)
                 op_profile(fn) if interpreted else fn()
-                c = op_profile(fn)
-                row = dict(item=f"{recipe} {mode}", backend=provider, host_us=None, wall_us=None, **c,
+                row = dict(item=f"{recipe} {mode}", backend=provider, host_us=None, wall_us=None,
                            note=STUBBED_NOTE if interpreted and provider == "fused" else "")
                 with counted_triton_launches() if interpreted else contextlib.nullcontext():
                     row["host_us"], row["wall_us"] = per_call_us(fn, device, reps, warmup=2)
                 rows.append(row)
                 if provider == "fused" and not interpreted:
                     host, wall, note = stubbed_host_us(fn, device, reps, warmup=2)
-                    rows.append(dict(row, backend=f"fused, {GPU_STUBBED}", host_us=host, wall_us=wall, note=note))
+                    rows.append(dict(item=row["item"], backend=f"fused, {GPU_STUBBED}", host_us=host,
+                                     wall_us=wall, note=note, counts_of=row))
+                row["count_fn"] = fn  # counted by count_ops once every row is timed
     return rows
 
 
@@ -439,7 +449,7 @@ def model_markdown(rows: list[dict], header: str) -> str:
              "| Triton launches | note |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         cells = [("-" if r.get(k) is None else f"{r[k] / 1000:.2f}") for k in ("host_us", "wall_us")]
-        cells += [str(r[k]) for k in ("compute", "alloc", "view", "triton")]
+        cells += [("-" if r.get(k) is None else str(r[k])) for k in ("compute", "alloc", "view", "triton")]
         lines.append(f"| {r['item']} | {r['backend']} | {' | '.join(cells)} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
@@ -468,7 +478,7 @@ def main(argv=None) -> int:
     rows = building_block_rows(device, args.reps)
     print(markdown(rows, "## building blocks"), flush=True)
     op_rows = fused_op_rows(device, getattr(torch, args.dtype), max(20, args.reps // 5))
-    print(markdown(op_rows, "## fused ops"), flush=True)
+    print(markdown(op_rows, "## fused ops (timed; their op counts come after the model steps)"), flush=True)
 
     def write(text):
         if args.out:
@@ -476,13 +486,17 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:
                 f.write(text)
 
+    # first without the op counts and the model steps (a GPU's cold Triton cache compiles for a while there)
+    write(markdown(rows + op_rows, header))
+    step_rows = [] if args.no_model else model_step_rows(device, max(5, args.reps // 100))
+    count_ops(op_rows + step_rows)
+    print(markdown(op_rows, "## fused ops, with their op counts"), flush=True)
     text = markdown(rows + op_rows, header)
-    write(text)  # first without the model steps (a GPU's cold Triton cache compiles for a while there)
-    if not args.no_model:
-        step_text = model_markdown(model_step_rows(device, max(5, args.reps // 100)),
-                                   "## model steps (12 layers at width 96, 2 clips of 32x32 frames)")
+    if step_rows:
+        step_text = model_markdown(step_rows, "## model steps (12 layers at width 96, 2 clips of 32x32 frames)")
         print(step_text, flush=True)
-        write(text + "\n" + step_text)
+        text += "\n" + step_text
+    write(text)
     return 0
 
 
