@@ -237,7 +237,7 @@ def ffn_cases(dtypes, all_variants=True):
             label = v[0]
             for cfg in mod._configs():
                 cases.append(_linear_case(mod, dt, *v, cfg, group=f"ffn {label} {dt}"))
-        # the UNIFORMERV2_TRITON_GEMM=cublas variant's epilogue pass (after torch.addmm)
+        # the default UNIFORMERV2_TRITON_GEMM=cublas plan's epilogue pass (after torch.addmm)
         p = _ptr(dt)
         for label, N, n_outer, n_inner, rows_per_scale, flags in (
                 ("c_fc(gelu)", 4 * C, 1, 1, 1, dict(EPILOGUE=1, HAS_RES=False, HAS_ROW_SCALE=False,
@@ -293,7 +293,7 @@ def local_temporal_mhra_cases(dtypes):
                                       dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
                                       dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=e, IEEE=ieee, **cfg),
                                       num_warps=nw, num_stages=ns))
-                # the gemm="cublas" variant's kernels around the cuBLAS GEMMs
+                # the gemm="cublas" plan's kernels (the default) around the cuBLAS GEMMs
                 cases.append(Case("local_temporal_mhra", "_temporal_mix_kernel", dt, f"C={C} BM=32 BK=128 w4",
                                   dict(y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32", mix_b_ptr="*fp32", z_ptr=p,
                                        M=M, K=Cp, T=T),

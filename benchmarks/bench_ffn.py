@@ -4,10 +4,11 @@ Providers:
 - ``eager``:   the official block branch: CLIP LayerNorm (``F.layer_norm(x.float(), ...).to(x.dtype)``),
                ``F.linear`` c_fc, QuickGELU ``z * sigmoid(1.702 z)``, ``F.linear`` c_proj, residual add
 - ``compile``: the same under ``torch.compile``
-- ``triton``:  ``uniformerv2_kernels.ops.ffn.fused_ffn(..., backend="triton")``: LN kernel + Triton GEMMs
-               with the bias/QuickGELU and bias/residual epilogues (cuBLAS for the weight gradients)
-- ``triton-cublas-gemm``: the same with UNIFORMERV2_TRITON_GEMM=cublas: ``torch.addmm`` for the GEMMs and
-               a Triton pass for each epilogue (the CUDA backend's plan; kept to time both on one GPU)
+- ``triton``:  ``uniformerv2_kernels.ops.ffn.fused_ffn(..., backend="triton")`` with the default GEMM plan
+               (UNIFORMERV2_TRITON_GEMM=cublas): LN kernel, ``torch.addmm`` for the GEMMs and a Triton pass
+               for each epilogue (bias/QuickGELU, bias/residual; the CUDA backend's plan)
+- ``triton-triton-gemm``: the same with UNIFORMERV2_TRITON_GEMM=triton: Triton GEMMs with the epilogues
+               inside (cuBLAS for the weight gradients; kept to time both plans on each GPU)
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension has it)
 
 Shapes: the stream (L, N*T, C) of the harness's shape set (rows = L*N*T, hidden 4C). x and the Linear
@@ -85,8 +86,8 @@ def make_case(shape: H.Shape, dtype: torch.dtype) -> H.Case:
 PROVIDERS = [
     H.Provider("eager", official),
     H.Provider("compile", official, compile=True),
-    H.Provider("triton", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",)),
-    H.Provider("triton-cublas-gemm", H.with_triton_gemm(fused("triton"), "cublas"), requires=("triton",)),
+    H.Provider("triton", H.with_triton_gemm(fused("triton"), "cublas"), requires=("triton",)),
+    H.Provider("triton-triton-gemm", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",)),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:fused_ffn_fwd",)),
 ]
 

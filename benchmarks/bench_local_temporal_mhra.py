@@ -7,9 +7,10 @@ Providers:
                 ``F.conv3d`` + residual, permute back, cat with the class tokens
 - ``compile``:  the same under ``torch.compile``
 - ``native``:   the native-layout reference (two matmuls + temporal shift mix, no permutes), eager
-- ``triton``:   ``uniformerv2_kernels.ops.local_temporal_mhra(..., backend="triton")``
-- ``triton-cublas-gemm``: the same with UNIFORMERV2_TRITON_GEMM=cublas: the two GEMMs with fused
-                prologue / epilogue run as mix kernel -> cuBLAS -> epilogue kernel (the CUDA backend's plan)
+- ``triton``:   ``uniformerv2_kernels.ops.local_temporal_mhra(..., backend="triton")`` with the default GEMM
+                plan (UNIFORMERV2_TRITON_GEMM=cublas): the two GEMMs with fused prologue / epilogue run as
+                mix kernel -> cuBLAS -> epilogue kernel (the CUDA backend's plan)
+- ``triton-triton-gemm``: the same with UNIFORMERV2_TRITON_GEMM=triton: one fused Triton GEMM kernel each
 - ``cuda``:     the same op on the CUDA C++ backend (skipped until the extension has it)
 
 Shapes: the harness's shape set, stream (L, N*T, C), C' = int(C // 1.5) (512 for B/16, 682 for L/14).
@@ -136,9 +137,9 @@ PROVIDERS = [
     H.Provider("eager", official),
     H.Provider("compile", official, compile=True),
     H.Provider("native", native),
-    H.Provider("triton", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",),
+    H.Provider("triton", H.with_triton_gemm(fused("triton"), "cublas"), requires=("triton",),
                skip_if=_skip_triton_dtype),
-    H.Provider("triton-cublas-gemm", H.with_triton_gemm(fused("triton"), "cublas"), requires=("triton",),
+    H.Provider("triton-triton-gemm", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",),
                skip_if=_skip_triton_dtype),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:local_temporal_mhra_fwd",)),
 ]

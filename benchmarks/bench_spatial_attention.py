@@ -6,11 +6,13 @@ Providers:
                in_proj_weight/bias and out_proj (which runs SDPA inside)
 - ``compile``: the same under ``torch.compile``
 - ``triton``:  ``uniformerv2_kernels.ops.spatial_attention.spatial_attention(..., backend="triton")``:
-               LN kernel writing frame-major rows + Triton QKV GEMM, the attention core of
-               ``attention_backend()`` (xformers when usable, else SDPA), Triton out_proj GEMM writing the
-               stream layout. The core in use is printed and stored in the ``core`` column.
-- ``triton-cublas-gemm``: the same with UNIFORMERV2_TRITON_GEMM=cublas (``torch.addmm`` for the projections,
-               a Triton pass for the row reordering / epilogue; kept to time both on one GPU)
+               LN kernel writing frame-major rows, the QKV projection, the attention core of
+               ``attention_backend()`` (xformers when usable, else SDPA), the out_proj projection writing
+               the stream layout; the projections on the default GEMM plan (UNIFORMERV2_TRITON_GEMM=cublas:
+               ``torch.addmm``, then a Triton pass for the row reordering / epilogue). The core in use is
+               printed and stored in the ``core`` column.
+- ``triton-triton-gemm``: the same with UNIFORMERV2_TRITON_GEMM=triton (Triton GEMMs with the reordering
+               and epilogue inside; kept to time both plans on each GPU)
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension has it)
 
 Shapes: the stream (L, N*T, C) of the harness's shape set (L = 197 for B/16, 257 for L/14, head dim 64).
@@ -119,9 +121,9 @@ def _compiled_official():
 PROVIDERS = [
     H.Provider("eager", _PerCase(official_fn)),
     H.Provider("compile", _compiled_official()),  # compiled per head count, outside the timing after warm-up
-    H.Provider("triton", H.with_triton_gemm(_PerCase(lambda h: fused_fn(h, "triton")), "triton"),
+    H.Provider("triton", H.with_triton_gemm(_PerCase(lambda h: fused_fn(h, "triton")), "cublas"),
                requires=("triton",)),
-    H.Provider("triton-cublas-gemm", H.with_triton_gemm(_PerCase(lambda h: fused_fn(h, "triton")), "cublas"),
+    H.Provider("triton-triton-gemm", H.with_triton_gemm(_PerCase(lambda h: fused_fn(h, "triton")), "triton"),
                requires=("triton",)),
     H.Provider("cuda", _PerCase(lambda h: fused_fn(h, "cuda")), requires=("cuda_op:spatial_attention_qkv_fwd",)),
 ]

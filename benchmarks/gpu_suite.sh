@@ -8,7 +8,7 @@
 # or, where a session has 30 minutes of device time, three calls:
 #
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, cuda_tests, tests, overhead
-#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, tests_cublas, end-to-end, timeline
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, tests_triton_gemm, end-to-end, timeline
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
 #
 # <commit>: `git describe --always --dirty --abbrev=12` on the development machine (the device machine gets
@@ -34,7 +34,8 @@
 #   overhead benchmarks/launch_overhead.py: host us per call of the pieces of an op  -> launch_overhead.md
 #   cuda_tests   pytest tests/test_cuda_kernels.py tests/test_backends.py (-v, xdist if present)
 #   tests        pytest on the other test files (TRITON_INTERPRET unset: Triton runs on the GPU)
-#   tests_cublas the FFN, spatial attention, local MHRA and fused-model tests with UNIFORMERV2_TRITON_GEMM=cublas
+#   tests_triton_gemm  the FFN, spatial attention, local MHRA and fused-model tests with the Triton GEMM kernels
+#                (UNIFORMERV2_TRITON_GEMM=triton; `tests` runs the default, cuBLAS)
 #   timeline benchmarks/profile_kernels.py --timeline over every backend and variant: GPU busy time and the
 #            top kernels of one forward+backward per op                          -> timeline.md
 #   profile  Nsight Compute over every kernel of one forward+backward per op    -> ncu_kernels.md
@@ -75,21 +76,21 @@ PYTHON="${PYTHON:-python3}"
 BUDGET_DEFAULT=560
 RESERVE=30
 case "${1:-all}" in
-    all) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead,tests_cublas,timeline,ops,e2e,e2e_compile" ;;
+    all) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead,tests_triton_gemm,timeline,ops,e2e,e2e_compile" ;;
     e2e_compile) DEFAULT_STEPS="env,build,e2e_compile" ;;
     tests) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
-    e2e) DEFAULT_STEPS="env,build,tests_cublas,e2e,timeline" ;;
+    e2e) DEFAULT_STEPS="env,build,tests_triton_gemm,e2e,timeline" ;;
     lease) DEFAULT_STEPS="env,build,cuda_tests,tests,e2e,overhead" ;;
     profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
     *) echo "usage: $0 [all|lease|tests|ops|e2e|e2e_compile|profile]" >&2; exit 2 ;;
 esac
 # step caps (seconds) and the e2e providers; `lease` shrinks them to share one 600 s call
 CAP_CUDA_TESTS=300 CAP_TESTS=440 CAP_E2E=300 TEST_TIMEOUT=300 E2E_TIMELINE=1 OVERHEAD_REPS=1000
-E2E_PROVIDERS="eager,fused,fused-cuda,fused-cublas-gemm,fused+graph"
+E2E_PROVIDERS="eager,fused,fused-cuda,fused-triton-gemm,fused+graph"
 if [ "${1:-all}" = lease ]; then
     BUDGET_DEFAULT=550 CAP_CUDA_TESTS=140 CAP_TESTS=260 CAP_E2E=120 TEST_TIMEOUT=180 E2E_TIMELINE=0 OVERHEAD_REPS=300
-    E2E_PROVIDERS="eager,fused,fused+graph"  # the graph-default question first; cuBLAS needs tests_cublas anyway
+    E2E_PROVIDERS="eager,fused,fused+graph"  # the default plans and the CUDA graph
     E2E_ARGS_DEFAULT="--batch 16 --rep 300 --warmup 30"
     export UNIFORMERV2_AUTOTUNE="${UNIFORMERV2_AUTOTUNE:-quick}"
 fi
@@ -258,7 +259,7 @@ if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then
     PYTEST_ARGS="$PYTEST_ARGS --timeout=$TEST_TIMEOUT"  # a hung test must not eat the whole step
 fi
 # SUITE_TEST_ARGS is split with the shell's quoting rules, so a -k expression with spaces survives:
-# SUITE_TEST_ARGS='-k "attention and not cublas"'
+# SUITE_TEST_ARGS='-k "attention and not triton_gemm"'
 EXTRA_TEST_ARGS=()
 if [ -n "${SUITE_TEST_ARGS:-}" ]; then
     eval "EXTRA_TEST_ARGS=(${SUITE_TEST_ARGS})"
@@ -274,11 +275,11 @@ if want tests; then
     run_step tests "$CAP_TESTS" "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
         --ignore=tests/test_backends.py $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
-if want tests_cublas; then
-    # the Triton backend's GEMMs on cuBLAS + a Triton epilogue (UNIFORMERV2_TRITON_GEMM=cublas): faster on
-    # the H100 in every benchmark; it becomes the default once these pass on a GPU
+if want tests_triton_gemm; then
+    # the `tests` step runs the default GEMM plan (cuBLAS + a Triton epilogue); this one the Triton GEMM
+    # kernels (UNIFORMERV2_TRITON_GEMM=triton), kept and timed against it
     # shellcheck disable=SC2086
-    run_step tests_cublas 240 env UNIFORMERV2_TRITON_GEMM=cublas "$PYTHON" -m pytest tests/test_ffn.py \
+    run_step tests_triton_gemm 240 env UNIFORMERV2_TRITON_GEMM=triton "$PYTHON" -m pytest tests/test_ffn.py \
         tests/test_spatial_attention.py tests/test_local_temporal_mhra.py tests/test_fused_model.py \
         $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
@@ -322,7 +323,7 @@ if want timeline; then
     # torch.profiler (a minute): per op and per backend / variant (benchmarks/README.md: the variants a GPU
     # run decides between), host launch time vs GPU busy time of one forward+backward, and the top kernels,
     # ATen's and cuBLAS's included
-    PROFILED="triton,triton-cublas-gemm,cuda"
+    PROFILED="triton,triton-triton-gemm,cuda"
     TIMELINE_ARGS="--device cuda --dtype bfloat16 --backend $PROFILED"
     [ "$DEVICE" = cpu ] && TIMELINE_ARGS="--interpret --model tiny --frames 3 --batch 2 --dtype float32"  # dry run
     # shellcheck disable=SC2086
@@ -357,7 +358,7 @@ fi
     while IFS=$'\t' read -r name what secs; do echo "| $name | $what | $secs |"; done <"$STATUS_FILE"
     echo
     echo "Total: $((SECONDS - START)) s of a ${BUDGET} s budget."
-    for step in cuda_tests tests tests_cublas; do
+    for step in cuda_tests tests tests_triton_gemm; do
         [ -f "$STAGE/logs/$step.log" ] || continue
         echo
         echo "## Tests: $step"

@@ -277,7 +277,7 @@ class Provider:
 
 
 def with_triton_gemm(fn: Callable[..., Any], gemm: str) -> Callable[..., Any]:
-    """``fn`` with UNIFORMERV2_TRITON_GEMM set to ``gemm`` ("triton" or "cublas") on every call, for the
+    """``fn`` with UNIFORMERV2_TRITON_GEMM set to ``gemm`` ("triton", "cublas"; "" the default) on every call, for the
     providers that time the Triton backend's two GEMM plans side by side. Left set after the call: the
     backward that autograd runs after ``fn`` returns reads it too, and every such provider sets its own."""
     def wrapped(*args, **kwargs):
@@ -1096,6 +1096,9 @@ def summarize(paths: Sequence[str], all_runs: bool = False) -> str:
 
 # provider kept to be timed against another on one GPU -> the provider it may replace (benchmarks/README.md)
 VARIANTS = {
+    "triton-triton-gemm": "triton",
+    "fused-triton-gemm": "fused",
+    # the same comparison in runs before cuBLAS became the default GEMM plan (results of 2026-11-25/26)
     "triton-cublas-gemm": "triton",
     "fused-cublas-gemm": "fused",
 }

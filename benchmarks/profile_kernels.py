@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--backend", default="triton",
                     help="comma list of benchmark provider names to profile per op (triton, cuda, or a variant "
-                         "such as triton-cublas-gemm); an op without a provider of that name skips it")
+                         "such as triton-triton-gemm); an op without a provider of that name skips it")
     ap.add_argument("--model", default="b16", help="harness model name: b16, l14, tiny, ...")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)

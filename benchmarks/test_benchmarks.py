@@ -273,13 +273,13 @@ def test_variants_are_compared_with_their_defaults(tmp_path):
     args = H.parse_args("", ["--device", "cpu"])
     case = H.Case("b16", lambda *a: {})
     rows = []
-    for provider, ms, gpu in (("eager", 3.0, None), ("triton", 2.0, 1.0), ("triton-cublas-gemm", 1.5, 0.5)):
+    for provider, ms, gpu in (("eager", 3.0, None), ("triton", 2.0, 1.0), ("triton-triton-gemm", 1.5, 0.5)):
         row = H.new_row(provider, case, "forward", args)
         row.update(status="ok", ms=ms, gpu_ms=gpu, bench="ffn", date="2026-11-25T00:00:00Z", device="GPU")
         rows.append(row)
     H.append_csv(rows, str(tmp_path / "ffn.csv"))
     table = H.compare_variants([str(tmp_path / "ffn.csv")])
-    assert "| ffn | b16 | forward | triton-cublas-gemm | 2 | 1.5 | 0.75 | 1 | 0.5 | 0.50 |" in table, table
+    assert "| ffn | b16 | forward | triton-triton-gemm | 2 | 1.5 | 0.75 | 1 | 0.5 | 0.50 |" in table, table
     assert "eager" not in table
 
 

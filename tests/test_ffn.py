@@ -84,7 +84,7 @@ def test_reference_gradcheck_float64():
         ((2, 3, 1024), torch.float16, True),  # the L/14 width (hidden 4096)
     ],
 )
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both are kept until timed
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both plans are kept
 def test_triton_matches_float64_reference(monkeypatch, shape, dtype, use_row_scale, gemm):
     monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
     C = shape[-1]

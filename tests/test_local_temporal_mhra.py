@@ -255,11 +255,13 @@ def test_triton_matches_official_module(N, T, hw, C, dtype, training, momentum, 
     (1, 3, 9, 96, torch.float16, True, 0.1, True),
     (2, 3, 4, 50, torch.float32, True, 0.1, False),
 ])
-def test_triton_cublas_gemm_variant_matches_official_module(monkeypatch, N, T, hw, C, dtype, training, momentum,
-                                                            with_bs):
-    """UNIFORMERV2_TRITON_GEMM=cublas: the mix and the epilogue as kernels of their own around cuBLAS GEMMs (a
-    variant kept for timing against the fused Triton GEMMs on a GPU)."""
-    monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", "cublas")
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_triton_gemm_plans_match_official_module(monkeypatch, gemm, N, T, hw, C, dtype, training, momentum,
+                                                 with_bs):
+    """Both UNIFORMERV2_TRITON_GEMM plans, named (the other tests run the default, cublas): the mix and the
+    epilogue as kernels of their own around cuBLAS GEMMs, and the one fused Triton GEMM kernel (kept, and
+    timed against cuBLAS on each GPU run)."""
+    monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
     _check_against_official(N, T, hw, C, dtype, training, momentum, with_bs, DEVICE)
 
 

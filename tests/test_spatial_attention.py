@@ -70,7 +70,7 @@ def test_reference_gradcheck_float64():
         ((3, 2, 1024), 16, torch.float32),  # the L/14 width: 16 heads of 64
     ],
 )
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both are kept until timed
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])  # UNIFORMERV2_TRITON_GEMM: both plans are kept
 def test_triton_matches_float64_reference(monkeypatch, shape, heads, dtype, gemm):
     monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
     C = shape[-1]
