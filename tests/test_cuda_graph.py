@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import uniformerv2
-from uniformerv2.cuda_graph import GraphedInference, GraphedTrainStep, check_training_options
+from uniformerv2.cuda_graph import (GraphedInference, GraphedTrainStep, check_training_options,
+                                    resolve_train_cuda_graph)
 
 from conftest import requires_cuda
 from test_model import randomise_
@@ -197,6 +198,29 @@ def test_train_step_bad_arguments_and_options_are_named():
         check_training_options(cfg, world_size=2)
 
 
+def test_train_cuda_graph_auto_is_on_only_where_a_graph_can_work(caplog):
+    """train.cuda_graph=auto: on for one CUDA process without train.compile or grad checkpointing; off, with
+    a log line naming why, elsewhere (where true would be an error); and a setting that is neither is named."""
+    from uniformerv2.recipes import build_config
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read
+    auto = build_config("synthetic", None, ["train.cuda_graph=auto"])
+    assert resolve_train_cuda_graph(auto, cuda, world_size=1) is True
+    assert resolve_train_cuda_graph(auto, cpu, world_size=1) is False
+    with caplog.at_level("INFO", logger="uniformerv2"):
+        assert resolve_train_cuda_graph(auto, cuda, world_size=2) is False
+    assert "train.cuda_graph=auto: the training steps run eagerly (2 processes" in caplog.text
+    compiled = build_config("synthetic", None, ["train.cuda_graph=auto", "train.compile=true"])
+    assert resolve_train_cuda_graph(compiled, cuda, world_size=1) is False
+    for switch, expected in (("false", False), ("true", True)):
+        cfg = build_config("synthetic", None, [f"train.cuda_graph={switch}"])
+        assert resolve_train_cuda_graph(cfg, cuda, world_size=1) is expected
+    with pytest.raises(ValueError, match=r"train\.cuda_graph=true cannot be used with 2 processes"):
+        resolve_train_cuda_graph(build_config("synthetic", None, ["train.cuda_graph=true"]), cuda, world_size=2)
+    with pytest.raises(ValueError, match=r"train\.cuda_graph='sometimes'"):
+        build_config("synthetic", None, ["train.cuda_graph=sometimes"])
+
+
 def test_training_with_the_switch_on_a_cpu_is_the_plain_one(tmp_path, monkeypatch):
     from test_train import TINY, _rows
     from uniformerv2 import train
@@ -240,6 +264,31 @@ def test_graphed_training_steps_equal_eager_steps(fused):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     for (name, b), c in zip(model.named_buffers(), reference.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@requires_cuda
+def test_resume_from_the_graph_continues_exactly(tmp_path):
+    """With train.cuda_graph=true, N steps straight == k steps, stop, resume to N, when the model draws no
+    random numbers (the warm-up passes before a capture draw drop-path masks, so with drop path the streams
+    of the two runs differ: README). BatchNorm and an epoch boundary included. Evidence for making the graph
+    the default for one-GPU training (benchmarks/results/h200_2026-11-26.md)."""
+    from test_train import TINY, _rows
+    from uniformerv2 import train
+
+    common = ["--preset", "synthetic", *TINY, "data.synthetic.train_size=24", "data.synthetic.val_size=4",
+              "train.batch_size=6", "train.epochs=2", "train.eval_every=0", "eval.batch_size=4",
+              "train.cuda_graph=true", "model.overrides.mlp_dropout=[0, 0]", "model.overrides.cls_dropout=0",
+              "model.overrides.backbone_drop_path_rate=0", "model.overrides.drop_path_rate=0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main([*common, "--output-dir", str(straight), "train.max_steps=6"]) == 0
+    assert train.main([*common, "--output-dir", str(split), "train.max_steps=3"]) == 0
+    assert train.main([*common, "--output-dir", str(split), "train.max_steps=6", "--resume"]) == 0
+    a, b = [r["loss"] for r in _rows(straight)], [r["loss"] for r in _rows(split)]
+    assert len(a) == 6 and a == b and len(set(a)) == 6
+    sa = torch.load(straight / "last.pt", weights_only=False, map_location="cpu")
+    sb = torch.load(split / "last.pt", weights_only=False, map_location="cpu")
+    for k, v in sa["model_state"].items():
+        assert torch.equal(v, sb["model_state"][k]), k
 
 
 @requires_cuda

@@ -81,7 +81,8 @@ DEFAULTS: dict = {
         "label_smoothing": 0.0,
         "find_unused_parameters": False,
         "compile": False,          # torch.compile the model: false, true, or a mode (e.g. max-autotune)
-        "cuda_graph": False,       # forward+loss+backward replayed from a CUDA graph (uniformerv2/cuda_graph.py)
+        "cuda_graph": False,       # forward+loss+backward replayed from a CUDA graph: true, false, or auto = on
+                                   # where it can work (one CUDA process; uniformerv2/cuda_graph.py)
         "rank_report": False,      # write rank<r>.json with losses and a parameter digest (tests)
     },
     "eval": {
@@ -244,7 +245,7 @@ def build_config(preset: str | None = None, config_file: str | None = None,
 # Settings that may be null although their default is not.
 _NULLABLE = {"optim.clip_grad"}
 # Settings whose type is not their default's: `fused` and `compile` take true/false or a name.
-_BOOL_OR_STR = {"model.fused", "train.compile"}
+_BOOL_OR_STR = {"model.fused", "train.compile", "train.cuda_graph"}
 # (lowest allowed value, whether it is allowed itself): numbers out of range are errors before training starts
 _RANGES = {
     "data.num_frames": (1, True), "data.crop_size": (1, True), "data.num_workers": (0, True),
@@ -257,7 +258,7 @@ _RANGES = {
     "eval.batch_size": (1, True), "eval.num_clips": (1, True), "eval.num_crops": (1, True),
 }
 _CHOICES = {"train.amp": ("none", "fp16", "bf16"), "data.dataset": ("synthetic", "video_list"),
-            "eval.num_crops": (1, 3)}
+            "eval.num_crops": (1, 3), "train.cuda_graph": (True, False, "auto")}
 
 
 def _type_name(default) -> str:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as du
-from .cuda_graph import GraphedTrainStep, check_training_options
+from .cuda_graph import GraphedTrainStep, resolve_train_cuda_graph
 from .data import FailureReporter, VideoListDataset, collate_videos, read_labels
 from .recipes import PRESETS, USER_ERRORS, build_config, error_message, save_config
 from .synthetic import MovingShapes
@@ -477,10 +477,7 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
         return nn.functional.cross_entropy(logits.float(), label, label_smoothing=label_smoothing)
 
     graphed_step = None  # train.cuda_graph: forward, loss and backward replayed from a CUDA graph
-    if t_cfg.get("cuda_graph"):
-        check_training_options(cfg, info.world_size)
-        if device.type != "cuda" and info.is_main:
-            logger.warning("train.cuda_graph=true needs a CUDA device; the steps run eagerly on %s", device)
+    if resolve_train_cuda_graph(cfg, device, info.world_size):
         graphed_step = GraphedTrainStep(core, loss_fn, scale=scaler.scale,
                                         context=lambda: autocast_context(device, amp, cache_enabled=False))
 
