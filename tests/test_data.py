@@ -308,6 +308,72 @@ def test_randaugment_spec_and_every_op():
         assert y.min() >= -1e-3 and y.max() <= 255 + 1e-3, name
 
 
+# The plain out-of-place forms the transforms' in-place code must equal exactly (uniformerv2/data.py
+# computes the same values with fewer full-size temporaries).
+
+def _plain_equalize(x):
+    out = torch.empty_like(x)
+    xi = x.round().clamp(0, 255).long()
+    for t in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            hist = torch.bincount(xi[t, c].flatten(), minlength=256).float()
+            nz = hist[hist > 0]
+            step = (hist.sum() - nz[-1]) / 255
+            if nz.numel() <= 1 or step == 0:
+                out[t, c] = x[t, c]
+            else:
+                out[t, c] = ((torch.cumsum(hist, 0) - hist + step / 2) / step).floor().clamp(0, 255)[xi[t, c]]
+    return out
+
+
+def _plain_autocontrast(x):
+    lo, hi = x.amin(dim=(0, 2, 3), keepdim=True), x.amax(dim=(0, 2, 3), keepdim=True)
+    scale = torch.where(hi > lo, 255.0 / (hi - lo).clamp_min(1e-6), torch.ones_like(hi))
+    return torch.where(hi > lo, (x - lo) * scale, x).clamp(0, 255)
+
+
+def _plain_affine(x, theta):
+    fill = MEAN * 255.0
+    t = torch.tensor(theta, dtype=x.dtype).view(1, 2, 3).expand(x.shape[0], 2, 3)
+    grid = torch.nn.functional.affine_grid(t, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False) + fill
+
+
+@pytest.mark.parametrize("layout", ["decoded", "contiguous"])
+def test_transform_pieces_equal_their_plain_forms(layout):
+    from uniformerv2 import data as D
+
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 21, 26, 3), dtype=torch.uint8, generator=gen)
+    clips = [D.to_float_frames(frames), torch.rand(2, 3, 19, 17, generator=gen) * 255,
+             torch.full((2, 3, 6, 5), 9.0)]
+    clips[2][1, 2] = 30.0  # constant planes: equalize and autocontrast leave them as they are
+    if layout == "contiguous":  # to_float_frames gives channels-last strides; other callers may not
+        clips = [c.contiguous() for c in clips]
+    for x in clips:
+        before = x.clone()
+        torch.testing.assert_close(D._equalize(x), _plain_equalize(x), rtol=0, atol=0)
+        torch.testing.assert_close(D._autocontrast(x), _plain_autocontrast(x), rtol=0, atol=0)
+        for theta in ([[1, 0.2, 0], [0, 1, 0]], [[0.9, -0.4, 0.3], [0.4, 0.9, -0.1]]):
+            torch.testing.assert_close(D._affine(x, theta), _plain_affine(x, theta), rtol=0, atol=0)
+        for bits in range(9):
+            plain = ((x.round().clamp(0, 255).long() >> (8 - bits)) << (8 - bits)).float()
+            torch.testing.assert_close(D._posterize(x, bits), plain, rtol=0, atol=0)
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        torch.testing.assert_close(D._gray(x), gray, rtol=0, atol=0)
+        for factor in (0.3, 1.6):
+            torch.testing.assert_close(D._blend(x, gray, factor), (gray + (x - gray) * factor).clamp(0, 255),
+                                       rtol=0, atol=0)
+        for m in (0.2, 0.9):
+            torch.testing.assert_close(D._RA_OPS["SolarizeIncreasing"](x, m, None),
+                                       torch.where(x >= 256 - 256 * m, 255.0 - x, x), rtol=0, atol=0)
+            torch.testing.assert_close(D._RA_OPS["SolarizeAdd"](x, m, None),
+                                       torch.where(x < 128, (x + int(110 * m)).clamp(max=255), x), rtol=0, atol=0)
+        torch.testing.assert_close(D.normalize(x), ((x / 255.0 - MEAN) / STD).permute(1, 0, 2, 3), rtol=0, atol=0)
+        assert torch.equal(x, before)  # no op writes into its input
+
+
 def test_test_views_short_side_and_three_crops():
     # a wide video: crops at left / centre / right
     frames = torch.arange(60, dtype=torch.float32).view(1, 1, 1, 60).expand(2, 3, 30, 60)
