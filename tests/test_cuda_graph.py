@@ -217,7 +217,7 @@ def test_train_cuda_graph_auto_is_on_only_where_a_graph_can_work(caplog):
         assert resolve_train_cuda_graph(cfg, cuda, world_size=1) is expected
     with pytest.raises(ValueError, match=r"train\.cuda_graph=true cannot be used with 2 processes"):
         resolve_train_cuda_graph(build_config("synthetic", None, ["train.cuda_graph=true"]), cuda, world_size=2)
-    with pytest.raises(ValueError, match=r"train\.cuda_graph='sometimes'"):
+    with pytest.raises(ValueError, match=r"train\.cuda_graph='sometimes': expected one of true, false, auto"):
         build_config("synthetic", None, ["train.cuda_graph=sometimes"])
 
 

@@ -304,7 +304,8 @@ def check_config(cfg: dict, defaults: dict | None = None, path: str = "") -> Non
         if not ok:
             raise ValueError(f"config {where}={value!r}: expected {_type_name(default)}")
         if where in _CHOICES and value not in _CHOICES[where]:
-            raise ValueError(f"config {where}={value!r}: expected one of {', '.join(map(str, _CHOICES[where]))}")
+            shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in _CHOICES[where])
+            raise ValueError(f"config {where}={value!r}: expected one of {shown}")
     if not path:  # the checks across sections, once, on the whole configuration
         _check_ranges(cfg)
         _check_crop_fits_model(cfg)
