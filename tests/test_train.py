@@ -217,6 +217,33 @@ def test_a_non_finite_loss_stops_training(tmp_path):
                     "optim.warmup_epochs=0", "optim.clip_grad=null"])
 
 
+def test_time_spent_waiting_for_data_is_logged_and_warned_about(tmp_path, monkeypatch, caplog):
+    """Each log window records the share of its time the loop waited for the next batch; a slow data set
+    (40 ms a clip, in process) makes it dominate and gets one warning naming data.num_workers."""
+    from uniformerv2.synthetic import MovingShapes
+
+    args = ["--preset", "synthetic", *TINY, "train.batch_size=4", "train.max_steps=6", "train.epochs=1",
+            "train.eval_every=0", "train.log_every=2", "data.num_workers=0", "data.synthetic.train_size=24",
+            "data.synthetic.val_size=4", "eval.batch_size=4"]
+    assert train.main([*args, "--output-dir", str(tmp_path / "fast")]) == 0
+    fast = [r["data_wait"] for r in _rows(tmp_path / "fast")]
+    assert len(fast) == 3 and all(0.0 <= w <= 1.0 for w in fast)
+
+    fetch = MovingShapes.__getitem__
+
+    def slow_fetch(self, index):
+        time.sleep(0.04)
+        return fetch(self, index)
+
+    monkeypatch.setattr(MovingShapes, "__getitem__", slow_fetch)
+    with caplog.at_level("WARNING", logger="uniformerv2"):
+        assert train.main([*args, "--output-dir", str(tmp_path / "slow")]) == 0
+    slow = [r["data_wait"] for r in _rows(tmp_path / "slow")]
+    assert len(slow) == 3 and min(slow[1:]) > 0.5, slow
+    warnings = [r.getMessage() for r in caplog.records if "waited" in r.getMessage()]
+    assert len(warnings) == 1 and "data.num_workers (now 0)" in warnings[0], warnings
+
+
 # ---------------------------------------------------------------------------------------- torchrun
 
 

@@ -306,7 +306,7 @@ def atomic_save(obj, path: str) -> None:
 class MetricsLog:
     """Rows in ``metrics.jsonl`` (appended as they come) mirrored to ``metrics.csv``."""
 
-    FIELDS = ["kind", "epoch", "step", "loss", "lr", "clips_per_s", "acc1", "acc5", "time_s"]
+    FIELDS = ["kind", "epoch", "step", "loss", "lr", "clips_per_s", "data_wait", "acc1", "acc5", "time_s"]
 
     def __init__(self, out_dir: str, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
@@ -528,6 +528,7 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
 
     stop = False
     tqdm = _tqdm()
+    data_wait = DataWait(warn=info.is_main, num_workers=int(d_cfg["num_workers"]))
     for epoch in range(start_epoch, epochs):
         train_set.set_epoch(epoch)
         skip = start_step if epoch == start_epoch else 0
@@ -541,8 +542,10 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
         # the window's loss stays on the device until a log step: a .item() per step would stop the host
         # from queueing the next step while the GPU finishes this one
         window_loss, window_n, window_t = torch.zeros((), device=device), 0, time.time()
+        first_window = True
+        data_wait.seconds = 0.0
         step_in_epoch = skip
-        for batch in loader:
+        for batch in data_wait.batches(loader):
             if step_in_epoch >= iters_per_epoch:
                 break
             if max_steps is not None and global_step >= int(max_steps):
@@ -582,10 +585,14 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
                 mean_loss = du.all_reduce_mean(window_loss, info).item() / window_n
                 dt = time.time() - window_t
                 cps = window_n * global_batch / max(dt, 1e-9)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{cps:.1f}")
+                wait = data_wait.share(dt, first_window)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{cps:.1f}",
+                                data_wait=f"{100 * wait:.0f}%")
                 metrics.add(kind="train", epoch=epoch + 1, step=global_step, loss=mean_loss,
-                            lr=lr, clips_per_s=cps, acc1=None, acc5=None, time_s=time.time() - t_start)
+                            lr=lr, clips_per_s=cps, data_wait=wait, acc1=None, acc5=None,
+                            time_s=time.time() - t_start)
                 window_loss, window_n, window_t = torch.zeros((), device=device), 0, time.time()
+                first_window = False
             if max_steps is not None and global_step >= int(max_steps):
                 stop = True
                 break
@@ -626,6 +633,45 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
                        "mean_losses": [r["loss"] for r in metrics.rows if r["kind"] == "train"]
                        if info.is_main else None, "param_digest": param_digest(core)}, fh)
     return summary
+
+
+class DataWait:
+    """The host's time blocked on the DataLoader for the next batch, per log window: the share of the
+    window's wall time, and one warning (main process) the first time it is large after an epoch's first
+    window (which includes starting the workers). A step whose host waits for data leaves the GPU idle:
+    decoding and augmenting real videos can feed fewer clips per second than a fused step consumes
+    (benchmarks/data_pipeline.py)."""
+
+    WARN_SHARE = 0.3
+
+    def __init__(self, warn: bool, num_workers: int):
+        self.seconds = 0.0
+        self.warn = warn
+        self.num_workers = num_workers
+
+    def batches(self, loader):
+        """``loader``'s batches, each one's wait added to ``seconds``."""
+        it = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield batch
+
+    def share(self, window_seconds: float, first_window: bool) -> float:
+        """The window's share of waiting (then the count restarts for the next window)."""
+        share = min(1.0, self.seconds / max(window_seconds, 1e-9))
+        self.seconds = 0.0
+        if self.warn and not first_window and share > self.WARN_SHARE:
+            self.warn = False
+            logger.warning("training waited %.0f%% of the time for data: raise data.num_workers (now %d) on free "
+                           "cores, re-encode the videos with a keyframe every 16 frames (uniformerv2-reencode), "
+                           "or measure the input pipeline with benchmarks/data_pipeline.py", 100 * share,
+                           self.num_workers)
+        return share
 
 
 def _tqdm():
