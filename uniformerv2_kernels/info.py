@@ -50,8 +50,10 @@ def report() -> str:
     except ValueError as exc:
         gemm = f"invalid: {exc}"
     lines.append(f"  Triton backend's fused GEMMs: {gemm} ({backends.ENV_TRITON_GEMM}="
-                 f"{os.environ.get(backends.ENV_TRITON_GEMM, '(unset)')}; triton or cublas)")
-    lines.append(f"  Triton GEMM autotuning: UNIFORMERV2_AUTOTUNE={os.environ.get('UNIFORMERV2_AUTOTUNE', '(unset)')} "
+                 f"{os.environ.get(backends.ENV_TRITON_GEMM, '(unset)')}; cublas, the default: cuBLAS + a Triton "
+                 "epilogue pass; triton: one autotuned Triton GEMM each)")
+    lines.append(f"  Triton GEMM autotuning (UNIFORMERV2_TRITON_GEMM=triton only): UNIFORMERV2_AUTOTUNE="
+                 f"{os.environ.get('UNIFORMERV2_AUTOTUNE', '(unset)')} "
                  "(full, the default: nine configurations; quick: two, as the tests set it)")
     lines.append("")
     info = backends.build_info()
