@@ -11,6 +11,11 @@ import torch
 
 from uniformerv2_kernels import backends
 
+# Triton defines its own library's jit functions when first imported, interpreted or not as TRITON_INTERPRET
+# says then. Tests below set it to 0 for a moment: Triton must be imported under the session's setting
+# before, or every later interpreted kernel that calls one of them (tl.sigmoid in the FFN's epilogue) fails.
+backends._triton_import_error()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
