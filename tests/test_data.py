@@ -370,6 +370,11 @@ def test_transform_pieces_equal_their_plain_forms(layout):
                                        torch.where(x >= 256 - 256 * m, 255.0 - x, x), rtol=0, atol=0)
             torch.testing.assert_close(D._RA_OPS["SolarizeAdd"](x, m, None),
                                        torch.where(x < 128, (x + int(110 * m)).clamp(max=255), x), rtol=0, atol=0)
+        kernel = (torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13.0).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+        blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel,
+                                             groups=3)
+        torch.testing.assert_close(D._sharpness(x, 1.4), (blurred + (x - blurred) * 1.4).clamp(0, 255),
+                                   rtol=0, atol=0)
         torch.testing.assert_close(D.normalize(x), ((x / 255.0 - MEAN) / STD).permute(1, 0, 2, 3), rtol=0, atol=0)
         assert torch.equal(x, before)  # no op writes into its input
 

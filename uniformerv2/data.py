@@ -430,7 +430,10 @@ def _autocontrast(x):
 def _sharpness(x, factor):
     k = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype) / 13.0
     k = k.view(1, 1, 3, 3).repeat(3, 1, 1, 1)
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    # the depthwise 3x3 on channels-last memory (decoded clips are; after an affine op or equalize a clip is
+    # NCHW): the same values, ~5x faster on one CPU thread than on NCHW
+    padded = F.pad(x.contiguous(memory_format=torch.channels_last), (1, 1, 1, 1), mode="replicate")
+    blurred = F.conv2d(padded, k, groups=3)
     return _blend(x, blurred, factor)
 
 
