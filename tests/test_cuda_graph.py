@@ -267,11 +267,41 @@ def test_graphed_training_steps_equal_eager_steps(fused):
 
 
 @requires_cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_graphed_steps_draw_the_eager_steps_drop_path_masks(fused):
+    """With drop path on (rate 0.5: a different mask changes the loss by far more than rounding), graphed and
+    eager training from the same CUDA random state give the same losses and gradients step after step: the
+    warm-up passes' random numbers are given back before the capture, and each replay draws from the
+    generator's state as the eager kernels would."""
+    rates = dict(SMALL, backbone_drop_path_rate=0.5, drop_path_rate=0.5)
+    model = randomise_(uniformerv2.build_model("tiny", num_frames=4, num_classes=5, **rates))
+    if fused:
+        model.set_fused(True)
+    model = model.to("cuda").train()
+    reference = copy.deepcopy(model)
+    step = GraphedTrainStep(model, loss_fn)
+    batches = [(video(4, "cuda", i), labels(4, "cuda", i)) for i in (1, 2, 3)]
+    torch.cuda.manual_seed(123)
+    graphed = [step(x, y) for x, y in batches[:1]]
+    grads = [p.grad.clone() for p in model.parameters()]
+    graphed += [step(x, y) for x, y in batches[1:]]
+    torch.cuda.manual_seed(123)
+    eager = [_eager_step(reference, *batches[0])]
+    ref_grads = [p.grad.clone() for p in reference.parameters()]
+    eager += [_eager_step(reference, x, y) for x, y in batches[1:]]
+    assert step.replays == 3
+    for i, (a, b) in enumerate(zip(graphed, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"loss of step {i}")
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=f"{name}.grad of the first step")
+
+
+@requires_cuda
 def test_resume_from_the_graph_continues_exactly(tmp_path):
-    """With train.cuda_graph=true, N steps straight == k steps, stop, resume to N, when the model draws no
-    random numbers (the warm-up passes before a capture draw drop-path masks, so with drop path the streams
-    of the two runs differ: README). BatchNorm and an epoch boundary included. Evidence for making the graph
-    the default for one-GPU training (benchmarks/results/h200_2026-11-26.md)."""
+    """With train.cuda_graph=true, N steps straight == k steps, stop, resume to N (no dropout or drop path
+    here: test_graphed_steps_draw_the_eager_steps_drop_path_masks covers the random stream). BatchNorm and
+    an epoch boundary included. Evidence for making the graph the default for one-GPU training
+    (benchmarks/results/h200_2026-11-26.md)."""
     from test_train import TINY, _rows
     from uniformerv2 import train
 

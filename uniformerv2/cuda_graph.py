@@ -33,17 +33,19 @@ def _check_arguments(model, warmup: int) -> None:
         raise ValueError(f"warmup must be at least 1 (the capture must not compile or autotune), got {warmup}")
 
 
-def _warm_up_and_capture(device: torch.device, warmup: int,
-                         step: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+def _warm_up_and_capture(device: torch.device, warmup: int, step: Callable[[], object],
+                         before_capture: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
     """``warmup`` calls of ``step`` on a side stream (Triton's compiles and autotuning, cuBLAS's
-    workspaces: none of it may happen inside a capture), then ``step`` captured; returns (graph, its output).
-    The capture runs nothing: its output is filled by each replay."""
+    workspaces: none of it may happen inside a capture), then ``before_capture()``, then ``step`` captured;
+    returns (graph, its output). The capture runs nothing: its output is filled by each replay."""
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(warmup):
             step()
     torch.cuda.current_stream(device).wait_stream(side)
+    if before_capture is not None:
+        before_capture()
     graph = torch.cuda.CUDAGraph()
     # thread_local: a DataLoader's pin-memory thread may touch CUDA during the capture
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -137,9 +139,11 @@ class GraphedTrainStep:
 
     Capture does not run the model; the ``warmup`` forward+backward passes before it do (Triton's compiles
     and autotuning, cuBLAS's workspaces: none may happen inside a capture). They update BatchNorm's running
-    statistics, so the module's buffers are put back afterwards, and they draw random numbers (drop path):
-    the random stream differs from eager training's, not its distribution. Not supported: several
-    processes (DDP), gradient checkpointing, ``torch.compile`` (see ``check_training_options``).
+    statistics and draw random numbers (drop path), so the module's buffers and the device's random state
+    are put back before the capture: each replay then draws the drop-path masks that the eager step would
+    (a captured graph reads the generator's state when it replays and advances it as the eager kernels
+    would). Not supported: several processes (DDP), gradient checkpointing, ``torch.compile`` (see
+    ``check_training_options``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -198,6 +202,7 @@ class GraphedTrainStep:
         self.static_video = video.detach().clone()
         self.static_label = label.detach().clone()
         buffers = [b.detach().clone() for b in self.model.buffers()]
+        rng_state = torch.cuda.get_rng_state(video.device)
 
         def step():
             # gradients set to None first: the captured backward allocates them in the graph's pool
@@ -205,10 +210,13 @@ class GraphedTrainStep:
                 p.grad = None
             return self._forward_backward(self.static_video, self.static_label)
 
-        self.graph, self.static_loss = _warm_up_and_capture(video.device, self.warmup, step)
-        with torch.no_grad():  # the warm-up's BatchNorm updates undone (the capture itself ran nothing)
-            for b, saved in zip(self.model.buffers(), buffers):
-                b.copy_(saved)
+        def undo_warm_up():  # BatchNorm's running statistics and the random numbers the warm-up drew
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+            torch.cuda.set_rng_state(rng_state, video.device)
+
+        self.graph, self.static_loss = _warm_up_and_capture(video.device, self.warmup, step, undo_warm_up)
         logger.info("training step (forward, loss, backward) captured in a CUDA graph for inputs %s %s",
                     tuple(video.shape), video.dtype)
 
