@@ -414,7 +414,7 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
 
 def test_gpu_suite_lease_call_dry_run(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SUITE_DEVICE="cpu", PYTHON=sys.executable,
-               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), SUITE_STEPS="env,cuda_tests",
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), SUITE_STEPS="env,cuda_tests,tests_triton_gemm",
                SUITE_TEST_ARGS="-k quick_gelu", GIT_COMMIT="dry-run")
     env.pop("UNIFORMERV2_AUTOTUNE", None)
     script = os.path.join(HERE, "gpu_suite.sh")
@@ -425,6 +425,7 @@ def test_gpu_suite_lease_call_dry_run(tmp_path):
     assert "of a 550 s budget" in summary, summary  # the lease's budget, not the three-call one
     log = (tmp_path / "out" / "suite.log").read_text()
     assert "START cuda_tests (limit 140s)" in log, log
+    assert "START tests_triton_gemm (limit 90s): env UNIFORMERV2_TRITON_GEMM=triton" in log, log
     assert (tmp_path / "out" / "gpu_suite_results.tar.gz").exists()
     bad = subprocess.run(["bash", script, "no-such-call"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
