@@ -327,7 +327,8 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
                 from uniformerv2_kernels.backends import triton_gemm
                 from uniformerv2_kernels.triton.ffn import autotune_setting
 
-                if triton_gemm() == "triton" and autotune_setting() == "quick":  # the GPU suite's one-call lease sets it to save compile time
+                # the GPU suite's one-call lease sets quick to save compile time
+                if triton_gemm() == "triton" and autotune_setting() == "quick":
                     note.append("Triton GEMM autotuned among 2 configurations (UNIFORMERV2_AUTOTUNE=quick)")
             row.update(status="ok", ms=ms, items_per_s=batch / (ms * 1e-3), note="; ".join(note))
         except Exception as exc:

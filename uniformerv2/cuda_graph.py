@@ -66,8 +66,9 @@ class GraphedInference:
     shape or a smaller batch (padded). Other shapes, and CPU inputs, run the model as is.
 
     ``context``: a factory for the context the forward runs in, entered at capture and on the eager path;
-    autocast must have ``cache_enabled=False`` (PyTorch's rule for autocast in a capture); ``warmup``: forwards before the capture (Triton's autotuning and compilation, cuBLAS's
-    workspace: none of it may happen inside a capture).
+    autocast must have ``cache_enabled=False`` (PyTorch's rule for autocast in a capture); ``warmup``:
+    forwards before the capture (Triton's autotuning and compilation, cuBLAS's workspace: none of it may
+    happen inside a capture).
     """
 
     def __init__(self, model: nn.Module, context: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -252,10 +253,8 @@ def resolve_train_cuda_graph(cfg: dict, device: torch.device, world_size: int) -
     GPU, a CPU and torchrun). The eager training step is bound by host time: on an H200 the graphed step took
     49.6 ms against 67.8 ms (Kinetics B/16, 16 clips, bf16) and 91 ms against 111-159 ms (Sth-Sth), in a
     third of the memory (benchmarks/results/h200_2026-11-26.md)."""
-    setting = cfg["train"].get("cuda_graph", False)
-    if isinstance(setting, str):
-        if setting.strip().lower() != "auto":
-            raise ValueError(f"config train.cuda_graph={setting!r}: expected true, false or auto")
+    setting = cfg["train"].get("cuda_graph", False)  # true, false or "auto": recipes.check_config says so
+    if setting == "auto":
         if device.type != "cuda":
             return False
         problems = training_option_problems(cfg, world_size)

@@ -542,8 +542,6 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
         # the window's loss stays on the device until a log step: a .item() per step would stop the host
         # from queueing the next step while the GPU finishes this one
         window_loss, window_n, window_t = torch.zeros((), device=device), 0, time.time()
-        first_window = True
-        data_wait.seconds = 0.0
         step_in_epoch = skip
         for batch in data_wait.batches(loader):
             if step_in_epoch >= iters_per_epoch:
@@ -585,14 +583,13 @@ def _train(cfg: dict, resume: str | None, info: du.DistInfo) -> dict:
                 mean_loss = du.all_reduce_mean(window_loss, info).item() / window_n
                 dt = time.time() - window_t
                 cps = window_n * global_batch / max(dt, 1e-9)
-                wait = data_wait.share(dt, first_window)
+                wait = data_wait.share(dt)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{cps:.1f}",
                                 data_wait=f"{100 * wait:.0f}%")
                 metrics.add(kind="train", epoch=epoch + 1, step=global_step, loss=mean_loss,
                             lr=lr, clips_per_s=cps, data_wait=wait, acc1=None, acc5=None,
                             time_s=time.time() - t_start)
                 window_loss, window_n, window_t = torch.zeros((), device=device), 0, time.time()
-                first_window = False
             if max_steps is not None and global_step >= int(max_steps):
                 stop = True
                 break
@@ -646,11 +643,13 @@ class DataWait:
 
     def __init__(self, warn: bool, num_workers: int):
         self.seconds = 0.0
+        self.first_window = True
         self.warn = warn
         self.num_workers = num_workers
 
     def batches(self, loader):
-        """``loader``'s batches, each one's wait added to ``seconds``."""
+        """``loader``'s batches (one epoch's), each one's wait added to ``seconds``."""
+        self.seconds, self.first_window = 0.0, True
         it = iter(loader)
         while True:
             start = time.perf_counter()
@@ -661,10 +660,10 @@ class DataWait:
             self.seconds += time.perf_counter() - start
             yield batch
 
-    def share(self, window_seconds: float, first_window: bool) -> float:
+    def share(self, window_seconds: float) -> float:
         """The window's share of waiting (then the count restarts for the next window)."""
         share = min(1.0, self.seconds / max(window_seconds, 1e-9))
-        self.seconds = 0.0
+        first_window, self.seconds, self.first_window = self.first_window, 0.0, False
         if self.warn and not first_window and share > self.WARN_SHARE:
             self.warn = False
             logger.warning("training waited %.0f%% of the time for data: raise data.num_workers (now %d) on free "
