@@ -122,14 +122,14 @@ def _evaluate(cuda_graph: bool, device: str) -> dict:
     from uniformerv2 import distributed as du
     from uniformerv2.evaluate import evaluate_model
     from uniformerv2.recipes import build_config
-    from uniformerv2.train import build_dataset, build_model
+    from uniformerv2.runtime import build_dataset, model_from_config
 
     # 13 validation clips in batches of 4: the last batch (1 clip) is padded on the graph's path
     cfg = build_config("synthetic", None, ["data.synthetic.val_size=13", "eval.batch_size=4",
                                            f"eval.cuda_graph={str(cuda_graph).lower()}", "data.num_workers=0"])
     dataset = build_dataset(cfg, train=False)
     torch.manual_seed(0)
-    model, _ = build_model(cfg, dataset.num_classes, log=False)
+    model, _ = model_from_config(cfg, dataset.num_classes, log=False)
     info = du.DistInfo(device=torch.device(device))
     return evaluate_model(model.to(device), dataset, cfg, info, dataset.num_classes, progress=False)
 

@@ -12,8 +12,9 @@ import torch
 av = pytest.importorskip("av", reason="PyAV (av) is not installed: video decoding cannot be tested")
 
 from uniformerv2.data import (MEAN, STD, FailureReporter, RandAugment, TrainTransform,
-                              VideoListDataset, collate_videos, count_frames, decode_video, read_labels,
+                              VideoListDataset, collate_videos, read_labels,
                               read_video_list, segment_indices, uniform_crop)
+from uniformerv2.video import count_frames, decode_video
 from uniformerv2.data import TestTransform as ViewTransform
 from uniformerv2.synthetic import CLASSES, MovingShapes, render_clip
 
@@ -145,20 +146,20 @@ def _short_gop_video(path, n, codec, gop, step=8):
 def test_seeking_to_keyframes_gives_the_frames_of_sequential_decoding(tmp_path, codec, monkeypatch):
     """With several keyframes each wanted frame is decoded from the keyframe before it; the frames must be
     exactly those of decoding every frame in order (the fallback), for sparse and for clustered indices."""
-    import uniformerv2.data as data
+    from uniformerv2 import video
 
     path = _short_gop_video(str(tmp_path / f"gop.{codec}.mp4"), 60, codec, gop=4, step=4)
     with av.open(path) as c:
         keyframes = sum(p.is_keyframe for p in c.demux(c.streams.video[0]) if p.size)
     assert keyframes >= 14
     results = []
-    real_seek = data._decode_by_seeking
-    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: results.append(real_seek(*a)) or results[-1])
+    real_seek = video._decode_by_seeking
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: results.append(real_seek(*a)) or results[-1])
     sparse = [[3, 25, 50], [59, 10, 10, 40], [1, 33], [0, 20, 41, 59], [58, 59]]  # seeking skips frames: used
     dense = [[5, 6, 7, 8], list(range(0, 60, 4))]  # it would not pay: sequential
     seeked = [decode_video(path, lambda n, idx=idx: idx) for idx in sparse + dense]
     assert [r is not None for r in results] == [True] * len(sparse) + [False] * len(dense)
-    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: None)  # the sequential path only
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: None)  # the sequential path only
     for idx, (frames, rows) in zip(sparse + dense, seeked):
         expected, expected_rows = decode_video(path, lambda n, idx=idx: idx)
         assert rows == expected_rows and torch.equal(frames, expected), idx
@@ -186,17 +187,17 @@ def test_a_video_without_a_frame_count_in_its_header(tmp_path):
 
 
 def test_a_single_keyframe_video_decodes_sequentially(tmp_path, monkeypatch):
-    import uniformerv2.data as data
+    from uniformerv2 import video
 
     path = _short_gop_video(str(tmp_path / "one_gop.mp4"), 20, "h264", gop=100)
-    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: pytest.fail("seek path used with one keyframe"))
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: pytest.fail("seek path used with one keyframe"))
     frames, rows = decode_video(path, lambda n: [3, 19])
     levels = frames[rows].float().flatten(1).median(dim=1).values
     assert torch.allclose(levels, torch.tensor([28.0, 156.0]), atol=6)
 
 
 def test_reencoding_keeps_every_frame_and_adds_keyframes(tmp_path, capsys, monkeypatch):
-    import uniformerv2.data as data
+    from uniformerv2 import video
     from uniformerv2 import reencode
 
     src = tmp_path / "src"
@@ -212,8 +213,8 @@ def test_reencoding_keeps_every_frame_and_adds_keyframes(tmp_path, capsys, monke
     assert "2 re-encoded, 0 already there, 1 unreadable" in report.out and "bad.mp4" in report.err
     assert (out / "train.txt").read_text() == "a.mp4 3\nsub/b.mp4 0\n"  # order and labels kept, bad left out
     seeks = []
-    real_seek = data._decode_by_seeking
-    monkeypatch.setattr(data, "_decode_by_seeking", lambda *a: seeks.append(1) or real_seek(*a))
+    real_seek = video._decode_by_seeking
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: seeks.append(1) or real_seek(*a))
     for name in ("a.mp4", "sub/b.mp4"):
         with av.open(str(out / name)) as c:
             stream = c.streams.video[0]

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from . import distributed as du
-from .data import FailureReporter
+from .data import FailureReporter, read_labels
+from .runtime import ShardSampler, autocast_context, build_dataset, make_loader, progress_bar, resolve_fused
 
 logger = logging.getLogger("uniformerv2")
 
@@ -39,8 +40,6 @@ logger = logging.getLogger("uniformerv2")
 def evaluate_model(model: nn.Module, dataset, cfg: dict, info: du.DistInfo, num_classes: int,
                    progress: bool = True, reporter: FailureReporter | None = None, desc: str = "eval") -> dict:
     """Multi-view evaluation, sharded over ranks; every rank returns the same metrics dict."""
-    from .train import ShardSampler, _tqdm, autocast_context, make_loader
-
     reporter = reporter or FailureReporter()
     device = info.device
     sampler = ShardSampler(len(dataset), info.rank, info.world_size, shuffle=False, drop_last=False)
@@ -62,8 +61,7 @@ def evaluate_model(model: nn.Module, dataset, cfg: dict, info: du.DistInfo, num_
                                    context=lambda: autocast_context(device, amp, cache_enabled=False))
     probs, labels, indices, failed = [], [], [], []
     t0 = time.time()
-    bar = _tqdm()(total=len(loader), desc=desc, disable=not (info.is_main and progress), leave=False,
-                  dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    bar = progress_bar(total=len(loader), desc=desc, disable=not (info.is_main and progress), leave=False)
     for batch in loader:
         reporter(batch["failed"])
         failed += batch["failed"]
@@ -170,7 +168,6 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
     import uniformerv2
 
     from .recipes import DEFAULTS, build_config, check_config, load_yaml, merge, parse_override
-    from .train import resolve_fused
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
@@ -217,8 +214,6 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
         raise ValueError(f"data.crop_size={cfg['data']['crop_size']} but the model takes "
                          f"{model.config['input_resolution']}x{model.config['input_resolution']} crops")
     if cfg["data"].get("labels"):
-        from .data import read_labels
-
         names = read_labels(cfg["data"]["labels"])
     if resolve_fused(fused):
         model.set_fused(True)
@@ -296,7 +291,6 @@ def main(argv=None) -> int:
     ok = False
     try:
         from .recipes import USER_ERRORS, error_message
-        from .train import build_dataset
 
         try:  # a missing file or a bad setting: a usage error, not a traceback
             model, cfg, names = load_trained(args.checkpoint, overrides, args.config, args.model, info.device,

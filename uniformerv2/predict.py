@@ -17,15 +17,15 @@ import sys
 
 import torch
 
-from .data import TestTransform, VideoDecodeError, load_test_views, read_labels
+from .data import TestTransform, load_test_views, read_labels
+from .runtime import autocast_context
+from .video import VideoDecodeError
 
 
 def predict_video(model, path: str, num_frames: int, crop_size: int, short_side: int | None = None,
                   num_clips: int = 1, num_crops: int = 1, topk: int = 5, amp: str = "none",
                   device: torch.device | None = None) -> list[tuple[int, float]]:
     """Top-k (class index, probability) for one video file."""
-    from .train import autocast_context
-
     device = device or next(model.parameters()).device
     views = load_test_views(path, num_frames, num_clips, TestTransform(crop_size, short_side, num_crops))
     with torch.no_grad(), autocast_context(device, amp):

@@ -2,7 +2,7 @@
 
 Training reads 8-16 frames spread over each clip. FFmpeg can only start decoding at a keyframe, and encoders
 put one every 250 frames by default, so most clips are decoded whole for 8 frames. Re-encoded with a keyframe
-every ``--gop`` frames (H.264), ``uniformerv2.data.decode_video`` starts at the keyframe before each sampled
+every ``--gop`` frames (H.264), ``uniformerv2.video.decode_video`` starts at the keyframe before each sampled
 frame instead: 2-3x faster decoding of 8 of 300 frames at GOPs of 8-32 on the development machine
 (``benchmarks/data_pipeline.py``; the files grow by 1.3-2x). ``--short-side`` also scales the videos down,
 as mmaction2's Kinetics preparation does (e.g. 320 for 224 crops); decoding time scales with the pixels.
@@ -23,7 +23,8 @@ import os
 import sys
 from fractions import Fraction
 
-from .data import VideoDecodeError, open_video_stream, read_video_list
+from .data import read_video_list
+from .video import VideoDecodeError, open_video_stream
 
 
 def output_path(path: str, root: str, out_dir: str) -> str:

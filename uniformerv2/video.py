@@ -1,0 +1,183 @@
+"""Video decoding with PyAV: the frames a sampler asks for, from the keyframe before each where that pays.
+
+Decoder choice: PyAV (``av``). Its wheels bundle FFmpeg, so it decodes (and, for the tests, encodes)
+h264/mpeg4 with no system libraries; torchcodec needs the system FFmpeg shared libraries, and decord has
+been unmaintained since 2022. A clip with several keyframes is decoded from the keyframe before a sampled
+frame (``uniformerv2.reencode`` writes such clips), else sequentially; both give the same frames.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be opened or cannot supply the frames asked for (the message says why)."""
+
+
+def _open(path):
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as exc:  # noqa: BLE001 - any FFmpeg/IO error means "unreadable"
+        raise VideoDecodeError(f"cannot open: {type(exc).__name__}: {exc}") from exc
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError("no video stream")
+    return container
+
+
+def open_video_stream(path):
+    """(container, its first video stream) with FFmpeg's frame and slice threads on."""
+    container = _open(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def count_frames(path: str) -> int:
+    """Number of decodable frames (decodes the stream when the header does not say)."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        if stream.frames and stream.frames > 0:
+            return int(stream.frames)
+        return sum(1 for _ in container.decode(stream))
+    except VideoDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise VideoDecodeError(f"decode failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        container.close()
+
+
+def _frame_index(container, stream) -> tuple[list[int], list[int]] | None:
+    """(every frame's pts in display order, the keyframes' pts), from the packets alone (no decoding; the
+    mp4 / webm demuxer reads ~1 ms per 10 s clip), or None when a packet has no pts."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's final empty packet
+            continue
+        if packet.pts is None:
+            return None
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
+    return sorted(pts), sorted(keys)
+
+
+# A seek restarts the decoder (and its frame threads): about as costly as decoding this many frames, measured
+# on the development machine. A seek pays only where it skips more frames than that.
+_SEEK_COST_FRAMES = 8
+
+
+def _seek_plan(pts: list[int], keys: list[int], unique: list[int]) -> list[int | None] | None:
+    """For each wanted frame (sorted display indices), the pts of the keyframe to seek to before decoding on to
+    it, or None to continue from the last frame; None (the whole plan) where no keyframe precedes a wanted
+    frame, or where the plan would not decode fewer frames than reading sequentially to the last one."""
+    plan, decoded, position = [], 0, None
+    for index in unique:
+        k = bisect.bisect_right(keys, pts[index]) - 1
+        if k < 0:
+            return None
+        key_index = bisect.bisect_left(pts, keys[k])
+        seek = position is None or key_index - position - 1 > _SEEK_COST_FRAMES
+        decoded += (index - key_index + 1 + _SEEK_COST_FRAMES) if seek else (index - position)
+        plan.append(keys[k] if seek else None)
+        position = index
+    return plan if decoded < unique[-1] + 1 else None
+
+
+def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], unique: list[int]) -> list | None:
+    """The frames ``unique`` (sorted display indices), seeking to the keyframe before a wanted frame where that
+    skips enough frames (``_seek_plan``); None where seeking does not pay or anything does not go as the
+    packet index says (the caller then decodes sequentially). A frame's display index is the rank of its pts
+    among all packets' pts."""
+    plan = _seek_plan(pts, keys, unique)
+    if plan is None:
+        return None
+    got = []
+    frames = None
+    for index, key in zip(unique, plan):
+        target = pts[index]
+        if key is not None:
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+        for frame in frames:
+            if frame.pts is None or frame.pts > target:
+                return None
+            if frame.pts == target:
+                got.append(frame.to_ndarray(format="rgb24"))
+                break
+        else:
+            return None
+    return got
+
+
+def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
+    """Decode the frames that ``index_fn(num_frames) -> list[int]`` asks for.
+
+    Returns (frames uint8 (K, H, W, 3) in the order of the unique sorted indices, the indices as
+    requested mapped into rows of that tensor). When the video has several keyframes (e.g. re-encoded with
+    short GOPs: ``python -m uniformerv2.reencode``), decoding jumps to the keyframe before a wanted frame
+    wherever that skips enough frames (``_seek_plan``); otherwise, or if the packets and the decoded frames disagree,
+    frames are decoded sequentially up to the largest index (what FFmpeg does anyway for sparse sampling of
+    a short clip with few keyframes). Both give the same frames. If the header's frame count was too high,
+    missing indices fall back to the last decoded frame.
+    """
+    container, stream = open_video_stream(path)
+    try:
+        n = int(stream.frames or 0)
+        decoded = None
+        if n <= 0:  # unknown length (webm has none in its header): decode everything once, convert to RGB
+            decoded = list(container.decode(stream))  # only the wanted frames (half the time for 16 of 48)
+            n = len(decoded)
+            if n == 0:
+                raise VideoDecodeError("no frames decoded")
+        wanted = index_fn(n)
+        unique = sorted(set(wanted))
+        arrays = None
+        if decoded is not None:
+            arrays = [decoded[i].to_ndarray(format="rgb24") for i in unique]
+        else:
+            index = _frame_index(container, stream)
+            if index is not None and len(index[0]) == n and len(index[1]) > 1:
+                arrays = _decode_by_seeking(container, stream, index[0], index[1], unique)
+            if arrays is None:  # sequential, from the start (a fresh container: no seek state to undo)
+                container.close()
+                container, stream = open_video_stream(path)
+                arrays = _decode_sequentially(container, stream, unique)
+    except VideoDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt stream, bad packet, ...
+        raise VideoDecodeError(f"decode failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        container.close()
+    frames = torch.from_numpy(np.stack(arrays))
+    row = {i: r for r, i in enumerate(unique)}
+    return frames, [row[i] for i in wanted]
+
+
+def _decode_sequentially(container, stream, unique: list[int]) -> list:
+    """The frames ``unique`` (sorted display indices), decoding every frame up to the last one."""
+    want = set(unique)
+    got: dict[int, np.ndarray] = {}
+    last_frame, last_i = None, -1
+    for i, frame in enumerate(container.decode(stream)):
+        if i in want:
+            got[i] = frame.to_ndarray(format="rgb24")
+        last_frame, last_i = frame, i
+        if i >= unique[-1]:
+            break
+    if last_frame is None:
+        raise VideoDecodeError("no frames decoded")
+    missing = [i for i in unique if i not in got]
+    if missing:  # the header overestimated the length: repeat the last decoded frame
+        fallback = got[last_i] if last_i in got else last_frame.to_ndarray(format="rgb24")
+        for i in missing:
+            got[i] = fallback
+    return [got[i] for i in unique]
