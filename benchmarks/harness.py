@@ -7,7 +7,8 @@ API (import with ``from harness import ...``; scripts run as ``python benchmarks
     on CUDA, fp32 on CPU), ``--mode`` (comma list of forward, backward, forward+backward; aliases fwd,
     bwd, fwd+bwd, all), ``--quick`` (tiny shapes; the default on CPU unless ``--full``), ``--full``,
     ``--models b16,l14``, ``--frames 8,16``, ``--batch 16,64`` (override the default shape set; cross
-    product), ``--providers eager,compile,...`` (subset), ``--out DIR`` (default benchmarks/results),
+    product), ``--providers eager,compile,...`` (subset), ``--out DIR`` (default benchmarks/out, git-ignored),
+    ``--results`` (write to benchmarks/results, the committed tables, instead),
     ``--no-save``, ``--warmup MS``, ``--rep MS``, ``--strict`` (re-raise provider errors),
     ``--interpret`` (run Triton providers on the CPU through TRITON_INTERPRET=1: a smoke test, never a
     timing), ``--threads N`` (torch CPU threads; default 1 on CPU so timings on a shared machine are
@@ -123,7 +124,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # so the scripts run from a checkout even when the package is not installed
     sys.path.insert(0, REPO_ROOT)
 
-DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results")
+# Runs write to an untracked folder (git-ignored) unless asked to record: benchmarks/results/ holds only the
+# tables someone chose to commit (--results, or `merge` of a GPU suite's folder).
+DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "out")
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 MODES = ("forward", "backward", "forward+backward")
 _MODE_ALIASES = {
     "forward": "forward", "fwd": "forward", "f": "forward",
@@ -928,7 +932,10 @@ def parse_args(description: str = "", argv: Sequence[str] | None = None,
     p.add_argument("--frames", type=lambda s: [int(x) for x in s.split(",")], default=None, help="comma list of T")
     p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=None, help="comma list of N (clips)")
     p.add_argument("--providers", default=None, help="comma list of providers to run (default: all)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="directory for the CSV, markdown table and plot")
+    p.add_argument("--out", default=None,
+                   help="directory for the CSV, markdown table and plot (default benchmarks/out, git-ignored)")
+    p.add_argument("--results", action="store_true",
+                   help="write to benchmarks/results (the committed results) instead of --out")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--warmup", type=float, default=25.0, help="warm-up, ms (do_bench on CUDA)")
     p.add_argument("--rep", type=float, default=100.0, help="repetition budget, ms")
@@ -945,6 +952,9 @@ def parse_args(description: str = "", argv: Sequence[str] | None = None,
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    if args.results and args.out:
+        p.error("--results and --out: give one (--results writes to benchmarks/results)")
+    args.out = RESULTS_DIR if args.results else (args.out or DEFAULT_OUT)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
@@ -1129,7 +1139,7 @@ def compare_variants(paths: Sequence[str]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else "(no variant rows)\n"
 
 
-def merge(src: str, dest: str = DEFAULT_OUT) -> list[str]:
+def merge(src: str, dest: str = RESULTS_DIR) -> list[str]:
     """Adds the results of a run made elsewhere (e.g. the GPU suite's results folder) to ``dest``: CSV rows
     appended to ``dest/<name>.csv`` (partial files included, under their own name), markdown tables and
     plots copied. Returns the files written."""
@@ -1161,7 +1171,7 @@ def _cli(argv=None) -> None:
     v.add_argument("paths", nargs="+", help="CSV files or folders holding them")
     m = sub.add_parser("merge", help="append CSV rows and copy tables/plots from SRC into DEST")
     m.add_argument("src")
-    m.add_argument("dest", nargs="?", default=DEFAULT_OUT)
+    m.add_argument("dest", nargs="?", default=RESULTS_DIR)
     a = p.parse_args(argv)
     if a.cmd in ("summarize", "variants"):
         files = []
