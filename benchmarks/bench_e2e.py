@@ -1,12 +1,19 @@
 """End-to-end UniFormerV2 throughput (clips/s) and peak memory: inference and a training step.
 
+The comparison a user makes (issue 20): the official per-GPU batch, eager PyTorch against torch.compile
+against the fused model, each way a user would run it.
+
 Providers (one freshly built model each, same seed, so the same weights):
 - ``eager``:           the reference model, ``uniformerv2.build_model(name, fused=False)``
-- ``compile``:         the reference model under ``torch.compile``
-- ``fused``:           ``build_model(name, fused=True)`` (``model.set_fused(True)``: the fused ops, on the
-                       backend the registry picks: cuda, else triton, else the reference backend)
-- ``fused+compile``:   the fused model under ``torch.compile`` (the ops are torch.library custom ops, so
-                       the graph has no break)
+- ``compile``:         the reference model under ``torch.compile`` (default mode; ``--compile-mode`` changes it)
+- ``compile-max-autotune``: the reference model under ``torch.compile(mode="max-autotune")``. The faster
+                       of the two compile rows of a case is "the best compile row" the ratios refer to
+- ``fused``:           ``build_model(name, fused=True)``: the default fused path, nothing else set (the fused
+                       ops on the backend the registry picks: cuda, else triton, else the reference backend)
+- ``fused+compile``:   the fused model under ``torch.compile`` (same mode as ``compile``); the ops are
+                       torch.library operators with fake kernels, so the graph has no break and inductor
+                       fuses the glue between them
+- ``fused+compile-reduce-overhead``: the same with ``mode="reduce-overhead"`` (inductor's CUDA graphs)
 - ``fused-cuda``:      the fused model asked for the CUDA C++ kernels (the spatial attention on Triton)
 - ``fused-triton-gemm``: ``fused`` with UNIFORMERV2_TRITON_GEMM=triton (the Triton backend's GEMMs with
                        fused epilogues as one autotuned Triton kernel each, instead of the default cuBLAS +
@@ -26,21 +33,33 @@ Precision (``--precision``): ``autocast`` (default: fp32 weights, ``torch.autoca
 is not fp32; the official training recipe) or ``cast`` (``model.to(dtype)``, pure low-precision weights;
 typical for inference).
 
-Columns: ``clips/s`` = N / (ms * 1e-3) with N clips per step. ``TFLOP/s`` = model FLOPs / time, the FLOPs
-counted once by ``torch.utils.flop_counter.FlopCounterMode`` on the reference model for the same input
-(matrix products, convolutions, attention; 2 per multiply-add; forward for inference, forward + backward
-for training; elementwise work not counted), so every provider is credited the same work. Peak memory:
-``torch.cuda.max_memory_allocated`` over one step (weights, optimizer state and activations), CUDA only.
+Cases. On a GPU with neither ``--configs`` nor ``--batch`` given: the official per-GPU batches
+(``OFFICIAL_CASES``): Kinetics B/16 8x224 training at 32 clips, Sth-Sth B/16 16x224 training at 32 clips
+(16 videos x 2 repeated augmentations: 32 clips per step), Kinetics B/16 inference at 64 clips, Kinetics
+L/14 8x224 training at 16 clips (``--mode`` picks among them). Otherwise every ``--configs`` x ``--batch``
+(default 16 on GPU) x task. On the CPU, --quick (the default there) uses ``tiny`` in a Kinetics-style and a
+Sth-Sth-style variant, 32x32 input, 8 frames, batch 2. ``--frames`` sets the input frames (t_size).
 
-On CPU with --quick (the CPU default) the two compile providers are skipped unless named in --providers
-(compiling a whole model, training graph included, takes minutes on a small CPU).
+Columns: ``ms`` = median wall time of one step; ``clips/s`` = N / (ms * 1e-3) with N clips per step;
+``first ms`` = the first call (compilation, autotuning or graph capture included); ``host ms`` (CUDA) =
+the host's time in one step call started on an idle GPU (it includes any wait on a full launch queue);
+``GPU ms`` (CUDA) = the time the GPU was busy running kernels in one step (torch.profiler, union of kernel
+intervals), so ``ms - GPU ms`` is GPU idle time: a step with GPU ms well under ms waits on the host.
+``TFLOP/s`` = model FLOPs / time, the FLOPs counted once by ``torch.utils.flop_counter.FlopCounterMode`` on
+the reference model for the same input (matrix products, convolutions, attention; 2 per multiply-add;
+forward for inference, forward + backward for training; elementwise work not counted), so every provider is
+credited the same work. Peak memory: ``torch.cuda.max_memory_allocated`` over one step (weights, optimizer
+state and activations), CUDA only. After the table, the comparison (``comparison_markdown``): per case every
+row's time against eager and against the best compile row, wall and GPU.
 
-Configurations: ``--configs`` (default: k400_b16_f8x224 and ssv2_b16_f16x224 on GPU; on CPU --quick uses
-``tiny`` in a Kinetics-style and a Sth-Sth-style variant, 32x32 input, 8 frames, batch 2), ``--batch``
-(clips per step; default 16 on GPU), ``--frames`` (input frames, t_size; default: the preset's).
+On CPU with --quick the compile providers are skipped unless named in --providers (compiling a whole model,
+training graph included, takes minutes on a small CPU); ``--compile-backend aot_eager`` runs them without
+code generation (a check that the paths run, not a timing of inductor).
 
     python benchmarks/bench_e2e.py                       # CPU: quick, well under a minute
+    python benchmarks/bench_e2e.py --device cuda         # GPU: the official batches, every provider
     python benchmarks/bench_e2e.py --configs k400_b16_f8x224 --batch 32 --mode fwd   # GPU inference
+    python benchmarks/bench_e2e.py --report benchmarks/results/e2e.csv   # the comparison of recorded rows
 """
 
 from __future__ import annotations
@@ -48,6 +67,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,20 +81,45 @@ QUICK_CONFIGS = {
     "tiny_ssv2": ("tiny", {}),
 }
 FULL_CONFIGS = ("k400_b16_f8x224", "ssv2_b16_f16x224")
-PROVIDERS = ("eager", "compile", "fused", "fused+compile", "fused-cuda", "fused-triton-gemm", "fused+graph")
-# fused-cuda: the fused model asked for the CUDA C++ kernels (the spatial attention, which has none, on
-# Triton); skipped with the reason where there is no GPU or no built extension
+PROVIDERS = ("eager", "compile", "compile-max-autotune", "fused", "fused+compile", "fused+compile-reduce-overhead",
+             "fused-cuda", "fused-triton-gemm", "fused+graph")
+# provider -> the torch.compile mode it forces (None: --compile-mode, torch's default when not given)
+COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune", "fused+compile": None,
+                 "fused+compile-reduce-overhead": "reduce-overhead"}
+# the rows "the best compile row" is chosen from: torch.compile of the reference model
+REFERENCE_COMPILE = ("compile", "compile-max-autotune")
 TASKS = {"forward": "inference", "forward+backward": "train"}
 TRITON_GEMM_AT_START = os.environ.get("UNIFORMERV2_TRITON_GEMM", "")  # the fused providers' setting ("": default)
+
+
+class E2ECase(NamedTuple):
+    label: str        # shown in the case column
+    preset: str       # uniformerv2.list_models() name
+    overrides: dict   # build_model keyword arguments
+    batch: int        # clips per step
+    task: str         # "train" or "inference"
+    note: str = ""    # how the batch is made up, where it is not plain clips
+
+
+# The official per-GPU batches (issue 20): the recipes' per-GPU batch sizes
+OFFICIAL_CASES = (
+    E2ECase("k400_b16_f8x224", "k400_b16_f8x224", {}, 32, "train"),
+    E2ECase("ssv2_b16_f16x224", "ssv2_b16_f16x224", {}, 32, "train", "16 videos x 2 repeated augmentations"),
+    E2ECase("k400_b16_f8x224", "k400_b16_f8x224", {}, 64, "inference"),
+    E2ECase("k400_l14_f8x224", "k400_l14_f8x224", {}, 16, "train"),
+)
 
 
 def extra_args(p):
     p.add_argument("--configs", default=None,
                    help="comma list of uniformerv2.list_models() names (default: tiny variants on CPU, "
-                        f"{', '.join(FULL_CONFIGS)} on GPU)")
+                        "the official batches on GPU)")
     p.add_argument("--precision", choices=("autocast", "cast"), default="autocast",
                    help="autocast: fp32 weights + torch.autocast(dtype); cast: model.to(dtype)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compile and fused+compile providers (default: torch's)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (aot_eager: no code generation, to check the paths on a CPU)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra reference run per case)")
     p.add_argument("--timeline", metavar="OUT_MD", help="after timing, profile one more step of each provider "
                    "with torch.profiler (host vs GPU-busy time, the kernels that took the most GPU time) and "
@@ -82,21 +127,26 @@ def extra_args(p):
     p.add_argument("--table", default="e2e",
                    help="name of the markdown table / plot / partial CSV (rows always go to e2e.csv); the GPU "
                         "suite's compile step uses e2e_compile so it does not overwrite the first table")
+    p.add_argument("--report", nargs="+", metavar="CSV",
+                   help="measure nothing: print the comparison of the rows in these e2e CSVs (per case and "
+                        "provider the latest row of the latest commit on each device)")
 
 
-def resolve_configs(args) -> list[tuple[str, str, dict]]:
-    """[(label, preset name, overrides)]."""
+def resolve_cases(args, tasks: list[str]) -> list[E2ECase]:
+    """The cases to run, in order: case by case, each task of a configuration before the next one."""
+    batches = args.batch or ([2] if args.quick else [16])
     if args.configs:
-        out = []
+        configs = []
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
-            if name in QUICK_CONFIGS:
-                out.append((name, *QUICK_CONFIGS[name]))
-            else:
-                out.append((name, name, {}))
-        return out
-    if args.quick:
-        return [(label, preset, over) for label, (preset, over) in QUICK_CONFIGS.items()]
-    return [(name, name, {}) for name in FULL_CONFIGS]
+            configs.append((name, *QUICK_CONFIGS[name]) if name in QUICK_CONFIGS else (name, name, {}))
+    elif args.quick:
+        configs = [(label, preset, over) for label, (preset, over) in QUICK_CONFIGS.items()]
+    elif not args.batch:
+        return [c for c in OFFICIAL_CASES if c.task in tasks]
+    else:
+        configs = [(name, name, {}) for name in FULL_CONFIGS]
+    return [E2ECase(label, preset, over, batch, task)
+            for label, preset, over in configs for batch in batches for task in tasks]
 
 
 def build(preset: str, overrides: dict, frames: int | None, fused: bool, args, seed: int):
@@ -220,78 +270,90 @@ def count_flops(model, task: str, x, labels, args) -> float | None:
 def main(argv=None):
     args = H.parse_args(__doc__.splitlines()[0], argv, extra=extra_args)
     args.bench_name = "e2e"
+    if args.report:
+        print(report(args.report))
+        return []
     try:
         import uniformerv2  # noqa: F401
     except Exception as exc:
         raise SystemExit(f"bench_e2e: the model package does not import: {H._first_line(exc)}")
-    providers = [p for p in PROVIDERS if not args.providers or p in args.providers]
     unknown = set(args.providers or ()) - set(PROVIDERS)
     if unknown:
         raise SystemExit(f"--providers: unknown {sorted(unknown)}; this benchmark has {list(PROVIDERS)}")
+    providers = [p for p in PROVIDERS if not args.providers or p in args.providers]
     tasks = [TASKS[m] for m in args.modes if m in TASKS]
     if not tasks:
         raise SystemExit("--mode: end-to-end runs forward (inference) and/or forward+backward (training step)")
-    batches = args.batch or ([2] if args.quick else [16])
     frames_list = args.frames or [None]
     rows = []
     # every row also goes to <table>.partial.csv when measured: a run cut short by a timeout keeps them
     args.partial = None if args.no_save else os.path.join(args.out, f"{args.table}.partial.csv")
     if args.partial and os.path.exists(args.partial):
         os.remove(args.partial)
-    for label, preset, overrides in resolve_configs(args):
+    for case in resolve_cases(args, tasks):
         for frames in frames_list:
-            for batch in batches:
-                for task in tasks:
-                    rows += run_case(label, preset, overrides, frames, batch, task, providers, args)
+            rows += run_case(case, frames, providers, args)
     H.add_speedups(rows, "eager" if "eager" in providers else providers[0])
     title = "end-to-end UniFormerV2 (inference: forward under no_grad; train: fwd + loss + bwd + AdamW step)"
+    comparison = comparison_markdown(rows)
     print(f"\n## {title}\n{H.env_header(rows)}, precision {args.precision}\n")
     print(H.format_table(rows))
-    print()
+    print(f"\n### Against eager and the best torch.compile row\n\n{comparison}")
     if not args.no_save and rows:
         H.save("e2e", rows, args, title, table=args.table)
+        tag = H.device_tag(args.device) + ("_quick" if args.quick else "")
+        with open(os.path.join(args.out, f"{args.table}_{tag}.md"), "a") as f:
+            f.write(f"\n## Against eager and the best torch.compile row\n\n{comparison}")
     if args.partial and os.path.exists(args.partial):
         os.remove(args.partial)
     return rows
 
 
-def run_case(label, preset, overrides, frames, batch, task, providers, args) -> list[dict]:
+def _skip_reason(prov: str, args) -> str | None:
+    if prov in COMPILE_MODES and args.quick and args.device.type == "cpu" and not args.providers:
+        return "torch.compile of a whole model takes minutes on the CPU; ask for it with --providers"
+    if prov == "fused-cuda":
+        return _cuda_backend_unavailable(args)
+    if prov in ("fused+graph", "fused+compile-reduce-overhead") and args.device.type != "cuda":
+        return "CUDA graphs need a CUDA GPU"
+    return None
+
+
+def run_case(case: E2ECase, frames, providers, args) -> list[dict]:
     rows = []
     flops = None
-    case_name = f"{label} N={batch}" + (f" T={frames}" if frames else "")
-    case = H.Case(case_name, lambda *a: {}, items=batch, items_unit="clips")
+    case_name = f"{case.label} N={case.batch}" + (f" T={frames}" if frames else "")
+    task, batch = case.task, case.batch
+    h_case = H.Case(case_name, lambda *a: {}, items=batch, items_unit="clips")
     for prov in providers:
-        row = H.new_row(prov, case, task, args)
+        row = H.new_row(prov, h_case, task, args)
         fused = prov.startswith("fused")
-        if prov.endswith("compile") and args.quick and args.device.type == "cpu" and not args.providers:
-            row.update(status="skipped", note="torch.compile of a whole model takes minutes on the CPU; "
-                                              "ask for it with --providers")
+        why = _skip_reason(prov, args)
+        if why:
+            row.update(status="skipped", note=why)
             rows.append(row)
             continue
-        if prov == "fused-cuda":
-            why = _cuda_backend_unavailable(args)
-            if why:
-                row.update(status="skipped", note=why)
-                rows.append(row)
-                continue
-        if prov == "fused+graph" and args.device.type != "cuda":
-            row.update(status="skipped", note="needs a CUDA GPU")
-            rows.append(row)
-            continue
+        model = run_model = step = None
         try:
-            model = build(preset, overrides, frames, fused, args, seed=args.seed)
+            model = build(case.preset, case.overrides, frames, fused, args, seed=args.seed)
             if prov == "fused-cuda":  # the spatial attention on Triton: see uniformerv2.model
                 model.set_fused(True, backend="cuda")
             randomise_buffers(model)
             x, labels, t_in, res = make_inputs(model, batch, args, seed=args.seed + 1)
-            row["shape"] = (f"config={preset} N={batch} T_in={t_in} res={res} width={model.config.get('width')} "
+            row["shape"] = (f"config={case.preset} N={batch} T_in={t_in} res={res} width={model.config.get('width')} "
                             f"layers={model.config.get('layers')} precision={args.precision}"
-                            + (f" overrides={overrides}" if overrides else ""))
+                            + (f" overrides={case.overrides}" if case.overrides else ""))
             if flops is None and not args.no_flops and not fused:
                 flops = count_flops(model, task, x, labels, args)
-            if prov.endswith("compile"):
-                kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+            note = [case.note] if case.note else []
+            if prov in COMPILE_MODES:
+                # fresh dynamo caches: each row compiles its own model, never against another row's
+                # recompile limit (past it dynamo would silently run eager code under the compile label)
+                torch._dynamo.reset()
+                mode = COMPILE_MODES[prov] or args.compile_mode
+                kwargs = {"backend": args.compile_backend, **({"mode": mode} if mode else {})}
                 run_model = torch.compile(model, **kwargs)
+                note.append(f"torch.compile mode={mode or 'default'} backend={args.compile_backend}")
             else:
                 run_model = model
             if prov == "fused+graph" and task == "train":
@@ -311,14 +373,10 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             ms = H.time_fn(step, args.device, args.warmup, args.rep, min_reps=5)
             row["host_ms"] = H.host_time_ms(step, args.device, reps=5)  # a model step is long: 5 suffice
             row["peak_mb"] = H.peak_memory_mb(step, args.device)
-            # GPU ms for inference only: the training step's AdamW is not capturable (a capture attempt
-            # would run a whole forward+backward into a second memory pool to fail at optimizer.step())
-            # (fused+graph is a replay already: its ms is the graph's, host work included)
-            skip_graph = args.no_gpu_ms or task != "inference" or prov == "fused+graph"
-            row["gpu_ms"], no_graph = (None, None) if skip_graph else H.graph_time_ms(step, args.device, reps=5)
+            if not args.no_gpu_ms:
+                row["gpu_ms"] = gpu_busy_ms(step, args.device)
             if args.timeline:
                 _append_timeline(args.timeline, f"{case_name}, {task}, {prov}", step, args.device)
-            note = [f"no GPU ms: {no_graph}"] if no_graph else []
             if prov == "fused-cuda":
                 note.append("fused ops backend: cuda (spatial attention: triton)")
             elif fused:
@@ -357,6 +415,66 @@ def run_case(label, preset, overrides, frames, batch, task, providers, args) -> 
             row["flops"] = flops
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
     return rows
+
+
+def gpu_busy_ms(step, device) -> float | None:
+    """Milliseconds the GPU spends running kernels in one ``step()`` (CUDA; None on the CPU): the union of
+    the kernel intervals torch.profiler records, so overlapping streams count once. Unlike a CUDA-graph
+    replay this works for every provider (an eager AdamW step and torch.compile's own graphs included)."""
+    if torch.device(device).type != "cuda":
+        return None
+    import profile_kernels
+
+    return profile_kernels.timeline(step, torch.device(device), top=0)["busy_ms"]
+
+
+# ----------------------------------------------------------------------------------------- comparison
+
+def _ratio(num, den) -> str:
+    return f"{num / den:.2f}x" if num and den else ""
+
+
+def comparison_markdown(rows) -> str:
+    """Per case and task: each measured row's wall and GPU time against eager and against the best
+    torch.compile row of the reference model (the faster of ``REFERENCE_COMPILE``); above 1x: faster than
+    that row. ``GPU busy`` = GPU ms / ms: well under 100% means the step waits on the host."""
+    ok = [r for r in rows if H.is_timing(r)]
+    head = ("| case | task | provider | ms | GPU ms | host ms | GPU busy | clips/s | peak MiB | first call s "
+            "| vs eager | vs best compile | GPU ms vs eager | GPU ms vs best compile |")
+    lines = [head, "|" + "|".join(" --- " for _ in head.strip("|").split("|")) + "|"]
+    for key in dict.fromkeys((r["case"], r["mode"]) for r in ok):
+        group = [r for r in ok if (r["case"], r["mode"]) == key]
+        eager = next((r for r in group if r["provider"] == "eager"), None)
+        compiled = [r for r in group if r["provider"] in REFERENCE_COMPILE]
+        best = min(compiled, key=lambda r: r["ms"]) if compiled else None
+        for r in group:
+            name = r["provider"] + (" (best compile)" if r is best and len(compiled) > 1 else "")
+            gpu, host = r.get("gpu_ms"), r.get("host_ms")
+            cells = [r["case"], r["mode"], name, H._fmt(r["ms"]), H._fmt(gpu), H._fmt(host),
+                     f"{gpu / r['ms']:.0%}" if gpu else "", H._fmt(r.get("items_per_s")),
+                     H._fmt(r.get("peak_mb"), 4), H._fmt(r["first_ms"] / 1e3) if r.get("first_ms") else "",
+                     _ratio(eager and eager["ms"], r["ms"]), _ratio(best and best["ms"], r["ms"]),
+                     _ratio(eager and eager.get("gpu_ms"), gpu), _ratio(best and best.get("gpu_ms"), gpu)]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if len(lines) == 2:
+        return "(no measured rows)\n"
+    return "\n".join(lines) + "\n"
+
+
+def report(paths) -> str:
+    """The comparison of recorded e2e rows (CSV files, e.g. the GPU suite's e2e steps together): on each
+    device, the latest commit's rows, and per case, task and provider its latest row."""
+    rows = [r for path in paths for r in H.read_csv(path) if r["bench"] == "e2e"]
+    parts = []
+    for device in dict.fromkeys(r["device"] for r in rows):
+        mine = [r for r in rows if r["device"] == device]
+        commit = max(mine, key=lambda r: r["date"])["commit"]
+        latest: dict = {}
+        for r in sorted((r for r in mine if r["commit"] == commit), key=lambda r: r["date"]):
+            latest[(r["case"], r["mode"], r["provider"])] = r
+        run = list(latest.values())
+        parts.append(f"## {device}, commit {commit}\n\n{H.env_header(run)}\n\n{comparison_markdown(run)}")
+    return "\n".join(parts) if parts else "(no e2e rows)\n"
 
 
 def _append_timeline(path: str, title: str, step, device) -> None:

@@ -193,6 +193,86 @@ def test_e2e_graphed_steps_set_the_mode_they_need():
     assert model.training
 
 
+def _e2e_row(case, mode, provider, ms, gpu_ms=None, date="2026-12-07T10:00:00Z", commit="abc", device="H100"):
+    return dict({c: None for c in H.CSV_COLUMNS}, bench="e2e", case=case, mode=mode, provider=provider,
+                status="ok", ms=ms, gpu_ms=gpu_ms, host_ms=1.0, items_per_s=32 / (ms * 1e-3), first_ms=2000.0,
+                date=date, commit=commit, device=device, dtype="bfloat16", quick=False)
+
+
+def test_e2e_official_cases_are_the_issues_batches():
+    """On a GPU with no --configs / --batch: the official per-GPU batches, each task only where asked."""
+    import bench_e2e
+
+    args = H.parse_args("", ["--device", "cpu", "--full", "--no-save"], extra=bench_e2e.extra_args)
+    cases = bench_e2e.resolve_cases(args, ["train", "inference"])
+    assert [(c.preset, c.batch, c.task) for c in cases] == [
+        ("k400_b16_f8x224", 32, "train"), ("ssv2_b16_f16x224", 32, "train"),
+        ("k400_b16_f8x224", 64, "inference"), ("k400_l14_f8x224", 16, "train")]
+    assert "2 repeated augmentations" in cases[1].note
+    assert [c.batch for c in bench_e2e.resolve_cases(args, ["inference"])] == [64]
+    args = H.parse_args("", ["--device", "cpu", "--full", "--no-save", "--batch", "8"], extra=bench_e2e.extra_args)
+    grid = bench_e2e.resolve_cases(args, ["train", "inference"])
+    assert {(c.preset, c.batch, c.task) for c in grid} == {
+        (p, 8, t) for p in bench_e2e.FULL_CONFIGS for t in ("train", "inference")}
+
+
+def test_e2e_comparison_ratios_against_eager_and_the_best_compile_row():
+    import bench_e2e
+
+    rows = [_e2e_row("k400 N=32", "train", "eager", 400.0, 300.0),
+            _e2e_row("k400 N=32", "train", "compile", 200.0, 180.0),
+            _e2e_row("k400 N=32", "train", "compile-max-autotune", 160.0, 150.0),
+            _e2e_row("k400 N=32", "train", "fused", 100.0, 75.0),
+            _e2e_row("k400 N=64", "inference", "eager", 50.0)]
+    table = bench_e2e.comparison_markdown(rows)
+    lines = {line.split(" | ")[2]: line for line in table.splitlines()[2:]}
+    fused = lines["fused"].split(" | ")
+    # ms, GPU ms, host, busy, clips/s, peak, first s, vs eager, vs best compile, GPU vs eager, GPU vs compile
+    assert fused[3:5] == ["100.0", "75"] and fused[6] == "75%"
+    assert fused[-4:] == ["4.00x", "1.60x", "4.00x", "2.00x |"]
+    assert "compile-max-autotune (best compile)" in lines
+    assert lines["compile"].split(" | ")[-3] == "0.80x"  # 160 / 200: the default mode is the slower one
+    infer = [line for line in table.splitlines() if "inference" in line][0].split(" | ")
+    assert infer[-4:] == ["1.00x", "", "", " |"]  # no compile row, no GPU ms: no ratio, not a made-up one
+
+
+def test_e2e_report_joins_the_suite_steps_rows_of_the_latest_commit(tmp_path):
+    """The GPU suite measures eager/fused and the compile rows in separate steps (separate runs, one CSV):
+    the report compares them together, the latest commit's rows only, the latest row per provider."""
+    import bench_e2e
+
+    path = str(tmp_path / "e2e.csv")
+    H.append_csv([_e2e_row("k400 N=32", "train", "eager", 999.0, commit="old", date="2026-12-01T00:00:00Z"),
+                  _e2e_row("k400 N=32", "train", "eager", 400.0, date="2026-12-07T10:00:00Z"),
+                  _e2e_row("k400 N=32", "train", "fused", 120.0, date="2026-12-07T10:00:00Z"),
+                  _e2e_row("k400 N=32", "train", "compile", 200.0, date="2026-12-07T10:05:00Z"),
+                  _e2e_row("k400 N=32", "train", "fused", 100.0, date="2026-12-07T10:06:00Z")], path)
+    text = bench_e2e.report([path])
+    assert "commit abc" in text and "999" not in text
+    fused = [line for line in text.splitlines() if "| fused |" in line]
+    assert len(fused) == 1 and fused[0].split(" | ")[-4:-2] == ["4.00x", "2.00x"], fused
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench_e2e.py"), "--device", "cpu", "--report", path],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "| fused |" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_e2e_compile_providers_run_on_the_cpu_with_aot_eager(tmp_path):
+    """Every torch.compile provider builds, compiles and times its step (aot_eager: no code generation, so
+    the test stays short; inductor runs in the GPU suite). Rows land in the CSV and the comparison."""
+    import bench_e2e
+
+    rows = bench_e2e.main(["--device", "cpu", "--quick", "--configs", "tiny_k400", "--mode", "fwd", "--rep", "1",
+                           "--providers", "eager,compile,fused+compile,fused+compile-reduce-overhead",
+                           "--compile-backend", "aot_eager", "--no-flops", "--out", str(tmp_path)])
+    by = {r["provider"]: r for r in rows}
+    assert by["compile"]["status"] == "ok" and by["fused+compile"]["status"] == "ok", by
+    assert "torch.compile mode=default backend=aot_eager" in by["fused+compile"]["note"]
+    assert by["compile"]["first_ms"] > by["eager"]["first_ms"]  # the compilation is in the first call
+    assert by["fused+compile-reduce-overhead"]["status"] == "skipped"  # CUDA graphs: GPU only
+    written = (tmp_path / "e2e_cpu_quick.md").read_text()
+    assert "Against eager and the best torch.compile row" in written and "| compile |" in written
+
+
 # ---- checks of the harness itself (not timed; skipped under --benchmark-only) ----
 
 def test_time_fn_cpu_median_is_positive_and_grows_with_work():
