@@ -420,6 +420,8 @@ class UniFormerV2(nn.Module):
         """Runs every block through the fused ops (True) or the reference PyTorch path (False)."""
         self.fused = bool(fused)
         self.backend = backend
+        if self.fused:  # import the ops now: a first forward inside torch.compile cannot trace the import
+            _ops()
         for m in self.modules():
             if isinstance(m, (ResidualAttentionBlock, Extractor)):
                 m.fused = self.fused
