@@ -300,13 +300,14 @@ def test_randaugment_spec_and_every_op():
     assert (ra.magnitude, ra.num_ops, ra.std) == (7.0, 4, 0.5)
     with pytest.raises(ValueError, match="rand-"):
         RandAugment.from_spec("auto-m7")
-    from uniformerv2.data import _RA_OPS
+    from uniformerv2.data import RA_OP_NAMES, ra_op
 
     x = torch.rand(3, 3, 20, 24) * 255
-    for name, op in _RA_OPS.items():
-        y = op(x.clone(), 0.7, np.random.default_rng(0))
-        assert y.shape == x.shape and torch.isfinite(y).all(), name
-        assert y.min() >= -1e-3 and y.max() <= 255 + 1e-3, name
+    for name in RA_OP_NAMES:
+        for sign in (1.0, -1.0):
+            y = ra_op(name, x.clone(), 0.7, sign)
+            assert y.shape == x.shape and torch.isfinite(y).all(), name
+            assert y.min() >= -1e-3 and y.max() <= 255 + 1e-3, name
 
 
 # The plain out-of-place forms the transforms' in-place code must equal exactly (uniformerv2/data.py
@@ -367,9 +368,9 @@ def test_transform_pieces_equal_their_plain_forms(layout):
             torch.testing.assert_close(D._blend(x, gray, factor), (gray + (x - gray) * factor).clamp(0, 255),
                                        rtol=0, atol=0)
         for m in (0.2, 0.9):
-            torch.testing.assert_close(D._RA_OPS["SolarizeIncreasing"](x, m, None),
+            torch.testing.assert_close(D.ra_op("SolarizeIncreasing", x, m, 1.0),
                                        torch.where(x >= 256 - 256 * m, 255.0 - x, x), rtol=0, atol=0)
-            torch.testing.assert_close(D._RA_OPS["SolarizeAdd"](x, m, None),
+            torch.testing.assert_close(D.ra_op("SolarizeAdd", x, m, 1.0),
                                        torch.where(x < 128, (x + int(110 * m)).clamp(max=255), x), rtol=0, atol=0)
         kernel = (torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13.0).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
         blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel,

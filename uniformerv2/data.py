@@ -172,10 +172,10 @@ def uniform_crop(frames: torch.Tensor, size: int, position: int) -> torch.Tensor
     return frames[..., y:y + size, x:x + size]
 
 
-def random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """Inception-style crop (area fraction in ``scale``, log-uniform aspect in ``ratio``), resized."""
-    h, w = frames.shape[-2:]
+def sample_resized_crop(h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The box (y, x, height, width) of an Inception-style crop of an ``h`` x ``w`` frame: area fraction in
+    ``scale``, log-uniform aspect in ``ratio`` (ten tries, then a centre crop with the ratio clamped)."""
     area = h * w
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -186,16 +186,21 @@ def random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generato
         if 0 < cw <= w and 0 < ch <= h:
             y = int(rng.integers(0, h - ch + 1))
             x = int(rng.integers(0, w - cw + 1))
-            break
-    else:  # fall back to a centre crop with the ratio clamped
-        in_ratio = w / h
-        if in_ratio < ratio[0]:
-            cw, ch = w, int(round(w / ratio[0]))
-        elif in_ratio > ratio[1]:
-            ch, cw = h, int(round(h * ratio[1]))
-        else:
-            cw, ch = w, h
-        y, x = (h - ch) // 2, (w - cw) // 2
+            return y, x, ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Inception-style crop (``sample_resized_crop``), resized to ``size`` x ``size``."""
+    y, x, ch, cw = sample_resized_crop(*frames.shape[-2:], rng, scale, ratio)
     return _resize(frames[..., y:y + ch, x:x + cw], (size, size))
 
 
@@ -228,7 +233,7 @@ def _equalize(x):
     bincount, its lookup table, and one gather; a plane with a single value (or whose values all sit in
     its top bin) is left as it is."""
     planes = x.shape[0] * x.shape[1]
-    offsets = (torch.arange(planes, dtype=torch.int32) * 256).view(x.shape[0], x.shape[1], 1, 1)
+    offsets = (torch.arange(planes, dtype=torch.int32, device=x.device) * 256).view(x.shape[0], x.shape[1], 1, 1)
     # (plane, value) -> one bin; int32 and index_select: several times faster than int64 and x[index]
     index = x.round().clamp_(0, 255).to(torch.int32).add_(offsets).flatten()
     hist = torch.bincount(index, minlength=256 * planes).view(planes, 256).float()
@@ -252,38 +257,65 @@ def _autocontrast(x):
     return (x - torch.where(varies, lo, torch.zeros_like(lo))).mul_(scale).clamp_(0, 255)
 
 
-def _sharpness(x, factor):
-    k = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype) / 13.0
+def _blur(x):
+    """PIL's SMOOTH filter (3x3, centre weight 5) per frame and channel, edges replicated."""
+    k = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13.0
     k = k.view(1, 1, 3, 3).repeat(3, 1, 1, 1)
     # the depthwise 3x3 on channels-last memory (decoded clips are; after an affine op or equalize a clip is
     # NCHW): the same values, ~5x faster on one CPU thread than on NCHW
     padded = F.pad(x.contiguous(memory_format=torch.channels_last), (1, 1, 1, 1), mode="replicate")
-    blurred = F.conv2d(padded, k, groups=3)
-    return _blend(x, blurred, factor)
+    return F.conv2d(padded, k, groups=3)
 
 
-def _sign(rng):
-    return 1.0 if rng.random() < 0.5 else -1.0
+def _sharpness(x, factor):
+    return _blend(x, _blur(x), factor)
 
 
-_RA_OPS = {
-    "AutoContrast": lambda x, m, r: _autocontrast(x),
-    "Equalize": lambda x, m, r: _equalize(x),
-    "Invert": lambda x, m, r: 255.0 - x,
-    "Rotate": lambda x, m, r: _affine(x, _rot(30.0 * m * _sign(r))),
-    "PosterizeIncreasing": lambda x, m, r: _posterize(x, 4 - int(4 * m)),
-    "SolarizeIncreasing": lambda x, m, r: _where_into(x >= 256 - 256 * m, 255.0 - x, x),
-    "SolarizeAdd": lambda x, m, r: _where_into(x < 128, (x + int(110 * m)).clamp_(max=255), x),
-    "ColorIncreasing": lambda x, m, r: _blend(x, _gray(x), 1.0 + 0.9 * m * _sign(r)),
-    "ContrastIncreasing": lambda x, m, r: _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True),
-                                                 1.0 + 0.9 * m * _sign(r)),
-    "BrightnessIncreasing": lambda x, m, r: _blend(x, torch.zeros_like(x), 1.0 + 0.9 * m * _sign(r)),
-    "SharpnessIncreasing": lambda x, m, r: _sharpness(x, 1.0 + 0.9 * m * _sign(r)),
-    "ShearX": lambda x, m, r: _affine(x, [[1, 0.3 * m * _sign(r), 0], [0, 1, 0]]),
-    "ShearY": lambda x, m, r: _affine(x, [[1, 0, 0], [0.3 * m * _sign(r), 1, 0]]),
-    "TranslateXRel": lambda x, m, r: _affine(x, [[1, 0, 0.9 * m * _sign(r)], [0, 1, 0]]),
-    "TranslateYRel": lambda x, m, r: _affine(x, [[1, 0, 0], [0, 1, 0.9 * m * _sign(r)]]),
+# RandAugment's ops in two halves: the value an op applies, from its magnitude m in [0, 1] and a sign (+1 or
+# -1; the ops in _SIGNED_OPS flip their direction at random, the others ignore it), and the op on a clip given
+# that value. The batched transform (uniformerv2/augment.py) takes the same values, so both compute them once.
+_RA_VALUE = {
+    "AutoContrast": lambda m, s: None,
+    "Equalize": lambda m, s: None,
+    "Invert": lambda m, s: None,
+    "Rotate": lambda m, s: _rot(30.0 * m * s),
+    "PosterizeIncreasing": lambda m, s: 4 - int(4 * m),  # bits kept
+    "SolarizeIncreasing": lambda m, s: 256 - 256 * m,    # threshold
+    "SolarizeAdd": lambda m, s: int(110 * m),            # added below 128
+    "ColorIncreasing": lambda m, s: 1.0 + 0.9 * m * s,   # blend factors
+    "ContrastIncreasing": lambda m, s: 1.0 + 0.9 * m * s,
+    "BrightnessIncreasing": lambda m, s: 1.0 + 0.9 * m * s,
+    "SharpnessIncreasing": lambda m, s: 1.0 + 0.9 * m * s,
+    "ShearX": lambda m, s: [[1, 0.3 * m * s, 0], [0, 1, 0]],  # affine maps
+    "ShearY": lambda m, s: [[1, 0, 0], [0.3 * m * s, 1, 0]],
+    "TranslateXRel": lambda m, s: [[1, 0, 0.9 * m * s], [0, 1, 0]],
+    "TranslateYRel": lambda m, s: [[1, 0, 0], [0, 1, 0.9 * m * s]],
 }
+_RA_APPLY = {
+    "AutoContrast": lambda x, v: _autocontrast(x),
+    "Equalize": lambda x, v: _equalize(x),
+    "Invert": lambda x, v: 255.0 - x,
+    "Rotate": _affine,
+    "PosterizeIncreasing": lambda x, v: _posterize(x, v),
+    "SolarizeIncreasing": lambda x, v: _where_into(x >= v, 255.0 - x, x),
+    "SolarizeAdd": lambda x, v: _where_into(x < 128, (x + v).clamp_(max=255), x),
+    "ColorIncreasing": lambda x, v: _blend(x, _gray(x), v),
+    "ContrastIncreasing": lambda x, v: _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), v),
+    "BrightnessIncreasing": lambda x, v: _blend(x, torch.zeros_like(x), v),
+    "SharpnessIncreasing": _sharpness,
+    "ShearX": _affine,
+    "ShearY": _affine,
+    "TranslateXRel": _affine,
+    "TranslateYRel": _affine,
+}
+_SIGNED_OPS = frozenset({"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                         "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
+RA_OP_NAMES = tuple(_RA_VALUE)
+
+
+def ra_op(name: str, frames: torch.Tensor, m: float, sign: float) -> torch.Tensor:
+    """One RandAugment op on a clip (T, 3, H, W) float in [0, 255]."""
+    return _RA_APPLY[name](frames, _RA_VALUE[name](m, sign))
 
 
 def _rot(deg):
@@ -336,15 +368,36 @@ class RandAugment:
                 raise ValueError(f"unknown randaugment field {p!r} in {spec!r}")
         return cls(**kw)
 
-    def __call__(self, frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        names = list(_RA_OPS)
-        for k in rng.integers(0, len(names), size=self.num_ops):
+    def sample(self, rng: np.random.Generator) -> list[tuple[str, float, float]]:
+        """The ops one clip gets, in order: (op name, magnitude in [0, 1], sign +1 or -1)."""
+        ops = []
+        for k in rng.integers(0, len(RA_OP_NAMES), size=self.num_ops):
             if rng.random() > self.prob:
                 continue
             m = self.magnitude if self.std <= 0 else rng.normal(self.magnitude, self.std)
             m = float(np.clip(m, 0.0, 10.0)) / 10.0
-            frames = _RA_OPS[names[k]](frames, m, rng)
-        return frames
+            name = RA_OP_NAMES[k]
+            sign = (1.0 if rng.random() < 0.5 else -1.0) if name in _SIGNED_OPS else 1.0
+            ops.append((name, m, sign))
+        return ops
+
+    def __call__(self, frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        return apply_randaugment(frames, self.sample(rng))
+
+
+def apply_randaugment(frames: torch.Tensor, ops: list[tuple[str, float, float]]) -> torch.Tensor:
+    for name, m, sign in ops:
+        frames = ra_op(name, frames, m, sign)
+    return frames
+
+
+@dataclass
+class TrainParams:
+    """The random choices of one training clip's transform (``TrainTransform.sample``)."""
+
+    ops: list          # RandAugment: (op name, magnitude in [0, 1], sign)
+    box: tuple         # random resized crop (y, x, height, width) in the decoded frame
+    flip: bool
 
 
 @dataclass
@@ -355,14 +408,23 @@ class TrainTransform:
     flip: bool = True
     randaugment: str | None = None
 
-    def __call__(self, frames_uint8: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        x = to_float_frames(frames_uint8)
-        if self.randaugment:
-            x = RandAugment.from_spec(self.randaugment)(x, rng)
-        x = random_resized_crop(x, self.crop_size, rng, tuple(self.scale), tuple(self.ratio))
-        if self.flip and rng.random() < 0.5:
+    def sample(self, height: int, width: int, rng: np.random.Generator) -> TrainParams:
+        """Every random choice for a clip of ``height`` x ``width`` frames, drawn from ``rng`` in the order the
+        transform has always drawn them (the GPU transform, uniformerv2/augment.py, applies the same)."""
+        ops = RandAugment.from_spec(self.randaugment).sample(rng) if self.randaugment else []
+        box = sample_resized_crop(height, width, rng, tuple(self.scale), tuple(self.ratio))
+        return TrainParams(ops, box, bool(self.flip and rng.random() < 0.5))
+
+    def apply(self, frames_uint8: torch.Tensor, params: TrainParams) -> torch.Tensor:
+        x = apply_randaugment(to_float_frames(frames_uint8), params.ops)
+        y, x0, ch, cw = params.box
+        x = _resize(x[..., y:y + ch, x0:x0 + cw], (self.crop_size, self.crop_size))
+        if params.flip:
             x = x.flip(-1)
         return normalize(x)
+
+    def __call__(self, frames_uint8: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        return self.apply(frames_uint8, self.sample(*frames_uint8.shape[1:3], rng))
 
 
 @dataclass
