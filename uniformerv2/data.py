@@ -220,12 +220,15 @@ def _gray(x):
 
 def _affine(x, theta):
     """Every frame through the same affine map (empty area filled with the mean pixel): the frames and
-    channels as the channels of one image, so that one sampling grid serves them all."""
-    T, C, H, W = x.shape
-    grid = F.affine_grid(torch.tensor(theta, dtype=x.dtype).view(1, 2, 3), [1, T * C, H, W], align_corners=False)
-    centred = (x - _FILL).reshape(1, T * C, H, W)
+    channels as the channels of one image, so that one sampling grid serves them all. ``x``: a clip
+    (T, C, H, W) and one map (2 x 3), or clips (N, T, C, H, W) and one map each (N, 2, 3)."""
+    T, C, H, W = x.shape[-4:]
+    n = math.prod(x.shape[:-4])
+    theta = torch.as_tensor(theta, dtype=x.dtype, device=x.device).reshape(n, 2, 3)
+    grid = F.affine_grid(theta, [n, T * C, H, W], align_corners=False)
+    centred = (x - _FILL).reshape(n, T * C, H, W)
     out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.view(T, C, H, W).add_(_FILL)
+    return out.view(x.shape).add_(_FILL)
 
 
 def _equalize(x):
@@ -249,9 +252,11 @@ def _equalize(x):
 
 
 def _autocontrast(x):
-    """Each channel stretched to [0, 255] over the whole clip (a constant channel left as it is)."""
-    lo, hi = x.transpose(0, 1).reshape(x.shape[1], -1).aminmax(dim=1)
-    lo, hi = lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)
+    """Each channel stretched to [0, 255] over the whole clip (a constant channel left as it is); ``x``: a
+    clip (T, C, H, W) or clips (N, T, C, H, W)."""
+    lead, C = x.shape[:-4], x.shape[-3]
+    lo, hi = x.transpose(-4, -3).reshape(*lead, C, -1).aminmax(dim=-1)
+    lo, hi = lo.view(*lead, 1, C, 1, 1), hi.view(*lead, 1, C, 1, 1)
     varies = hi > lo
     scale = torch.where(varies, 255.0 / (hi - lo).clamp_min(1e-6), torch.ones_like(hi))
     return (x - torch.where(varies, lo, torch.zeros_like(lo))).mul_(scale).clamp_(0, 255)
@@ -441,8 +446,8 @@ class TestTransform:
         return [normalize(uniform_crop(x, self.crop_size, p)) for p in positions]
 
 
-def load_test_views(path: str, num_frames: int, num_clips: int, transform: TestTransform) -> torch.Tensor:
-    """All test views of one video: (num_clips * num_crops, 3, T, S, S), clip-major."""
+def decode_test_clips(path: str, num_frames: int, num_clips: int) -> torch.Tensor:
+    """The frames of every test clip of one video: uint8 (num_clips, T, H, W, 3)."""
 
     def index_fn(n):
         out = []
@@ -451,10 +456,23 @@ def load_test_views(path: str, num_frames: int, num_clips: int, transform: TestT
         return out
 
     frames, rows_all = decode_video(path, index_fn)
-    views = []
-    for k in range(num_clips):
-        views += transform(frames[rows_all[k * num_frames:(k + 1) * num_frames]])
-    return torch.stack(views)
+    return frames[rows_all].view(num_clips, num_frames, *frames.shape[1:])
+
+
+def load_test_views(path: str, num_frames: int, num_clips: int, transform: TestTransform) -> torch.Tensor:
+    """All test views of one video: (num_clips * num_crops, 3, T, S, S), clip-major."""
+    clips = decode_test_clips(path, num_frames, num_clips)
+    return torch.stack([view for clip in clips for view in transform(clip)])
+
+
+@dataclass
+class DecodedClip:
+    """What a worker returns when the batched transform (uniformerv2/augment.py) runs after it: uint8
+    frames, (T, H, W, 3) for training or (num_clips, T, H, W, 3) for testing, and a training clip's random
+    choices, drawn as the CPU transform would have drawn them."""
+
+    frames: torch.Tensor
+    params: TrainParams | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,13 +485,14 @@ class VideoListDataset(torch.utils.data.Dataset):
     train=True: one randomly sampled, augmented clip per item, (3, T, S, S). The randomness is a pure
     function of (seed, epoch, index), so results do not depend on worker count, rank or resumption.
     train=False: all ``num_clips * num_crops`` test views of the video, (V, 3, T, S, S).
+    raw_frames=True: a ``DecodedClip`` instead (uint8 frames; the transform runs on the batch, augment.py).
     """
 
     def __init__(self, list_file: str, num_frames: int = 8, train: bool = True, crop_size: int = 224,
                  short_side: int | None = None, num_clips: int = 1, num_crops: int = 1,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
                  randaugment: str | None = None, root: str | None = None, seed: int = 0,
-                 max_retries: int = 10):
+                 max_retries: int = 10, raw_frames: bool = False):
         self.items = read_video_list(list_file, root)
         self.num_frames = num_frames
         self.train = train
@@ -481,6 +500,7 @@ class VideoListDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.max_retries = max_retries
+        self.raw_frames = raw_frames  # return DecodedClip: the transform runs on the batch (augment.py)
         self.train_transform = TrainTransform(crop_size, tuple(scale), tuple(ratio), flip, randaugment)
         self.test_transform = TestTransform(crop_size, short_side, num_crops)
         self._bad: dict[int, str] = {}  # per-process memo of unreadable items
@@ -496,7 +516,11 @@ class VideoListDataset(torch.utils.data.Dataset):
         path, label = self.items[index]
         if self.train:
             frames, rows = decode_video(path, lambda n: segment_indices(n, self.num_frames, -1, 1, rng))
+            if self.raw_frames:
+                return DecodedClip(frames[rows], self.train_transform.sample(*frames.shape[1:3], rng)), label
             return self.train_transform(frames[rows], rng), label
+        if self.raw_frames:
+            return DecodedClip(decode_test_clips(path, self.num_frames, self.num_clips)), label
         return load_test_views(path, self.num_frames, self.num_clips, self.test_transform), label
 
     def __getitem__(self, index: int) -> dict:
@@ -523,8 +547,14 @@ def collate_videos(batch: list[dict]) -> dict:
     """Stack samples; drop those whose video is None (unreadable, test mode). video is None if empty."""
     failed = [f for item in batch for f in item["failed"]]
     good = [item for item in batch if item["video"] is not None]
+    if good and isinstance(good[0]["video"], DecodedClip):
+        from .augment import ClipBatch
+
+        video = ClipBatch.collate([b["video"] for b in good])
+    else:
+        video = torch.stack([b["video"] for b in good]) if good else None
     return {
-        "video": torch.stack([b["video"] for b in good]) if good else None,
+        "video": video,
         "label": torch.tensor([b["label"] for b in good], dtype=torch.long),
         "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
         "failed": failed,
