@@ -54,6 +54,8 @@ DEFAULTS: dict = {
         "flip": True,
         "randaugment": None,       # e.g. "rand-m7-n4-mstd0.5-inc1"
         "num_workers": 0,
+        "augment_on": "auto",      # cpu: workers transform; gpu: workers decode, the step transforms the batch
+                                   # on its device (uniformerv2/augment.py); auto = gpu when running on CUDA
         "synthetic": {"train_size": 4096, "val_size": 512, "seed": 0, "noise": 12.0},
     },
     "optim": {
@@ -258,6 +260,7 @@ _RANGES = {
     "eval.batch_size": (1, True), "eval.num_clips": (1, True), "eval.num_crops": (1, True),
 }
 _CHOICES = {"train.amp": ("none", "fp16", "bf16"), "data.dataset": ("synthetic", "video_list"),
+            "data.augment_on": ("cpu", "gpu", "auto"),
             "eval.num_crops": (1, 3), "train.cuda_graph": (True, False, "auto")}
 
 
