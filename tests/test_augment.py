@@ -178,3 +178,57 @@ def test_video_dataset_same_seed_same_parameters_both_ways(tmp_path):
     torch.testing.assert_close(A.test_views(batch["video"], 24, 28, 3),
                                torch.stack([test_cpu[i]["video"] for i in range(3)]), rtol=0,
                                atol=RESAMPLE_ATOL / 255 / D.STD)
+
+
+def test_training_and_evaluation_with_the_transform_on_the_batch(tmp_path, monkeypatch):
+    """data.augment_on=gpu on a CPU: the workers decode, the step transforms; the same run as with the CPU
+    transform (the same parameters drawn, values equal to rounding), and evaluation gives the same results."""
+    pytest.importorskip("av", reason="PyAV (av) is not installed: real videos cannot be written or read")
+    import json
+
+    from uniformerv2 import evaluate, train
+    from uniformerv2.synthetic import write_videos
+
+    vids = tmp_path / "videos"
+    train_list, labels = write_videos(str(vids), 8, num_frames=16, resolution=40, codec="mpeg4")
+    val_list, _ = write_videos(str(vids), 4, num_frames=12, resolution=40, codec="libx264", split="val")
+    common = ["--preset", "synthetic", "data.dataset=video_list", f"data.train_list={train_list}",
+              f"data.val_list={val_list}", f"data.labels={labels}", "data.short_side=36",
+              "data.randaugment=rand-m7-n4-mstd0.5-inc1", "model.overrides={width: 32, layers: 2, heads: 1, "
+              "patch_size: 8, return_list: [0, 1]}", "data.num_frames=4", "data.crop_size=32",
+              "train.progress=false", "train.log_every=1", "train.batch_size=4", "train.max_steps=2",
+              "train.epochs=1", "eval.num_clips=2", "eval.num_crops=3", "eval.batch_size=2"]
+    calls = {"train_views": 0, "test_views": 0}
+
+    def counted(name):
+        real = getattr(A, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(A, name, counted(name))
+    runs = {}
+    for where, workers in (("cpu", 0), ("gpu", 1)):
+        out = tmp_path / where
+        assert train.main([*common, "--output-dir", str(out), f"data.augment_on={where}",
+                           f"data.num_workers={workers}"]) == 0
+        with open(out / "metrics.jsonl") as fh:
+            runs[where] = [json.loads(line) for line in fh]
+    assert calls == {"train_views": 2, "test_views": 2}  # the gpu run: 2 steps, 2 validation batches
+    losses = {w: [r["loss"] for r in rows if r["kind"] == "train"] for w, rows in runs.items()}
+    assert len(losses["gpu"]) == 2
+    assert losses["gpu"] == pytest.approx(losses["cpu"], rel=1e-4)
+    val = {w: [r for r in rows if r["kind"] == "val"][0] for w, rows in runs.items()}
+    assert val["gpu"]["acc1"] == val["cpu"]["acc1"] and val["gpu"]["loss"] == pytest.approx(val["cpu"]["loss"], rel=1e-4)
+    results = {}
+    for where in ("cpu", "gpu"):
+        assert evaluate.main(["--checkpoint", str(tmp_path / "gpu" / "last.pt"), "--output-dir",
+                              str(tmp_path / f"eval_{where}"), "--no-progress", f"data.augment_on={where}"]) == 0
+        results[where] = json.loads((tmp_path / f"eval_{where}" / "results.json").read_text())
+    assert calls["test_views"] == 4
+    assert results["gpu"]["n"] == 4 and results["gpu"]["views"] == "2x3"
+    assert results["gpu"]["confusion"] == results["cpu"]["confusion"]
+    assert results["gpu"]["loss"] == pytest.approx(results["cpu"]["loss"], rel=1e-4)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as du
+from .augment import to_device
 from .data import FailureReporter, read_labels
 from .runtime import ShardSampler, autocast_context, build_dataset, make_loader, progress_bar, resolve_fused
 
@@ -68,7 +69,7 @@ def evaluate_model(model: nn.Module, dataset, cfg: dict, info: du.DistInfo, num_
         bar.update(1)
         if batch["video"] is None:
             continue
-        video = batch["video"].to(device, non_blocking=True)
+        video = to_device(batch["video"], device, cfg, train=False)  # augment_on=gpu: views made there
         if video.dim() == 5:  # one view per video
             video = video.unsqueeze(1)
         b, v = video.shape[:2]
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
         try:  # a missing file or a bad setting: a usage error, not a traceback
             model, cfg, names = load_trained(args.checkpoint, overrides, args.config, args.model, info.device,
                                              args.fused)
-            dataset = build_dataset(cfg, train=False)
+            dataset = build_dataset(cfg, train=False, device=info.device)
         except USER_ERRORS as exc:
             build_parser().error(error_message(exc))
         num_classes = model.transformer.proj[2].out_features

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
+from .augment import resolve_augment_on
 from .data import VideoListDataset, collate_videos, read_labels
 from .synthetic import MovingShapes
 
@@ -52,7 +53,10 @@ class ShardSampler(torch.utils.data.Sampler):
         return max(0, len(self._indices()) - self.skip)
 
 
-def build_dataset(cfg: dict, train: bool, list_file: str | None = None, num_views: int | None = None):
+def build_dataset(cfg: dict, train: bool, list_file: str | None = None, num_views: int | None = None,
+                  device: torch.device | None = None):
+    """``device``: where the batches go; with ``data.augment_on`` resolving to gpu there, the workers only
+    decode and ``augment.to_device`` transforms each batch on it."""
     d = cfg["data"]
     if d["dataset"] == "synthetic":
         s = d["synthetic"]
@@ -68,7 +72,7 @@ def build_dataset(cfg: dict, train: bool, list_file: str | None = None, num_view
         list_file, num_frames=d["num_frames"], train=train, crop_size=d["crop_size"],
         short_side=d["short_side"], num_clips=e["num_clips"], num_crops=e["num_crops"], scale=d["scale"],
         ratio=d["ratio"], flip=d["flip"], randaugment=d["randaugment"], root=d["root"],
-        seed=cfg["train"]["seed"])
+        seed=cfg["train"]["seed"], raw_frames=resolve_augment_on(cfg, device or torch.device("cpu")) == "gpu")
 
 
 def class_names(cfg: dict, dataset) -> list[str] | None:

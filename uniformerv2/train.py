@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as du
+from .augment import to_device
 from .checkpointing import atomic_save, rng_state, set_rng_state
 from .cuda_graph import GraphedTrainStep, resolve_train_cuda_graph
 from .data import FailureReporter
@@ -171,9 +172,9 @@ class Trainer:
 
     def _set_up_data(self) -> None:
         cfg, info, t_cfg = self.cfg, self.info, self.t_cfg
-        self.train_set = build_dataset(cfg, train=True)
+        self.train_set = build_dataset(cfg, train=True, device=self.device)
         has_val = self.d_cfg["dataset"] == "synthetic" or self.d_cfg["val_list"]
-        self.val_set = build_dataset(cfg, train=False) if has_val else None
+        self.val_set = build_dataset(cfg, train=False, device=self.device) if has_val else None
         self.num_classes = cfg["model"]["num_classes"] or self.train_set.num_classes
         self.names = class_names(cfg, self.train_set)
         self.global_batch = int(t_cfg["batch_size"])
@@ -329,7 +330,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> torch.Tensor:
         """One optimizer step on ``batch``; returns the loss (on the device)."""
-        video = batch["video"].to(self.device, non_blocking=True)
+        video = to_device(batch["video"], self.device, self.cfg, train=True)  # augment_on=gpu: transformed there
         label = batch["label"].to(self.device, non_blocking=True)
         if self.graphed_step is not None:
             loss = self.graphed_step(video, label)  # rewrites the gradients: no zero_grad
