@@ -1,4 +1,8 @@
-"""Checkpoint formats, strict key reports, CLIP initialisation and the K710 head mapping."""
+"""Checkpoint formats, strict key reports, CLIP initialisation, the K710 head mapping, and files that must
+not load (code in a pickle, unreadable bytes)."""
+
+import re
+import warnings
 
 import pytest
 import torch
@@ -175,3 +179,85 @@ def test_k710_head_mapping():
     assert torch.equal(out["transformer.proj.2.weight"], big["transformer.proj.2.weight"][:400])
     with pytest.raises(ValueError, match="out of range"):
         uniformerv2.map_k710_head(big, [710])
+
+
+# ---------------------------------------------------------------------------------------- files from users
+
+
+class CreatesAFile:
+    """Unpickling this calls open(path, "w"): what a malicious checkpoint could do with any callable."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_whose_unpickling_runs_code_is_refused(tmp_path):
+    from uniformerv2.evaluate import load_trained
+
+    target = tmp_path / "created_by_the_checkpoint"
+    src = tiny()
+    path = tmp_path / "evil.pth"
+    torch.save({"model_state": src.state_dict(), "payload": CreatesAFile(target)}, path)
+    for load in (lambda: uniformerv2.load_checkpoint(tiny(), path), lambda: uniformerv2.load_clip(tiny(), path),
+                 lambda: load_trained(str(path), model_name="tiny")):
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: refused to load: unpickling it would "
+                                                  "call io.open"):
+            load()
+        assert not target.exists()
+
+
+def test_an_openai_torchscript_clip_archive_loads(tmp_path):
+    """OpenAI ships CLIP as TorchScript archives: one is made here with OpenAI's key names (visual and text
+    towers) and every visual tensor must arrive unchanged."""
+
+    class Tree(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    clip = synthetic_clip()
+    clip["logit_scale"] = torch.tensor(4.6)
+    archive = Tree()
+    for key, value in clip.items():
+        *path, name = key.split(".")
+        module = archive
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, Tree())
+            module = getattr(module, part)
+        module.register_parameter(name, torch.nn.Parameter(value.clone()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; OpenAI's files exist
+        torch.jit.script(archive).save(str(tmp_path / "ViT-B-16.pt"))
+    model = tiny()
+    loaded = uniformerv2.load_clip(model, tmp_path / "ViT-B-16.pt")
+    sd = model.state_dict()
+    visual = {k[len("visual."):]: v for k, v in clip.items() if k.startswith("visual.")}
+    expected = sorted(k for k in visual if k != "proj" and not k.startswith("ln_post."))
+    assert loaded == expected
+    for k in expected:
+        if k == "conv1.weight":
+            assert torch.equal(sd[k][:, :, 1], visual[k]), k  # inflated in time, the middle slice
+        else:
+            assert torch.equal(sd[k], visual[k]), k
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "empty file, expected a PyTorch checkpoint"),
+    (bytes(range(256)) * 4, "not a PyTorch checkpoint"),
+    (b"PK\x03\x04" + bytes(200), "not a readable PyTorch checkpoint"),  # a zip header, then nothing
+])
+def test_an_unreadable_checkpoint_file_is_named(tmp_path, content, expected):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    for load in (uniformerv2.load_checkpoint, uniformerv2.load_clip):
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {expected}"):
+            load(tiny(), path)
+
+
+def test_a_non_dict_checkpoint_is_named(tmp_path):
+    torch.save([torch.ones(1)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path / 'list.pth'))}: expected a state dict"):
+        uniformerv2.load_checkpoint(tiny(), tmp_path / "list.pth")

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from uniformerv2 import evaluate, predict, runtime, train
+from uniformerv2.loading import read_checkpoint_file
 from uniformerv2.recipes import PRESETS, build_config, parse_override
 from uniformerv2.synthetic import CLASSES, write_videos
 
@@ -207,6 +208,78 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(v, sb["model_state"][k]), k
     for k, v in sa["optimizer_state"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], sb["optimizer_state"]["state"][k]["exp_avg_sq"])
+
+
+class Killed(BaseException):
+    """Stands for a kill -9: not an Exception, so nothing on the way out handles it."""
+
+
+LIFECYCLE = ["--preset", "synthetic", *TINY, "model.overrides.no_lmhra=true", "data.synthetic.train_size=12",
+             "data.synthetic.val_size=4", "train.batch_size=4", "train.epochs=2", "eval.batch_size=4",
+             "optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0"]
+
+
+def _kill_at(monkeypatch, where: str, call: int) -> None:
+    """Raises Killed in the ``call``-th (1-based) validation, or half-way through writing the ``call``-th
+    ``last.pt`` / ``best.pt``."""
+    calls = []
+    if where == "validation":
+        real = train.evaluate_model
+
+        def evaluate_model(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:
+                raise Killed
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train, "evaluate_model", evaluate_model)
+        return
+    real_save = torch.save
+
+    def save(obj, fh, *args, **kwargs):
+        if os.path.basename(getattr(fh, "name", "")).startswith(where + ".tmp."):
+            calls.append(1)
+            if len(calls) == call:
+                fh.write(b"half a checkpoint")
+                raise Killed
+        return real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train.main([*LIFECYCLE, "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("where, call", [("validation", 1), ("best.pt", 1), ("last.pt", 2)])
+def test_an_interrupted_run_resumes_to_the_same_best_checkpoint(tmp_path, monkeypatch, uninterrupted_run, where,
+                                                                call):
+    """Killed during a validation or while writing a checkpoint, then resumed: best.pt, the validation rows and
+    the best top-1 are those of the run that was never interrupted, and no temporary file is left. With lr 0
+    every validation scores the same, so a later one must never replace the first best.pt."""
+    straight, split = uninterrupted_run, tmp_path / "split"
+    with monkeypatch.context() as patch:
+        _kill_at(patch, where, call)
+        with pytest.raises(Killed):
+            train.main([*LIFECYCLE, "--output-dir", str(split)])
+    assert bool(glob.glob(str(split / "*.tmp.*"))) == (where != "validation")  # what the kill left
+    assert train.main([*LIFECYCLE, "--output-dir", str(split), "--resume"]) == 0
+    assert not glob.glob(str(split / "*.tmp.*"))
+    a, b = read_checkpoint_file(straight / "best.pt"), read_checkpoint_file(split / "best.pt")
+    assert (b["epoch"], b["global_step"], b["best_acc1"]) == (a["epoch"], a["global_step"], a["best_acc1"]) == (
+        1, 3, a["best_acc1"])
+    for k, v in a["model_state"].items():
+        assert torch.equal(v, b["model_state"][k]), k
+    for k, v in a["optimizer_state"]["state"].items():
+        assert torch.equal(v["exp_avg"], b["optimizer_state"]["state"][k]["exp_avg"]), k
+    key = ("epoch", "step", "acc1", "loss")
+    assert [[r[k] for k in key] for r in _rows(split, "val")] == [[r[k] for k in key] for r in _rows(straight, "val")]
+    assert [r["step"] for r in _rows(split, "val")] == [3, 6]
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["best_acc1"] == a["best_acc1"]
 
 
 def test_a_non_finite_loss_stops_training(tmp_path):

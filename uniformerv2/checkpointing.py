@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import random
 
 import numpy as np
 import torch
+
+from .loading import read_checkpoint_file
+
+logger = logging.getLogger("uniformerv2")
 
 
 def rng_state() -> dict:
@@ -40,3 +46,22 @@ def atomic_save(obj, path: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
+
+def remove_stale_temporaries(out_dir: str) -> None:
+    """Deletes the ``*.pt.tmp.<pid>`` files an interrupted ``atomic_save`` left (each as large as a checkpoint).
+    Called as a run starts in ``out_dir``, which one run at a time writes."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*"))):
+        os.remove(path)
+        logger.info("removed %s, left by an interrupted checkpoint save", path)
+
+
+def saved_best(out_dir: str, up_to_step: int) -> float | None:
+    """The top-1 stored in ``out_dir``/best.pt when that file was saved at or before ``up_to_step`` (a
+    resumed run's position), else None. Only the metadata is read (the tensors are memory-mapped)."""
+    path = os.path.join(out_dir, "best.pt")
+    if not os.path.exists(path):
+        return None
+    best = read_checkpoint_file(path, mmap=True)
+    if not isinstance(best, dict) or int(best.get("global_step", up_to_step + 1)) > up_to_step:
+        return None
+    return float(best["best_acc1"])

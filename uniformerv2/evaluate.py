@@ -32,6 +32,7 @@ import torch.nn as nn
 from . import distributed as du
 from .augment import to_device
 from .data import FailureReporter, read_labels
+from .loading import read_checkpoint_file
 from .runtime import ShardSampler, autocast_context, build_dataset, make_loader, progress_bar, resolve_fused
 
 logger = logging.getLogger("uniformerv2")
@@ -172,7 +173,7 @@ def load_trained(checkpoint: str, cfg_overrides: list[str] | None = None, config
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint_file(checkpoint)
     ours = isinstance(ckpt, dict) and "model_build" in ckpt and "model_state" in ckpt
     if ours:
         cfg = merge(DEFAULTS, {k: v for k, v in ckpt["cfg"].items()})

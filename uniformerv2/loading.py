@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
+import zipfile
 from typing import Mapping, Sequence
 
 import torch
@@ -23,31 +26,81 @@ class CheckpointError(RuntimeError):
     """A checkpoint does not fit the model; the message lists every offending key."""
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling numpy arrays, scalars and their dtypes calls (training checkpoints hold numpy's RNG
+    state): array and scalar reconstruction build data only, never call user code."""
+    import numpy as np
+
+    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                           np.uint32, np.uint64, np.float16, np.float32, np.float64)]
+    return [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, np.float64(0).__reduce__()[0], *dtypes]
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """A TorchScript archive (OpenAI's CLIP releases): a zip holding compiled code beside the weights."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def read_checkpoint_file(path, mmap: bool = False) -> object:
+    """What the checkpoint file ``path`` holds, read without running any code from it: ``torch.load`` with
+    ``weights_only=True`` (tensors, numbers, strings, containers and numpy arrays only), or, for a TorchScript
+    archive, its state dict (read on the CPU). A missing file is a FileNotFoundError; anything else that keeps
+    the file from loading is a CheckpointError naming the file. ``mmap``: map the tensors instead of reading
+    them (for a look at the metadata of a large file)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file, expected a PyTorch checkpoint")
+    if _is_torchscript_archive(path):
+        try:
+            with warnings.catch_warnings():  # torch.jit.load is deprecated, but it is how these archives load
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as exc:  # noqa: BLE001 - any failure inside the archive means "unreadable"
+            raise CheckpointError(f"{path}: cannot read this TorchScript archive: {_first_line(exc)}") from exc
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if unsafe:
+            raise CheckpointError(f"{path}: refused to load: unpickling it would call {unsafe.group(1)} (only "
+                                  "tensors, numbers, strings, containers and numpy arrays are read)") from exc
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (its contents do not unpickle)") from exc
+    except Exception as exc:  # noqa: BLE001 - a torn zip, a truncated pickle, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from exc
+
+
 def _read(path_or_state_dict) -> dict:
     if isinstance(path_or_state_dict, Mapping):
         return dict(path_or_state_dict)
-    path = os.fspath(path_or_state_dict)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except RuntimeError as exc:
-        # OpenAI's CLIP releases are TorchScript archives.
-        try:
-            return torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception:
-            raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    return read_checkpoint_file(path_or_state_dict)
 
 
-def _unwrap(obj) -> dict:
+def _source(path_or_state_dict) -> str:
+    """How messages name a checkpoint: its file, or "the state dict" when one was passed."""
+    return "the state dict" if isinstance(path_or_state_dict, Mapping) else os.fspath(path_or_state_dict)
+
+
+def _unwrap(obj, source: str) -> dict:
     """Finds the state dict inside the container formats users hold."""
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
+        raise CheckpointError(f"{source}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
     for key in ("model_state", "state_dict", "model", "module"):
         if key in obj and isinstance(obj[key], Mapping):
             return dict(obj[key])
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"no tensors found in the checkpoint; its top-level keys are {sorted(obj)[:10]}")
+        raise CheckpointError(f"{source}: no tensors found in the checkpoint; its top-level keys are "
+                              f"{sorted(obj)[:10]}")
     return dict(obj)
 
 
@@ -101,7 +154,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
     lists them all; with strict=False the matching tensors load and the report is returned (and warned).
     BatchNorm `num_batches_tracked` counters may be absent (older checkpoints) without complaint.
     """
-    state = normalise_keys(_unwrap(_read(path_or_state_dict)))
+    state = normalise_keys(_unwrap(_read(path_or_state_dict), _source(path_or_state_dict)))
     _adapt_positional_embedding(state, model)
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -136,7 +189,7 @@ def load_clip(model: nn.Module, path_or_state_dict) -> list[str]:
     embedding is interpolated when the resolution differs. Every other CLIP key must exist in the model
     with the right shape, else a CheckpointError names it.
     """
-    raw = _unwrap(_read(path_or_state_dict))
+    raw = _unwrap(_read(path_or_state_dict), _source(path_or_state_dict))
     if any(k.startswith("visual.") for k in raw):
         raw = {k[len("visual."):]: v for k, v in raw.items() if k.startswith("visual.")}
     state = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)

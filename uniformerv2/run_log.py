@@ -17,7 +17,9 @@ class MetricsLog:
 
     FIELDS = ["kind", "epoch", "step", "loss", "lr", "clips_per_s", "data_wait", "acc1", "acc5", "time_s"]
 
-    def __init__(self, out_dir: str, enabled: bool, resume_step: int | None = None):
+    def __init__(self, out_dir: str, enabled: bool, resume_step: int | None = None, redo_val: bool = False):
+        """``resume_step``: keep the rows up to that step of an earlier run in the folder; ``redo_val``: except
+        a validation row at that step (the validation runs again)."""
         self.enabled = enabled
         self.jsonl = os.path.join(out_dir, "metrics.jsonl")
         self.csv = os.path.join(out_dir, "metrics.csv")
@@ -25,7 +27,8 @@ class MetricsLog:
         if enabled and resume_step is not None and os.path.exists(self.jsonl):
             with open(self.jsonl) as fh:
                 rows = [json.loads(line) for line in fh if line.strip()]
-            self.rows = [r for r in rows if r["step"] <= resume_step]
+            self.rows = [r for r in rows if r["step"] < resume_step or (
+                r["step"] == resume_step and not (redo_val and r["kind"] == "val"))]
         if enabled:
             with open(self.jsonl, "w") as fh:
                 for r in self.rows:

@@ -32,10 +32,11 @@ import torch.nn as nn
 
 from . import distributed as du
 from .augment import to_device
-from .checkpointing import atomic_save, rng_state, set_rng_state
+from .checkpointing import atomic_save, remove_stale_temporaries, rng_state, saved_best, set_rng_state
 from .cuda_graph import GraphedTrainStep, resolve_train_cuda_graph
 from .data import FailureReporter
 from .evaluate import evaluate_model
+from .loading import CheckpointError, read_checkpoint_file
 from .recipes import PRESETS, USER_ERRORS, build_config, error_message, save_config
 from .run_log import DataWait, MetricsLog, plot_curves
 from .runtime import (ShardSampler, autocast_context, build_dataset, class_names, make_loader, model_from_config,
@@ -153,10 +154,6 @@ class Trainer:
         self.cfg, self.info, self.device = cfg, info, info.device
         self.t_cfg, self.o_cfg, self.d_cfg = cfg["train"], cfg["optim"], cfg["data"]
         self.out_dir = self.t_cfg["output_dir"]
-        if info.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
-        du.barrier(info)
         self.seed = int(self.t_cfg["seed"])
         torch.manual_seed(self.seed)
         np.random.seed(self.seed)
@@ -165,6 +162,7 @@ class Trainer:
         self._set_up_model()
         # the run's position: where the next step starts and the best validation so far (restore() moves it)
         self.start_epoch, self.start_step, self.global_step, self.best_acc1 = 0, 0, 0, -1.0
+        self.eval_due = False  # the checkpoint resumed from was saved just before a validation that did not end
         self.stop = False  # train.max_steps reached
         self.last_eval = None  # the global step of the latest validation
         self.rank_losses: list[float] = []  # train.rank_report: this rank's own loss at every step
@@ -205,7 +203,8 @@ class Trainer:
     def restore(self, resume: str | None) -> None:
         """Continues from the checkpoint ``resume`` ('auto': <output_dir>/last.pt if present) or gives each rank
         its own dropout / drop-path stream; then wraps the model (after loading: constructing DDP broadcasts
-        rank 0's weights to every rank) and opens the metrics log."""
+        rank 0's weights to every rank); then writes the configuration into the output folder and opens the
+        metrics log (nothing is written there before: a run that cannot start leaves the folder as it was)."""
         info = self.info
         rng_restore = None
         if resume == "auto":  # decided on rank 0 (node-local folders or a stale NFS cache could disagree)
@@ -218,18 +217,33 @@ class Trainer:
         if rng_restore is not None:
             set_rng_state(rng_restore)
         self._wrap_model()
-        self.metrics = MetricsLog(self.out_dir, info.is_main, resume_step=self.global_step if resume else None)
+        if info.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
+            save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+        du.barrier(info)
+        self.metrics = MetricsLog(self.out_dir, info.is_main, resume_step=self.global_step if resume else None,
+                                  redo_val=self.eval_due)
 
     def _load_checkpoint(self, path: str) -> dict:
         """Loads the run state of ``path``; returns this rank's RNG state to continue with."""
         info = self.info
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint_file(path)
+        if not isinstance(ckpt, dict) or not {"model_state", "optimizer_state", "rng"} <= set(ckpt):
+            raise CheckpointError(f"{path}: not a uniformerv2-train checkpoint (it holds no optimizer and RNG state "
+                                  "to resume from); model.pretrained=FILE starts a run from its weights")
         self.core.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch, self.start_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
         self.global_step, self.best_acc1 = int(ckpt["global_step"]), float(ckpt.get("best_acc1", -1.0))
+        self.eval_due = bool(ckpt.get("eval_due", False))
+        # a checkpoint saved just before a validation holds the best top-1 as it was before it; best.pt, saved
+        # by that validation when it improved, holds the newer one
+        best = saved_best(self.out_dir, self.global_step)
+        if best is not None:
+            self.best_acc1 = max(self.best_acc1, best)
         states = ckpt["rng"]
         if len(states) != info.world_size:
             logger.warning("checkpoint has RNG states of %d ranks, running %d: RNG streams will differ",
@@ -268,14 +282,18 @@ class Trainer:
         eval_every = int(self.t_cfg["eval_every"] or 0)
         self.data_wait = DataWait(warn=self.info.is_main, num_workers=int(self.d_cfg["num_workers"]))
         self.t_start = time.time()
+        if self.eval_due:
+            self.validate(self.start_epoch - 1)
         epoch = self.start_epoch
         for epoch in range(self.start_epoch, epochs):
             step_in_epoch = self.train_epoch(epoch)
             if self.stop and step_in_epoch < self.iters_per_epoch:
                 self.save(epoch, step_in_epoch)
                 break
-            self.save(epoch + 1, 0)
-            if eval_every and (epoch + 1) % eval_every == 0:
+            due = self.val_set is not None and bool(eval_every) and (epoch + 1) % eval_every == 0
+            # marked so that a resume from it validates first should this validation not finish
+            self.save(epoch + 1, 0, eval_due=due)
+            if due:
                 self.validate(epoch)
             if self.stop:
                 break
@@ -367,8 +385,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
-    def save(self, epoch: int, step_in_epoch: int, name: str = "last.pt") -> None:
-        """The run's state (rank 0 writes it; every rank takes part) as ``name`` in the output folder."""
+    def save(self, epoch: int, step_in_epoch: int, name: str = "last.pt", eval_due: bool = False) -> None:
+        """The run's state (rank 0 writes it; every rank takes part) as ``name`` in the output folder;
+        ``eval_due``: a validation of this state follows (a run resumed from it does that validation first)."""
         info = self.info
         du.broadcast_buffers(self.core, info)  # the checkpoint holds rank 0's; every rank continues with them
         states = du.all_gather_objects(rng_state(), info)
@@ -378,6 +397,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
                 "step_in_epoch": step_in_epoch, "global_step": self.global_step, "rng": states,
                 "best_acc1": self.best_acc1, "cfg": self.cfg, "model_build": self.build_args, "classes": self.names,
+                "eval_due": eval_due,
             }, os.path.join(self.out_dir, name))
         du.barrier(info)
 

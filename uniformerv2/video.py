@@ -118,6 +118,12 @@ def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], uniqu
     return got
 
 
+# A header may count a frame or two more than decode (a container's count of packets, say): such a clip is
+# sampled on the frames it has. A larger shortfall is a file cut short, whose missing frames no copy of another
+# frame may stand in for.
+_HEADER_SLACK_FRAMES = 2
+
+
 def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
     """Decode the frames that ``index_fn(num_frames) -> list[int]`` asks for.
 
@@ -126,31 +132,37 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
     short GOPs: ``python -m uniformerv2.reencode``), decoding jumps to the keyframe before a wanted frame
     wherever that skips enough frames (``_seek_plan``); otherwise, or if the packets and the decoded frames disagree,
     frames are decoded sequentially up to the largest index (what FFmpeg does anyway for sparse sampling of
-    a short clip with few keyframes). Both give the same frames. If the header's frame count was too high,
-    missing indices fall back to the last decoded frame.
+    a short clip with few keyframes). Both give the same frames. A video whose stream ends more than
+    ``_HEADER_SLACK_FRAMES`` before the frame count in its header is truncated: VideoDecodeError.
     """
     container, stream = open_video_stream(path)
     try:
         n = int(stream.frames or 0)
         decoded = None
         if n <= 0:  # unknown length (webm has none in its header): decode everything once, convert to RGB
-            decoded = list(container.decode(stream))  # only the wanted frames (half the time for 16 of 48)
+            decoded = _decode_all(container, stream)  # only the wanted frames (half the time for 16 of 48)
             n = len(decoded)
-            if n == 0:
-                raise VideoDecodeError("no frames decoded")
         wanted = index_fn(n)
         unique = sorted(set(wanted))
-        arrays = None
-        if decoded is not None:
-            arrays = [decoded[i].to_ndarray(format="rgb24") for i in unique]
-        else:
+        if decoded is None:
             index = _frame_index(container, stream)
+            arrays = None
             if index is not None and len(index[0]) == n and len(index[1]) > 1:
                 arrays = _decode_by_seeking(container, stream, index[0], index[1], unique)
             if arrays is None:  # sequential, from the start (a fresh container: no seek state to undo)
                 container.close()
                 container, stream = open_video_stream(path)
-                arrays = _decode_sequentially(container, stream, unique)
+                arrays, count = _decode_sequentially(container, stream, unique)
+                if arrays is None:  # the stream ended before the last wanted frame
+                    if n - count > _HEADER_SLACK_FRAMES:
+                        raise VideoDecodeError(f"truncated: its header promises {n} frames, {count} decode")
+                    container.close()
+                    container, stream = open_video_stream(path)
+                    decoded = _decode_all(container, stream)
+                    wanted = index_fn(len(decoded))
+                    unique = sorted(set(wanted))
+        if decoded is not None:
+            arrays = [decoded[i].to_ndarray(format="rgb24") for i in unique]
     except VideoDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt stream, bad packet, ...
@@ -162,22 +174,25 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
     return frames, [row[i] for i in wanted]
 
 
-def _decode_sequentially(container, stream, unique: list[int]) -> list:
-    """The frames ``unique`` (sorted display indices), decoding every frame up to the last one."""
+def _decode_all(container, stream) -> list:
+    frames = list(container.decode(stream))
+    if not frames:
+        raise VideoDecodeError("no frames decoded")
+    return frames
+
+
+def _decode_sequentially(container, stream, unique: list[int]) -> tuple[list | None, int]:
+    """(the frames ``unique`` (sorted display indices), the number of frames decoded), decoding every frame
+    up to the last one; (None, every frame the stream has) when it ends before that one."""
     want = set(unique)
     got: dict[int, np.ndarray] = {}
-    last_frame, last_i = None, -1
+    count = 0
     for i, frame in enumerate(container.decode(stream)):
         if i in want:
             got[i] = frame.to_ndarray(format="rgb24")
-        last_frame, last_i = frame, i
+        count = i + 1
         if i >= unique[-1]:
-            break
-    if last_frame is None:
+            return [got[i] for i in unique], count
+    if count == 0:
         raise VideoDecodeError("no frames decoded")
-    missing = [i for i in unique if i not in got]
-    if missing:  # the header overestimated the length: repeat the last decoded frame
-        fallback = got[last_i] if last_i in got else last_frame.to_ndarray(format="rgb24")
-        for i in missing:
-            got[i] = fallback
-    return [got[i] for i in unique]
+    return None, count
