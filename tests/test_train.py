@@ -330,6 +330,42 @@ def test_time_spent_waiting_for_data_is_logged_and_warned_about(tmp_path, monkey
     assert len(warnings) == warned and all("data.num_workers (now 0)" in w for w in warnings), warnings
 
 
+def test_the_log_summarises_the_run_and_keeps_clear_of_the_progress_bar(tmp_path, caplog, monkeypatch):
+    """Without the bar: a start-up summary (data, device, model, batch, steps) and every log window's metrics
+    in the log. With the bar: log records are written through tqdm (above the bar), not over it."""
+    import logging
+
+    from tqdm import std
+
+    args = ["--preset", "synthetic", *TINY, "train.batch_size=4", "train.max_steps=2", "train.epochs=1",
+            "data.synthetic.train_size=8", "data.synthetic.val_size=4", "eval.batch_size=4"]
+    with caplog.at_level("INFO", logger="uniformerv2"):
+        assert train.main([*args, "--output-dir", str(tmp_path / "plain")]) == 0
+    log = [r.getMessage() for r in caplog.records]
+    for start in ("data: 8 training videos, 4 validation videos, 4 classes (synthetic)",
+                  "device: cpu, 1 process, amp none", "batch 4 (4 per process), 2 steps per epoch, 1 epochs: 2 steps, "
+                  "from step 0"):
+        assert any(m.startswith(start) for m in log), (start, log)
+    assert any(m.startswith("model: tiny, ") and m.endswith("reference PyTorch ops") for m in log), log
+    window = r"epoch 1 step \d: loss \d+\.\d{4} lr [\d.e+-]+ [\d.]+ clips/s, \d+% waiting for data"
+    windows = [m for m in log if re.fullmatch(window, m)]
+    assert len(windows) == 2, log
+
+    written = []
+    monkeypatch.setattr(std.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False:
+                                                       written.append(s)))
+    console = logging.StreamHandler(sys.stderr)  # what logging.basicConfig installs outside pytest
+    logging.getLogger().addHandler(console)
+    caplog.clear()
+    try:
+        with caplog.at_level("INFO", logger="uniformerv2"):
+            assert train.main([*args, "train.progress=true", "--output-dir", str(tmp_path / "bar")]) == 0
+    finally:
+        logging.getLogger().removeHandler(console)
+    assert any("data: 8 training videos" in s for s in written), written
+    assert not any(re.match(r"epoch 1 step \d: loss", r.getMessage()) for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------- torchrun
 
 

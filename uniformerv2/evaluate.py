@@ -33,7 +33,8 @@ from . import distributed as du
 from .augment import to_device
 from .data import FailureReporter, read_labels
 from .loading import read_checkpoint_file
-from .runtime import ShardSampler, autocast_context, build_dataset, make_loader, progress_bar, resolve_fused
+from .runtime import (INPUT_ERRORS, ShardSampler, at_least_one, autocast_context, build_dataset, check_data_files,
+                      input_error_message, make_loader, progress_bar, resolve_fused)
 
 logger = logging.getLogger("uniformerv2")
 
@@ -107,8 +108,8 @@ def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor, num_classes: i
     n = len(labels)
     if n == 0:
         return {"n": 0, "acc1": float("nan"), "acc5": float("nan"), "loss": float("nan"),
-                "per_class": [None] * num_classes, "confusion": [[0] * num_classes for _ in range(num_classes)],
-                "predictions": []}
+                "mean_class_acc": float("nan"), "per_class": [None] * num_classes,
+                "confusion": [[0] * num_classes for _ in range(num_classes)], "predictions": []}
     k = min(5, num_classes)
     top = probs.topk(k, dim=-1).indices
     acc1 = (top[:, 0] == labels).float().mean().item() * 100
@@ -257,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", help="`path label` list of test videos (default: the run's validation data)")
     p.add_argument("--root", help="folder the listed paths are relative to")
     p.add_argument("--labels", help="class names, one per line")
-    p.add_argument("--clips", type=int, help="temporal views per video")
+    p.add_argument("--clips", type=at_least_one, help="temporal views per video")
     p.add_argument("--crops", type=int, choices=(1, 3), help="spatial views per clip")
-    p.add_argument("--batch-size", type=int, help="videos per batch and process")
+    p.add_argument("--batch-size", type=at_least_one, help="videos per batch and process")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--model", help="model name, for checkpoints not written by uniformerv2-train")
     p.add_argument("--config", help="YAML with data settings (for foreign checkpoints)")
@@ -271,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error(f"argument --num-workers: expected an integer >= 0, got {args.num_workers}")
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     overrides = list(args.overrides)
@@ -292,16 +296,18 @@ def main(argv=None) -> int:
     info = du.setup()
     ok = False
     try:
-        from .recipes import USER_ERRORS, error_message
-
         try:  # a missing file or a bad setting: a usage error, not a traceback
             model, cfg, names = load_trained(args.checkpoint, overrides, args.config, args.model, info.device,
                                              args.fused)
+            check_data_files(cfg, ("val",))
             dataset = build_dataset(cfg, train=False, device=info.device)
-        except USER_ERRORS as exc:
-            build_parser().error(error_message(exc))
+        except INPUT_ERRORS as exc:
+            parser.error(input_error_message(exc))
         num_classes = model.transformer.proj[2].out_features
         result = evaluate_model(model, dataset, cfg, info, num_classes, progress=not args.no_progress)
+        if result["n"] == 0:
+            parser.error(f"data.val_list={cfg['data']['val_list']}: none of its {len(result['skipped'])} videos "
+                         "could be read (each is named in a warning above)")
         if info.is_main:
             out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
             os.makedirs(out_dir, exist_ok=True)

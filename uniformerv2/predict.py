@@ -18,7 +18,7 @@ import sys
 import torch
 
 from .data import TestTransform, load_test_views, read_labels
-from .runtime import autocast_context
+from .runtime import INPUT_ERRORS, at_least_one, autocast_context, input_error_message, require_file
 from .video import VideoDecodeError
 
 
@@ -41,33 +41,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("videos", nargs="+")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--labels", help="class names, one per line (default: the names stored in the checkpoint)")
-    p.add_argument("--clips", type=int)
+    p.add_argument("--clips", type=at_least_one)
     p.add_argument("--crops", type=int, choices=(1, 3))
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=at_least_one, default=5)
     p.add_argument("--model", help="model name, for checkpoints not written by uniformerv2-train")
     p.add_argument("--config", help="YAML with data settings (for foreign checkpoints)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--fused", default="auto", help="auto | true | false")
-    p.add_argument("--json", action="store_true", help="print one JSON object per video")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per video (an unreadable one: its path and the error)")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .evaluate import load_trained
-    from .recipes import USER_ERRORS, error_message
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device}: expected auto, cpu, cuda or cuda:N")
     try:  # a missing file or a bad setting: a usage error, not a traceback
-        model, cfg, names = load_trained(args.checkpoint, [], args.config, args.model, device,
-                                         args.fused if device.type == "cuda" else False)
-    except USER_ERRORS as exc:
-        build_parser().error(error_message(exc))
-    if args.labels:
-        names = read_labels(args.labels)
+        if args.labels:
+            names = read_labels(require_file(args.labels, "--labels"))
+        model, cfg, stored_names = load_trained(args.checkpoint, [], args.config, args.model, device,
+                                                args.fused if device.type == "cuda" else False)
+    except INPUT_ERRORS as exc:
+        parser.error(input_error_message(exc))
+    if not args.labels:
+        names = stored_names
     d, e = cfg["data"], cfg["eval"]
     status = 0
     for path in args.videos:
@@ -77,6 +83,8 @@ def main(argv=None) -> int:
                                 cfg["train"]["amp"] if device.type == "cuda" else "none", device)
         except VideoDecodeError as exc:
             print(f"{path}: cannot read video ({exc})", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"video": path, "error": str(exc)}))
             status = 1
             continue
         rows = [{"rank": r + 1, "class": c, "name": names[c] if names and c < len(names) else str(c),

@@ -3,18 +3,51 @@ from a configuration, the fused-kernel switch, autocast and the progress bar."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+import yaml
 
 from .augment import resolve_augment_on
-from .data import VideoListDataset, collate_videos, read_labels
+from .data import VideoListDataset, collate_videos, read_labels, read_video_list
+from .loading import CheckpointError
+from .recipes import USER_ERRORS, error_message
 from .synthetic import MovingShapes
 
 logger = logging.getLogger("uniformerv2")
+
+# What a command line reports as a usage error (one line, exit status 2) when it comes from the user's input:
+# a setting, a file that is missing or is not what the setting expects, a YAML file that does not parse.
+INPUT_ERRORS = USER_ERRORS + (CheckpointError, yaml.YAMLError)
+
+
+def input_error_message(exc: BaseException) -> str:
+    """``exc``'s message on one line (YAML and key-report messages span several)."""
+    return " ".join(line.strip() for line in error_message(exc).splitlines() if line.strip())
+
+
+def require_file(path: str, setting: str) -> str:
+    """``path``, after checking that it is a file (FileNotFoundError naming ``setting`` otherwise)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{setting}={path}: {'a folder' if os.path.isdir(path) else 'no such file'}, "
+                                "expected a file")
+    return path
+
+
+def at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,6 +84,50 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self._indices()) - self.skip)
+
+
+def check_data_files(cfg: dict, splits: tuple[str, ...]) -> None:
+    """The files the data settings name exist, the video lists of ``splits`` ("train", "val") parse and the
+    folders of their videos exist: each problem a usage error before any work, not a failure in a DataLoader
+    worker."""
+    d = cfg["data"]
+    if d.get("labels"):
+        require_file(d["labels"], "data.labels")
+    if d["dataset"] != "video_list":
+        return
+    if d.get("root") and not os.path.isdir(d["root"]):
+        raise FileNotFoundError(f"data.root={d['root']}: no such folder")
+    for split in splits:
+        setting, list_file = f"data.{split}_list", d.get(f"{split}_list")
+        if not list_file:
+            if split == "train":
+                raise ValueError(f"{setting} is empty: data.dataset=video_list trains on a `path label` list")
+            continue
+        items = read_video_list(require_file(list_file, setting), d.get("root"))
+        for folder in sorted({os.path.dirname(path) for path, _ in items}):
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"{setting}={list_file}: the folder {folder} of its videos does not exist "
+                                        f"(data.root={d.get('root')!r})")
+
+
+def check_run_inputs(cfg: dict, resume: str | None) -> None:
+    """What a training run reads from the user, checked before it writes anything: the data files, the model
+    name, the weights files and the checkpoint to resume from."""
+    from .configs import get_config
+
+    check_data_files(cfg, ("train", "val"))
+    m = cfg["model"]
+    try:
+        get_config(m["name"])
+    except KeyError as exc:
+        raise ValueError(f"model.name={m['name']!r}: {error_message(exc)}") from None
+    for key in ("clip", "pretrained"):
+        if m.get(key):
+            require_file(m[key], f"model.{key}")
+    if isinstance(m.get("k710_head"), str) and m["k710_head"].lower() != "k400":
+        require_file(m["k710_head"], "model.k710_head")
+    if resume and resume != "auto":
+        require_file(resume, "--resume")
 
 
 def build_dataset(cfg: dict, train: bool, list_file: str | None = None, num_views: int | None = None,
@@ -183,3 +260,34 @@ def progress_bar(**kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(dynamic_ncols=True, mininterval=1.0, file=sys.stderr, **kwargs)
+
+
+@contextmanager
+def recording_backends(choices: dict):
+    """While the block runs, records in ``choices`` the backend each fused op selects (op name -> backend):
+    the selection happens per call, on the call's tensors, so the first step is where it can be seen."""
+    from uniformerv2_kernels import backends
+
+    select = backends.select
+
+    def recording(op, *args, **kwargs):
+        choices[op] = name = select(op, *args, **kwargs)
+        return name
+
+    backends.select = recording
+    try:
+        yield choices
+    finally:
+        backends.select = select
+
+
+@contextmanager
+def logging_beside(bar_shown: bool):
+    """Log records written above a shown progress bar (through tqdm) instead of over it."""
+    if not bar_shown:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield

@@ -37,10 +37,11 @@ from .cuda_graph import GraphedTrainStep, resolve_train_cuda_graph
 from .data import FailureReporter
 from .evaluate import evaluate_model
 from .loading import CheckpointError, read_checkpoint_file
-from .recipes import PRESETS, USER_ERRORS, build_config, error_message, save_config
+from .recipes import PRESETS, build_config, save_config
 from .run_log import DataWait, MetricsLog, plot_curves
-from .runtime import (ShardSampler, autocast_context, build_dataset, class_names, make_loader, model_from_config,
-                      progress_bar)
+from .runtime import (INPUT_ERRORS, ShardSampler, autocast_context, build_dataset, check_run_inputs, class_names,
+                      input_error_message, logging_beside, make_loader, model_from_config, progress_bar,
+                      recording_backends, require_file)
 
 logger = logging.getLogger("uniformerv2")
 
@@ -138,7 +139,8 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     try:
         trainer = Trainer(cfg, info)
         trainer.restore(resume)
-        result = trainer.run()
+        with logging_beside(trainer.show_bar):
+            result = trainer.run()
         ok = True
         return result
     finally:
@@ -167,6 +169,8 @@ class Trainer:
         self.last_eval = None  # the global step of the latest validation
         self.rank_losses: list[float] = []  # train.rank_report: this rank's own loss at every step
         self.reporter = FailureReporter()
+        self.show_bar = info.is_main and bool(self.t_cfg["progress"])
+        self.backend_choices: dict | None = None  # op -> backend, recorded at the run's first step
 
     def _set_up_data(self) -> None:
         cfg, info, t_cfg = self.cfg, self.info, self.t_cfg
@@ -282,6 +286,8 @@ class Trainer:
         eval_every = int(self.t_cfg["eval_every"] or 0)
         self.data_wait = DataWait(warn=self.info.is_main, num_workers=int(self.d_cfg["num_workers"]))
         self.t_start = time.time()
+        if self.info.is_main:
+            self._log_start()
         if self.eval_due:
             self.validate(self.start_epoch - 1)
         epoch = self.start_epoch
@@ -317,7 +323,7 @@ class Trainer:
                              self.seed * 7919 + epoch, self.device.type == "cuda")
         self.model.train()
         bar = progress_bar(total=self.iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{t_cfg['epochs']}",
-                           disable=not (info.is_main and t_cfg["progress"]))
+                           disable=not self.show_bar)
         # the window's loss stays on the device until a log step: a .item() per step would stop the host
         # from queueing the next step while the GPU finishes this one
         window_loss, window_n = torch.zeros((), device=self.device), 0
@@ -330,7 +336,14 @@ class Trainer:
                 break
             self.reporter(batch["failed"])
             lr = self.scheduler.get_last_lr()
-            loss = self.train_step(batch)
+            if self.backend_choices is None:  # the run's first step: which backend each fused op runs on
+                with recording_backends({}) as self.backend_choices:
+                    loss = self.train_step(batch)
+                if info.is_main and self.backend_choices:
+                    logger.info("fused ops: %s", ", ".join(f"{op} on {name}" for op, name in
+                                                            sorted(self.backend_choices.items())))
+            else:
+                loss = self.train_step(batch)
             step_in_epoch += 1
             window_loss += loss.detach().float()
             window_n += 1
@@ -382,6 +395,30 @@ class Trainer:
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{cps:.1f}", data_wait=f"{100 * wait:.0f}%")
         self.metrics.add(kind="train", epoch=epoch + 1, step=self.global_step, loss=mean_loss, lr=lr,
                          clips_per_s=cps, data_wait=wait, acc1=None, acc5=None, time_s=time.time() - self.t_start)
+        if self.info.is_main and not self.show_bar:  # the bar shows these; without it the log does
+            logger.info("epoch %d step %d: loss %.4f lr %.2e %.1f clips/s, %.0f%% waiting for data", epoch + 1,
+                        self.global_step, mean_loss, lr, cps, 100 * wait)
+
+    def _log_start(self) -> None:
+        """What the run is about to do: data, device, model, batch and steps."""
+        info, t_cfg = self.info, self.t_cfg
+        val = "no validation set" if self.val_set is None else f"{len(self.val_set)} validation videos"
+        logger.info("data: %d training videos, %s, %d classes (%s)", len(self.train_set), val, self.num_classes,
+                    self.d_cfg["dataset"])
+        device = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
+                                     else "")
+        logger.info("device: %s, %d process%s, amp %s", device, info.world_size, "es" if info.world_size > 1 else "",
+                    self.amp)
+        params = sum(p.numel() for p in self.core.parameters())
+        fused = getattr(self.core, "fused", False)
+        logger.info("model: %s, %.2fM parameters, %s", self.cfg["model"]["name"], params / 1e6,
+                    "fused ops (backend per op below, at the first step)" if fused else "reference PyTorch ops")
+        total = int(t_cfg["epochs"]) * self.iters_per_epoch
+        if t_cfg.get("max_steps") is not None:
+            total = min(total, int(t_cfg["max_steps"]))
+        logger.info("batch %d (%d per process), %d steps per epoch, %d epochs: %d steps, from step %d",
+                    self.global_batch, self.local_batch, self.iters_per_epoch, int(t_cfg["epochs"]), total,
+                    self.global_step)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -472,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
         overrides.append(args.resume)  # `--resume key=value`: the value-less --resume, then an override
@@ -482,10 +520,13 @@ def main(argv=None) -> int:
     preset = args.preset
     if preset is None and not args.config:
         preset = "synthetic"
-    try:
+    try:  # every input checked before anything is written
+        if args.config:
+            require_file(args.config, "--config")
         cfg = build_config(preset, args.config, overrides)
-    except USER_ERRORS as exc:
-        build_parser().error(error_message(exc))
+        check_run_inputs(cfg, args.resume)
+    except INPUT_ERRORS as exc:
+        parser.error(input_error_message(exc))
     if args.print_config:
         import yaml
 
@@ -495,7 +536,10 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     else:
         logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ.get('RANK')}] %(message)s")
-    summary = train(cfg, args.resume)
+    try:
+        summary = train(cfg, args.resume)
+    except CheckpointError as exc:  # a --resume or model.* file that is no usable checkpoint (nothing written)
+        parser.error(input_error_message(exc))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0
