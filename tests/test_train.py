@@ -96,6 +96,65 @@ def test_command_lines_report_bad_input_as_usage_errors(tmp_path, capsys):
         assert exit_info.value.code == 2 and f"checkpoint {missing!r} not found" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small")
+    assert train.main(["--preset", "synthetic", *TINY, "--output-dir", str(out), "train.max_steps=0",
+                       "data.synthetic.train_size=4", "data.synthetic.val_size=4", "train.batch_size=4",
+                       "eval.batch_size=4"]) == 0
+    return str(out / "last.pt")
+
+
+def _input_error_cases(folder, checkpoint):
+    """(command, argv, the start of the one-line message): each a mistake in what the user passed."""
+    (folder / "videos").mkdir()
+    (folder / "videos" / "list.txt").write_text("elsewhere/a.mp4 0\n")
+    (folder / "videos" / "unreadable.txt").write_text("absent.mp4 0\n")
+    (folder / "bad.yaml").write_text("model: {name: tiny\n  bad")
+    (folder / "weights.txt").write_text("not a checkpoint")
+    missing, video = str(folder / "missing.txt"), str(folder / "a.mp4")
+    run = ["--preset", "synthetic", *TINY, "--output-dir", str(folder / "run")]
+    return [
+        (train.main, [*run, "data.dataset=video_list", f"data.train_list={missing}"],
+         f"data.train_list={missing}: no such file, expected a file"),
+        (train.main, [*run, f"data.labels={missing}"], f"data.labels={missing}: no such file"),
+        (train.main, [*run, "--resume", missing], f"--resume={missing}: no such file"),
+        (train.main, [*run, "data.dataset=video_list", f"data.train_list={folder / 'videos' / 'list.txt'}"],
+         f"data.train_list={folder / 'videos' / 'list.txt'}: the folder {folder / 'videos' / 'elsewhere'} of its "
+         "videos does not exist"),
+        (train.main, [*run, "model.name=tiny_x"], "model.name='tiny_x': unknown model 'tiny_x'; known: "),
+        (train.main, [*run, "data.dataset=video_list"], "data.train_list is empty: data.dataset=video_list trains"),
+        (train.main, [*run, "--config", str(folder / "bad.yaml")],
+         f'while parsing a flow mapping in "{folder / "bad.yaml"}", line 1'),
+        (train.main, [*run, "--config", missing], f"--config={missing}: no such file"),
+        (train.main, [*run, "model.clip=" + missing], f"model.clip={missing}: no such file"),
+        (train.main, [*run, "--resume", str(folder / "weights.txt")],
+         f"{folder / 'weights.txt'}: not a PyTorch checkpoint"),
+        (predict.main, [video, "--checkpoint", checkpoint, "--labels", missing], f"--labels={missing}: no such file"),
+        (predict.main, [video, "--checkpoint", str(folder / "weights.txt"), "--model", "tiny"],
+         f"{folder / 'weights.txt'}: not a PyTorch checkpoint"),
+        (predict.main, [video, "--checkpoint", checkpoint, "--topk", "0"],
+         "argument --topk: expected an integer >= 1, got 0"),
+        (predict.main, [video, "--checkpoint", checkpoint, "--topk", "-3"],
+         "argument --topk: expected an integer >= 1, got -3"),
+        (evaluate.main, ["--checkpoint", checkpoint, "--clips", "0"], "argument --clips: expected an integer >= 1"),
+        (evaluate.main, ["--checkpoint", checkpoint, "--list", str(folder / "videos" / "unreadable.txt"),
+                         "--output-dir", str(folder / "run"), "--no-progress"],
+         f"data.val_list={folder / 'videos' / 'unreadable.txt'}: none of its 1 videos could be read"),
+    ]
+
+
+def test_every_input_error_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, small_checkpoint):
+    for main, argv, message in _input_error_cases(tmp_path, small_checkpoint):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, (argv, err)
+        assert err[-1].split(": error: ", 1)[1].startswith(message), (argv, err[-1])
+        assert not (tmp_path / "run").exists(), argv
+
+
 def test_compile_setting_maps_to_torch_compile_arguments():
     assert train.compile_options(False) is None and train.compile_options(None) is None
     assert train.compile_options(True) == {}
