@@ -86,6 +86,8 @@ DEFAULTS: dict = {
         "cuda_graph": False,       # forward+loss+backward replayed from a CUDA graph: true, false, or auto = on
                                    # where it can work (one CUDA process; uniformerv2/cuda_graph.py)
         "rank_report": False,      # write rank<r>.json with losses and a parameter digest (tests)
+        "memory_budget_gb": None,  # GiB a process may use: the memory plan (uniformerv2/memory_plan.py) picks
+                                   # the checkpointing that fits; default: the CUDA device's free memory
     },
     "eval": {
         "batch_size": 32,
@@ -246,6 +248,8 @@ def build_config(preset: str | None = None, config_file: str | None = None,
 
 # Settings that may be null although their default is not.
 _NULLABLE = {"optim.clip_grad"}
+# Settings whose default is null but which take a number when set.
+_NULLABLE_NUMBERS = {"train.memory_budget_gb"}
 # Settings whose type is not their default's: `fused` and `compile` take true/false or a name.
 _BOOL_OR_STR = {"model.fused", "train.compile", "train.cuda_graph"}
 # (lowest allowed value, whether it is allowed itself): numbers out of range are errors before training starts
@@ -256,12 +260,16 @@ _RANGES = {
     "optim.clip_grad": (0, True),  # 0 (or null) switches clipping off
     "train.epochs": (1, True), "train.batch_size": (1, True), "train.eval_every": (0, True),
     "train.checkpoint_every": (0, True), "train.max_steps": (0, True), "train.log_every": (1, True),
-    "train.label_smoothing": (0, True),
+    "train.label_smoothing": (0, True), "train.memory_budget_gb": (0, False),
     "eval.batch_size": (1, True), "eval.num_clips": (1, True), "eval.num_crops": (1, True),
 }
 _CHOICES = {"train.amp": ("none", "fp16", "bf16"), "data.dataset": ("synthetic", "video_list"),
             "data.augment_on": ("cpu", "gpu", "auto"),
             "eval.num_crops": (1, 3), "train.cuda_graph": (True, False, "auto")}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _type_name(default) -> str:
@@ -292,6 +300,8 @@ def check_config(cfg: dict, defaults: dict | None = None, path: str = "") -> Non
                 raise ValueError(f"config {where}: expected a mapping, got {value!r}")
             check_config(value, default, where + ".")
             continue
+        if where in _NULLABLE_NUMBERS and not (value is None or _is_number(value)):
+            raise ValueError(f"config {where}={value!r}: expected a number or null")
         if default is None or (value is None and where in _NULLABLE):
             continue
         if where in _BOOL_OR_STR:

@@ -37,6 +37,7 @@ from .cuda_graph import GraphedTrainStep, resolve_train_cuda_graph
 from .data import FailureReporter
 from .evaluate import evaluate_model
 from .loading import CheckpointError, read_checkpoint_file
+from .memory_plan import MemoryPlanError, plan_training
 from .recipes import PRESETS, build_config, save_config
 from .run_log import DataWait, MetricsLog, plot_curves
 from .runtime import (INPUT_ERRORS, ShardSampler, autocast_context, build_dataset, check_run_inputs, class_names,
@@ -192,6 +193,8 @@ class Trainer:
     def _set_up_model(self) -> None:
         t_cfg, o_cfg = self.t_cfg, self.o_cfg
         model, self.build_args = model_from_config(self.cfg, self.num_classes, log=self.info.is_main)
+        self.memory_plan = plan_training(self.cfg, self.build_args, model, self.local_batch, self.device,
+                                         self.info.world_size, log=self.info.is_main)
         self.core = model.to(self.device)  # the bare module: what checkpoints hold
         self.model = self.core  # what the steps call (wrapped by DDP / torch.compile in _wrap_model)
         groups = param_groups(self.core, o_cfg["weight_decay"], o_cfg["no_decay_1d"])
@@ -540,6 +543,8 @@ def main(argv=None) -> int:
         summary = train(cfg, args.resume)
     except CheckpointError as exc:  # a --resume or model.* file that is no usable checkpoint (nothing written)
         parser.error(input_error_message(exc))
+    except MemoryPlanError as exc:  # the batch cannot fit: a usage error, before any step
+        parser.error(str(exc))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0
