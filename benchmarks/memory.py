@@ -10,7 +10,7 @@ Examples::
     python benchmarks/memory.py                                  # the L/14 presets, batch 1 and 2, no / all blocks
     python benchmarks/memory.py --models k400_l14_f32x336 --batches 1,2,4 --budget-gb 24
     python benchmarks/memory.py --measure --cap-gb 24 --budget-gb 24   # on a GPU: measured beside predicted
-    python benchmarks/memory.py --capped-check                   # on a GPU: the 24 GiB check of issue 26
+    python benchmarks/memory.py --capped-check --fused true      # on a GPU: the 24 GiB check of issue 26
 
 A training step here is what the trainer runs: the forward under ``--amp`` autocast, cross-entropy, backward,
 gradient clipping at 20, AdamW (the states exist: the measured steps follow a first one), zero_grad.
@@ -19,8 +19,8 @@ Plans (``--plans``): ``none`` (no checkpointing), ``all`` (every block checkpoin
 choice for ``--budget-gb``; an impossible batch shows the largest that fits), or a number of blocks.
 
 ``--capped-check`` (GPU): K400 L/14@336 32 frames, the device capped at 24 GiB with
-``torch.cuda.set_per_process_memory_fraction``, fused and reference, at batch 1, 2 and the largest batch the
-plan allows, each with the plan chosen for 24 GiB; then the same batches without the cap (the plan chosen for
+``torch.cuda.set_per_process_memory_fraction``, fused and reference (``--fused``), at batch 1, 2 and the largest
+batch the plan allows, each with the plan chosen for 24 GiB; then the same batches without the cap (the plan chosen for
 the whole device), for the step rates side by side.
 
 Output: a Markdown table and a JSON file in ``--out`` (default: ``runs/benchmarks/``, not tracked);
@@ -124,7 +124,8 @@ class Bench:
         torch.cuda.empty_cache()
         model = optimizer = None
         try:
-            model = uniformerv2.build_model(name, fused=fused).to(self.device).train()
+            with torch.device(self.device):  # initialised on the GPU: an L/14 takes seconds on a CPU
+                model = uniformerv2.build_model(name, fused=fused).train()
             model.set_grad_checkpointing(blocks > 0, blocks)
             cfg = model.config
             clips = torch.randn(batch, 3, cfg["t_size"], cfg["input_resolution"], cfg["input_resolution"],
@@ -165,7 +166,7 @@ def _blocks(plan: str, layers: int) -> int:
     return min(int(plan), layers)
 
 
-def sweep(bench: Bench, args: argparse.Namespace) -> list[dict]:
+def sweep(bench: Bench, args: argparse.Namespace, on_row) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         layers = uniformerv2.configs.get_config(name)["layers"]
@@ -174,7 +175,9 @@ def sweep(bench: Bench, args: argparse.Namespace) -> list[dict]:
                 for plan in args.plans.split(","):
                     row = {"model": name, "fused": fused, "batch": batch, "plan": plan}
                     if plan == "plan":
+                        start = time.perf_counter()
                         chosen, error = bench.chosen(name, batch, fused, args.budget_gb)
+                        row["plan_s"] = time.perf_counter() - start  # the chooser's predictions
                         if chosen is None:
                             rows.append(dict(row, note=error))
                             continue
@@ -182,13 +185,14 @@ def sweep(bench: Bench, args: argparse.Namespace) -> list[dict]:
                     else:
                         blocks = _blocks(plan, layers)
                     rows.append(run_row(bench, row, name, batch, fused, blocks, args))
+                    on_row(rows)
     return rows
 
 
 def run_row(bench: Bench, row: dict, name: str, batch: int, fused: bool, blocks: int,
             args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    pred = bench.predict(name, batch, fused, blocks)
+    pred = bench.predict(name, batch, fused, blocks)  # a plan row's prediction is the chooser's, reused
     row = dict(row, blocks=blocks, predicted_gib=pred.peak_gib, predict_s=time.perf_counter() - start,
                on="CPU stand-in" if pred.stand_in else str(bench.device))
     if args.measure:
@@ -196,12 +200,12 @@ def run_row(bench: Bench, row: dict, name: str, batch: int, fused: bool, blocks:
     return row
 
 
-def capped_check(bench: Bench, args: argparse.Namespace) -> list[dict]:
+def capped_check(bench: Bench, args: argparse.Namespace, on_row) -> list[dict]:
     """Issue 26's check: the 32x336 L/14 at 24 GiB (batch 1, 2, the largest the plan allows), then uncapped."""
     layers = uniformerv2.configs.get_config(CAPPED_MODEL)["layers"]
     total = torch.cuda.get_device_properties(bench.device).total_memory
     rows = []
-    for fused in (True, False):
+    for fused in (flag == "true" for flag in args.fused.split(",")):
         budget = int(CAP_GIB * mp.GiB)
 
         def peak(batch: int) -> int:  # with every block checkpointed: the most a batch can save
@@ -214,8 +218,8 @@ def capped_check(bench: Bench, args: argparse.Namespace) -> list[dict]:
         for batch in sorted({1, 2, largest} - {0}):
             for cap in (CAP_GIB, None):
                 torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap * mp.GiB / total, bench.device)
-                budget = cap if cap is not None else mp.device_budget_bytes(bench.device) / mp.GiB
-                chosen, error = bench.chosen(CAPPED_MODEL, batch, fused, budget)
+                budget_gib = cap if cap is not None else mp.device_budget_bytes(bench.device) / mp.GiB
+                chosen, error = bench.chosen(CAPPED_MODEL, batch, fused, budget_gib)
                 row = {"model": CAPPED_MODEL, "fused": fused, "batch": batch,
                        "cap_gib": cap, "plan": "impossible" if chosen is None else f"{chosen.checkpoint_blocks} blocks"}
                 if chosen is None:
@@ -223,7 +227,7 @@ def capped_check(bench: Bench, args: argparse.Namespace) -> list[dict]:
                     continue
                 rows.append(run_row(bench, row, CAPPED_MODEL, batch, fused, chosen.checkpoint_blocks,
                                     argparse.Namespace(**{**vars(args), "measure": True})))
-                print(rows[-1], flush=True)
+                on_row(rows)
     torch.cuda.set_per_process_memory_fraction(1.0, bench.device)
     return rows
 
@@ -238,7 +242,7 @@ def _cell(value) -> str:
 
 def to_markdown(rows: list[dict], header: str) -> str:
     columns = ["model", "fused", "batch", "cap_gib", "plan", "blocks", "predicted_gib", "on", "measured_gib",
-               "clips_per_s", "predict_s", "note"]
+               "clips_per_s", "predict_s", "plan_s", "note"]
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
@@ -254,20 +258,24 @@ def main(argv=None) -> int:
     if args.cap_gb and not args.capped_check:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * mp.GiB / total), device)
-    rows = capped_check(bench, args) if args.capped_check else sweep(bench, args)
     where = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no GPU (CPU stand-in)"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"# Training-step peak memory ({args.amp} autocast, AdamW, clip 20) on {where}, torch "
-              f"{torch.__version__}, {stamp}\n\npredicted: uniformerv2.memory_plan.predict_peak (fake tensors); "
-              "measured: torch.cuda.max_memory_allocated over the steps after the first")
-    text = to_markdown(rows, header)
-    print(text)
+    precision = "fp32" if args.amp == "none" else f"{args.amp} autocast"
+    header = (f"# Training-step peak memory ({precision}, AdamW, clip 20) on {where}, torch {torch.__version__}, "
+              f"{stamp}\n\npredicted: uniformerv2.memory_plan.predict_peak (fake tensors); measured: "
+              "torch.cuda.max_memory_allocated over the steps after the first")
     out = os.path.join(REPO_ROOT, "benchmarks", "results") if args.results else args.out
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{args.name}.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(out, f"{args.name}.json"), "w") as fh:
-        json.dump({"header": header, "rows": rows}, fh, indent=1)
+
+    def write(rows: list[dict]) -> None:  # after every row: a run cut short keeps what it measured
+        with open(os.path.join(out, f"{args.name}.md"), "w") as fh:
+            fh.write(to_markdown(rows, header))
+        with open(os.path.join(out, f"{args.name}.json"), "w") as fh:
+            json.dump({"header": header, "rows": rows}, fh, indent=1)
+
+    rows = (capped_check if args.capped_check else sweep)(bench, args, write)
+    write(rows)
+    print(to_markdown(rows, header))
     print(f"wrote {os.path.join(out, args.name)}.md / .json")
     return 0
 
