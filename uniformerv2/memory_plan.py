@@ -1,8 +1,8 @@
 """Memory plan: predict a training step's peak memory before the first step, and choose the cheapest
 gradient-checkpointing plan that fits a budget.
 
-The prediction runs two real training steps (forward under the configured autocast, loss, backward,
-gradient clipping, AdamW step) on *fake* tensors (``torch._subclasses.FakeTensorMode``): every op computes
+The prediction runs a training step (forward under the configured autocast, loss, backward, gradient
+clipping, AdamW step, after one AdamW step that creates the moments) on *fake* tensors (``torch._subclasses.FakeTensorMode``): every op computes
 only its output's shape and dtype, so an L/14 step costs about a second of host time and no device memory.
 A dispatch mode counts the bytes of every storage those ops create and forgets them when the storage is
 freed (a weak reference), exactly as the allocator would see them; the peak of that count is the
@@ -165,13 +165,12 @@ def predict_peak(build_args: dict, batch_size: int, device: torch.device | str, 
         model.set_fused(True, backend=backend)
     model.set_grad_checkpointing(checkpoint_blocks > 0, checkpoint_blocks)
     shape = _input_shape(model.config, batch_size)
-    num_classes = model.config["num_classes"]
     interpret = _env("TRITON_INTERPRET", "1") if stand_in and fused else contextlib.nullcontext()
     tracker = LiveBytes(block)
     with interpret, FakeTensorMode(allow_non_fake_inputs=True), tracker:
         model.to_empty(device=run_device)
         params = [p for p in model.parameters() if p.requires_grad]
-        foreach = device.type == "cuda"  # what AdamW and gradient clipping default to on each device
+        foreach = device.type == "cuda"  # AdamW's default: one op over all tensors on CUDA, a loop on a CPU
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
         # The steady state holds AdamW's moments: one step on stand-in gradients creates them (cheaper than
         # a second training step).
