@@ -33,11 +33,11 @@ Precision (``--precision``): ``autocast`` (default: fp32 weights, ``torch.autoca
 is not fp32; the official training recipe) or ``cast`` (``model.to(dtype)``, pure low-precision weights;
 typical for inference).
 
-Cases. On a GPU with neither ``--configs`` nor ``--batch`` given: the official per-GPU batches
-(``OFFICIAL_CASES``): Kinetics B/16 8x224 training at 32 clips, Sth-Sth B/16 16x224 training at 32 clips
-(16 videos x 2 repeated augmentations: 32 clips per step), Kinetics B/16 inference at 64 clips, Kinetics
-L/14 8x224 training at 16 clips (``--mode`` picks among them). Otherwise every ``--configs`` x ``--batch``
-(default 16 on GPU) x task. On the CPU, --quick (the default there) uses ``tiny`` in a Kinetics-style and a
+Cases. Without --quick and --batch: the official per-GPU batches (``OFFICIAL_CASES``): Kinetics B/16 8x224
+training at 32 clips, Sth-Sth B/16 16x224 training at 32 clips (16 videos x 2 repeated augmentations: 32
+clips per step), Kinetics B/16 inference at 64 clips, Kinetics L/14 8x224 training at 16 clips; ``--mode``
+and ``--configs`` pick among them (a configuration without an official batch runs at 16). With ``--batch``:
+every ``--configs`` (default: the two B/16 ones) x ``--batch`` x task. On the CPU, --quick (the default there) uses ``tiny`` in a Kinetics-style and a
 Sth-Sth-style variant, 32x32 input, 8 frames, batch 2. ``--frames`` sets the input frames (t_size).
 
 Columns: ``ms`` = median wall time of one step; ``clips/s`` = N / (ms * 1e-3) with N clips per step;
@@ -133,20 +133,24 @@ def extra_args(p):
 
 
 def resolve_cases(args, tasks: list[str]) -> list[E2ECase]:
-    """The cases to run, in order: case by case, each task of a configuration before the next one."""
-    batches = args.batch or ([2] if args.quick else [16])
+    """The cases to run, in order. Not --quick and no --batch: a configuration of ``OFFICIAL_CASES`` runs
+    its official batches (every one, or those of --configs), any other one batch 16; else every
+    configuration x --batch (default: 2 with --quick, 16) x task."""
     if args.configs:
-        configs = []
-        for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
-            configs.append((name, *QUICK_CONFIGS[name]) if name in QUICK_CONFIGS else (name, name, {}))
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
     elif args.quick:
-        configs = [(label, preset, over) for label, (preset, over) in QUICK_CONFIGS.items()]
-    elif not args.batch:
-        return [c for c in OFFICIAL_CASES if c.task in tasks]
+        names = list(QUICK_CONFIGS)
     else:
-        configs = [(name, name, {}) for name in FULL_CONFIGS]
-    return [E2ECase(label, preset, over, batch, task)
-            for label, preset, over in configs for batch in batches for task in tasks]
+        names = list(dict.fromkeys(c.preset for c in OFFICIAL_CASES)) if not args.batch else list(FULL_CONFIGS)
+    official = [c for c in OFFICIAL_CASES if c.label in names and c.task in tasks]
+    if not args.quick and not args.batch:
+        names = [n for n in names if n not in {c.label for c in OFFICIAL_CASES}]
+    else:
+        official = []
+    batches = args.batch or ([2] if args.quick else [16])
+    grid = [E2ECase(name, *(QUICK_CONFIGS[name] if name in QUICK_CONFIGS else (name, {})), batch, task)
+            for name in names for batch in batches for task in tasks]
+    return official + grid
 
 
 def build(preset: str, overrides: dict, frames: int | None, fused: bool, args, seed: int):

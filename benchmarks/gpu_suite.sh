@@ -77,30 +77,45 @@ PYTHON="${PYTHON:-python3}"
 BUDGET_DEFAULT=560
 RESERVE=30
 case "${1:-all}" in
-    all) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead,tests_triton_gemm,timeline,ops,e2e,e2e_compile" ;;
+    all) DEFAULT_STEPS="env,build,cuda_tests,e2e_tests,tests,overhead,tests_triton_gemm,timeline,ops,e2e,e2e_compile" ;;
     e2e_compile) DEFAULT_STEPS="env,build,e2e_compile" ;;
-    tests) DEFAULT_STEPS="env,build,cuda_tests,tests,overhead" ;;
+    tests) DEFAULT_STEPS="env,build,cuda_tests,e2e_tests,tests,overhead" ;;
     ops) DEFAULT_STEPS="env,build,ops" ;;
     e2e) DEFAULT_STEPS="env,build,tests_triton_gemm,e2e,timeline" ;;
-    lease) DEFAULT_STEPS="env,build,cuda_tests,tests,tests_triton_gemm,e2e,overhead" ;;
+    lease) DEFAULT_STEPS="env,build,cuda_tests,e2e_tests,e2e,e2e_compile,tests,tests_triton_gemm,overhead" ;;
     profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
     *) echo "usage: $0 [all|lease|tests|ops|e2e|e2e_compile|profile]" >&2; exit 2 ;;
 esac
 # step caps (seconds) and the e2e providers; `lease` shrinks them to share one 600 s call
-CAP_CUDA_TESTS=300 CAP_TESTS=440 CAP_TRITON_GEMM=240 CAP_E2E=300 TEST_TIMEOUT=300 E2E_TIMELINE=1 OVERHEAD_REPS=1000
+CAP_CUDA_TESTS=300 CAP_E2E_TESTS=240 CAP_TESTS=440 CAP_TRITON_GEMM=240 CAP_E2E=300 CAP_E2E_COMPILE=500
+TEST_TIMEOUT=300 E2E_TIMELINE=1 OVERHEAD_REPS=1000
 E2E_PROVIDERS="eager,fused,fused-cuda,fused-triton-gemm,fused+graph"
+# issue 20: torch.compile of the reference model (both modes: the faster is "compile") and of the fused model
+E2E_COMPILE_PROVIDERS="compile,compile-max-autotune,fused+compile,fused+compile-reduce-overhead"
+E2E_COMPILE_CONFIGS=""  # every official case
+E2E_TEST_FILES="tests/test_cuda_graph.py tests/test_fused_compile.py"
 if [ "${1:-all}" = lease ]; then
-    BUDGET_DEFAULT=550 CAP_CUDA_TESTS=140 CAP_TESTS=260 CAP_TRITON_GEMM=90 CAP_E2E=120 TEST_TIMEOUT=180
-    E2E_TIMELINE=0 OVERHEAD_REPS=300
+    # the issue-20 comparison runs before the general tests: its decision tests, eager / fused / graph at the
+    # official batches, then torch.compile (default mode) of the reference and the fused model on the
+    # Kinetics B/16 cases; the tests get the rest of the call
+    BUDGET_DEFAULT=550 CAP_CUDA_TESTS=100 CAP_E2E_TESTS=80 CAP_E2E=120 CAP_E2E_COMPILE=150 CAP_TESTS=200
+    CAP_TRITON_GEMM=90 TEST_TIMEOUT=150 E2E_TIMELINE=0 OVERHEAD_REPS=300
     E2E_PROVIDERS="eager,fused,fused+graph"  # the default plans and the CUDA graph
-    E2E_ARGS_DEFAULT="--batch 16 --rep 300 --warmup 30"
+    E2E_ARGS_DEFAULT="--rep 100 --warmup 10"
+    E2E_COMPILE_PROVIDERS="compile,fused+compile"
+    E2E_COMPILE_CONFIGS="k400_b16_f8x224"
     export UNIFORMERV2_AUTOTUNE="${UNIFORMERV2_AUTOTUNE:-quick}"
 fi
 STEPS=",${SUITE_STEPS:-$DEFAULT_STEPS},"
 OP_ARGS="${SUITE_OP_ARGS:---frames 8 --batch 16 --rep 30 --warmup 5 --mode fwd,fwd+bwd}"
-E2E_ARGS="${SUITE_E2E_ARGS:-${E2E_ARGS_DEFAULT:---batch 16 --rep 1000 --warmup 100}}"
+E2E_ARGS="${SUITE_E2E_ARGS:-${E2E_ARGS_DEFAULT:---rep 1000 --warmup 100}}"
 BUDGET="${SUITE_BUDGET_S:-$BUDGET_DEFAULT}"
 DEVICE="${SUITE_DEVICE:-cuda}"  # cpu only to try the script itself on a machine without a GPU
+if [ "$DEVICE" = cpu ] && [ -z "${SUITE_E2E_ARGS:-}" ]; then
+    # dry run: the tiny model, one timed run, torch.compile through dynamo alone (inductor takes minutes here)
+    E2E_ARGS="--configs tiny_k400 --mode fwd --rep 1 --no-flops --compile-backend eager"
+    [ -n "$E2E_COMPILE_CONFIGS" ] && E2E_COMPILE_CONFIGS="tiny_k400"
+fi
 START=$SECONDS
 STATUS_FILE="$STAGE/steps.tsv"
 : >"$STATUS_FILE"
@@ -272,25 +287,12 @@ if want cuda_tests; then
     run_step cuda_tests "$CAP_CUDA_TESTS" "$PYTHON" -m pytest tests/test_cuda_kernels.py tests/test_backends.py $PYTEST_ARGS \
         ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
-if want tests; then
+if want e2e_tests; then
+    # the tests that decide issue 20's defaults: the CUDA-graph training step (resume, drop-path masks) and
+    # torch.compile of the fused model (inductor), before the comparison they qualify
     # shellcheck disable=SC2086
-    run_step tests "$CAP_TESTS" "$PYTHON" -m pytest tests --ignore=tests/test_cuda_kernels.py \
-        --ignore=tests/test_backends.py $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
-fi
-if want tests_triton_gemm; then
-    # the `tests` step runs the default GEMM plan (cuBLAS + a Triton epilogue); this one the Triton GEMM
-    # kernels (UNIFORMERV2_TRITON_GEMM=triton), kept and timed against it. In a lease it yields to e2e: it
-    # runs only while the time left also covers e2e's cap
-    if [ "${1:-all}" = lease ] && want e2e \
-        && [ $((BUDGET - (SECONDS - START) - RESERVE)) -lt $((CAP_TRITON_GEMM + CAP_E2E)) ]; then
-        log "SKIP tests_triton_gemm: the time left goes to e2e"
-        printf '%s\t%s\t%s\n' tests_triton_gemm "skipped (left to e2e)" 0 >>"$STATUS_FILE"
-    else
-        # shellcheck disable=SC2086
-        run_step tests_triton_gemm "$CAP_TRITON_GEMM" env UNIFORMERV2_TRITON_GEMM=triton "$PYTHON" -m pytest \
-            tests/test_ffn.py tests/test_spatial_attention.py tests/test_local_temporal_mhra.py \
-            tests/test_fused_model.py $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
-    fi
+    run_step e2e_tests "$CAP_E2E_TESTS" "$PYTHON" -m pytest $E2E_TEST_FILES $PYTEST_ARGS \
+        ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
 
 # ------------------------------------------------------------------------------------------- benches
@@ -310,12 +312,31 @@ if want e2e; then
         --providers "$E2E_PROVIDERS" --mode fwd,fwd+bwd ${E2E_TIMELINE_ARGS[@]+"${E2E_TIMELINE_ARGS[@]}"} $E2E_ARGS
 fi
 if want e2e_compile; then
-    # a separate CSV name would lose the shared table; the rows carry the provider, so one e2e.csv holds both
+    # its own table name keeps the e2e step's table; the rows join e2e.csv (the report reads both)
+    E2E_COMPILE_CASES=()
+    [ -n "$E2E_COMPILE_CONFIGS" ] && E2E_COMPILE_CASES=(--configs "$E2E_COMPILE_CONFIGS")
     # shellcheck disable=SC2086
-    # eager and fused come from the e2e step (same CSV); its own table name keeps that step's table
-    run_step bench_e2e_compile 300 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
-        --configs k400_b16_f8x224 --providers compile,fused+compile --mode fwd,fwd+bwd --table e2e_compile \
-        $E2E_ARGS
+    run_step bench_e2e_compile "$CAP_E2E_COMPILE" "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" \
+        --out "$STAGE/results" --providers "$E2E_COMPILE_PROVIDERS" --mode fwd,fwd+bwd --table e2e_compile \
+        ${E2E_COMPILE_CASES[@]+"${E2E_COMPILE_CASES[@]}"} $E2E_ARGS
+fi
+
+if want tests; then
+    TESTS_IGNORE="--ignore=tests/test_cuda_kernels.py --ignore=tests/test_backends.py"
+    if want e2e_tests; then  # already run by e2e_tests
+        for f in $E2E_TEST_FILES; do TESTS_IGNORE="$TESTS_IGNORE --ignore=$f"; done
+    fi
+    # shellcheck disable=SC2086
+    run_step tests "$CAP_TESTS" "$PYTHON" -m pytest tests $TESTS_IGNORE $PYTEST_ARGS \
+        ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
+fi
+if want tests_triton_gemm; then
+    # the `tests` step runs the default GEMM plan (cuBLAS + a Triton epilogue); this one the Triton GEMM
+    # kernels (UNIFORMERV2_TRITON_GEMM=triton), kept and timed against it
+    # shellcheck disable=SC2086
+    run_step tests_triton_gemm "$CAP_TRITON_GEMM" env UNIFORMERV2_TRITON_GEMM=triton "$PYTHON" -m pytest \
+        tests/test_ffn.py tests/test_spatial_attention.py tests/test_local_temporal_mhra.py \
+        tests/test_fused_model.py $PYTEST_ARGS ${EXTRA_TEST_ARGS[@]+"${EXTRA_TEST_ARGS[@]}"}
 fi
 
 if want overhead; then
@@ -400,9 +421,17 @@ fi
         cat "$STAGE/results/ncu_kernels.md"
         echo
     fi
+    shopt -s nullglob
+    e2e_csvs=("$STAGE"/results/e2e*.csv)
+    if [ ${#e2e_csvs[@]} -gt 0 ]; then
+        echo "## End to end against eager and the best torch.compile row (issue 20)"
+        echo
+        "$PYTHON" benchmarks/bench_e2e.py --device cpu --report "${e2e_csvs[@]}" 2>&1 | sed 's/^## /### /' \
+            || echo "(report failed)"
+        echo
+    fi
     echo "## Benchmarks"
     echo
-    shopt -s nullglob
     csvs=("$STAGE"/results/*.csv)
     if [ ${#csvs[@]} -gt 0 ]; then
         echo "### Variants beside the defaults they may replace (ratio < 1: the variant is faster)"

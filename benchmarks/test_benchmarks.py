@@ -210,6 +210,11 @@ def test_e2e_official_cases_are_the_issues_batches():
         ("k400_b16_f8x224", 64, "inference"), ("k400_l14_f8x224", 16, "train")]
     assert "2 repeated augmentations" in cases[1].note
     assert [c.batch for c in bench_e2e.resolve_cases(args, ["inference"])] == [64]
+    args = H.parse_args("", ["--device", "cpu", "--full", "--no-save", "--configs", "k400_b16_f8x224,tiny"],
+                        extra=bench_e2e.extra_args)
+    assert [(c.preset, c.batch, c.task) for c in bench_e2e.resolve_cases(args, ["train", "inference"])] == [
+        ("k400_b16_f8x224", 32, "train"), ("k400_b16_f8x224", 64, "inference"), ("tiny", 16, "train"),
+        ("tiny", 16, "inference")]
     args = H.parse_args("", ["--device", "cpu", "--full", "--no-save", "--batch", "8"], extra=bench_e2e.extra_args)
     grid = bench_e2e.resolve_cases(args, ["train", "inference"])
     assert {(c.preset, c.batch, c.task) for c in grid} == {
@@ -494,18 +499,33 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
 
 def test_gpu_suite_lease_call_dry_run(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SUITE_DEVICE="cpu", PYTHON=sys.executable,
-               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), SUITE_STEPS="env,cuda_tests,tests_triton_gemm",
-               SUITE_TEST_ARGS="-k quick_gelu", GIT_COMMIT="dry-run")
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path),
+               SUITE_STEPS="env,cuda_tests,e2e_tests,e2e,e2e_compile,tests,tests_triton_gemm",
+               SUITE_TEST_ARGS="-k quick_gelu -n 0", GIT_COMMIT="dry-run")
     env.pop("UNIFORMERV2_AUTOTUNE", None)
     script = os.path.join(HERE, "gpu_suite.sh")
-    proc = subprocess.run(["bash", script, "lease"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(["bash", script, "lease"], capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| cuda_tests | rc=0 |" in summary, summary
     assert "of a 550 s budget" in summary, summary  # the lease's budget, not the three-call one
     log = (tmp_path / "out" / "suite.log").read_text()
-    assert "START cuda_tests (limit 140s)" in log, log
+    started = [line.split("START ")[1] for line in log.splitlines() if "START " in line]
+    # issue 20's comparison before the general tests, each step with the lease's cap
+    assert [s.split(" ")[0] for s in started] == ["cuda_tests", "e2e_tests", "bench_e2e", "bench_e2e_compile",
+                                                  "tests", "tests_triton_gemm"], started
+    assert "START cuda_tests (limit 100s)" in log, log
+    assert "START e2e_tests (limit 80s)" in log and "tests/test_cuda_graph.py tests/test_fused_compile.py" in log
+    assert "START bench_e2e (limit 120s)" in log and "--providers eager,fused,fused+graph" in log
+    assert "START bench_e2e_compile (limit 150s)" in log and "--providers compile,fused+compile" in log
+    tests_line = [s for s in started if s.startswith("tests ")][0]
+    assert "--ignore=tests/test_fused_compile.py" in tests_line  # run once, by e2e_tests
     assert "START tests_triton_gemm (limit 90s): env UNIFORMERV2_TRITON_GEMM=triton" in log, log
+    assert "| bench_e2e | rc=0 |" in summary and "| bench_e2e_compile | rc=0 |" in summary, summary
+    # the comparison joins both e2e steps' rows: compile rows beside eager and fused
+    report = summary.split("against eager and the best torch.compile row (issue 20)")[1].split("## Benchmarks")[0]
+    for provider in ("eager", "fused", "compile", "fused+compile"):
+        assert f"| {provider} |" in report, report
     assert (tmp_path / "out" / "gpu_suite_results.tar.gz").exists()
     bad = subprocess.run(["bash", script, "no-such-call"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
