@@ -7,7 +7,7 @@
 #
 # or, where a session has 30 minutes of device time, three calls:
 #
-#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, cuda_tests, tests, overhead
+#   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh tests   # env, build, cuda_tests, e2e_tests, tests, overhead
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh e2e     # build, tests_triton_gemm, end-to-end, timeline
 #   GIT_COMMIT=<commit> bash benchmarks/gpu_suite.sh ops     # build, op benchmarks
 #
@@ -20,13 +20,14 @@
 # With no argument (or `all`) every step except profile runs in one call, cut by the time budget.
 #
 # `lease` fits what a drawn session gets now: 15 minutes of device time in all, machine start (1-2 min)
-# included, so one 600 s call (`run` with timeout_s=600) and no second start. In order of value: env, build,
-# cuda_tests (issue 9's verdict), tests (the Triton kernels and the model changed since the last GPU run),
-# then e2e (eager / fused / fused+graph, inference and training step, both configs, short timing, no
-# timeline; UNIFORMERV2_AUTOTUNE=quick so that cold Triton GEMM autotuning does not eat the step: its rows
-# say so), then overhead (--reps 300) with what is left. Budget 550 s; caps cuda_tests 140 s, tests 260 s
-# (180 s per test), tests_triton_gemm 90 s (the Triton GEMM plan, no longer the default; 67 s on the H200),
-# e2e 120 s.
+# included, so one 600 s call (`run` with timeout_s=600) and no second start. In order: env, build,
+# cuda_tests (issue 9's verdict), e2e_tests (the tests that decide issue 20's defaults: tests/test_cuda_graph.py
+# and tests/test_fused_compile.py), e2e (eager / fused / fused+graph at the official per-GPU batches, short
+# timing, no timeline; UNIFORMERV2_AUTOTUNE=quick so that cold Triton GEMM autotuning does not eat the step),
+# e2e_compile (torch.compile, default mode, of the reference and of the fused model on the Kinetics B/16
+# cases), then the other tests, tests_triton_gemm and overhead with what is left. Budget 550 s; caps
+# cuda_tests 100 s, e2e_tests 80 s, e2e 120 s, e2e_compile 150 s, tests 200 s (150 s per test),
+# tests_triton_gemm 90 s. The summary compares every e2e row with eager and the best compile row.
 #
 # Steps (each logged with its exit code and seconds; a failing step does not stop the next one):
 #   env      nvidia-smi, nvcc, python/torch/triton versions, commit             -> env.txt
@@ -41,9 +42,11 @@
 #            top kernels of one forward+backward per op                          -> timeline.md
 #   profile  Nsight Compute over every kernel of one forward+backward per op    -> ncu_kernels.md
 #   ops      every benchmarks/bench_<op>.py (not e2e) with $SUITE_OP_ARGS
-#   e2e      benchmarks/bench_e2e.py eager + fused + fused-cuda, inference and training step, $SUITE_E2E_ARGS,
-#            and one profiled step per provider (torch.profiler: top kernels)   -> e2e_timeline.md
-#   e2e_compile  bench_e2e.py compile + fused+compile on the Kinetics B/16 config (slow: compilation)
+#   e2e_tests    pytest tests/test_cuda_graph.py tests/test_fused_compile.py (the graphed step, fused+compile)
+#   e2e      benchmarks/bench_e2e.py eager + fused + fused-cuda + fused-triton-gemm + fused+graph at the
+#            official per-GPU batches, $SUITE_E2E_ARGS, and one profiled step per provider  -> e2e_timeline.md
+#   e2e_compile  bench_e2e.py compile (default and max-autotune) + fused+compile (default and reduce-overhead)
+#            on every official case (slow: compilation; `lease`: default mode, Kinetics B/16 only)
 # Everything finishes inside $SUITE_BUDGET_S (default 560 s, for a 10-minute call): each step gets a
 # `timeout` of min(its cap, what is left minus a reserve for the summary). A benchmark cut short keeps the
 # rows it measured (<name>.partial.csv).
@@ -60,7 +63,7 @@
 # Environment knobs: SUITE_STEPS (comma list; the defaults per call are in the `case` below), SUITE_BUDGET_S,
 # SUITE_OP_ARGS (default "--frames 8 --batch 16 --rep 30 --warmup 5 --mode fwd,fwd+bwd": b16 and l14 at 8
 # frames; the first H100 run needed ~90 s per benchmark for that, of a 105 s cap), SUITE_E2E_ARGS
-# (default "--batch 16 --rep 1000 --warmup 100"), SUITE_TEST_ARGS (extra pytest arguments, shell-quoted:
+# (default "--rep 1000 --warmup 100"; `lease`: "--rep 100 --warmup 10"), SUITE_TEST_ARGS (extra pytest arguments, shell-quoted:
 # '-k "a and b"' works), PYTHON.
 set -euo pipefail
 
