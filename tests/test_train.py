@@ -402,8 +402,8 @@ def test_the_log_summarises_the_run_and_keeps_clear_of_the_progress_bar(tmp_path
         assert train.main([*args, "--output-dir", str(tmp_path / "plain")]) == 0
     log = [r.getMessage() for r in caplog.records]
     for start in ("data: 8 training videos, 4 validation videos, 4 classes (synthetic)",
-                  "device: cpu, 1 process, amp none", "batch 4 (4 per process), 2 steps per epoch, 1 epochs: 2 steps, "
-                  "from step 0"):
+                  "device: cpu, 1 process, amp none",
+                  "batch 4 (4 per process), 2 steps per epoch, 1 epochs: 2 steps in all, from step 0"):
         assert any(m.startswith(start) for m in log), (start, log)
     assert any(m.startswith("model: tiny, ") and m.endswith("reference PyTorch ops") for m in log), log
     window = r"epoch 1 step \d: loss \d+\.\d{4} lr [\d.e+-]+ [\d.]+ clips/s, \d+% waiting for data"
@@ -423,6 +423,21 @@ def test_the_log_summarises_the_run_and_keeps_clear_of_the_progress_bar(tmp_path
         logging.getLogger().removeHandler(console)
     assert any("data: 8 training videos" in s for s in written), written
     assert not any(re.match(r"epoch 1 step \d: loss", r.getMessage()) for r in caplog.records)
+
+
+def test_the_log_names_the_backend_of_each_fused_op(tmp_path, caplog):
+    """With model.fused=true the first step logs which backend each fused op selected (per call, on the
+    step's own tensors): all five ops of the model, each on a backend that exists."""
+    with caplog.at_level("INFO", logger="uniformerv2"):
+        assert train.main(["--preset", "synthetic", *TINY, "--output-dir", str(tmp_path / "run"), "model.fused=true",
+                           "train.batch_size=2", "train.max_steps=1", "data.synthetic.train_size=4",
+                           "data.synthetic.val_size=2", "eval.batch_size=2"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fused ops: ")]
+    assert len(lines) == 1, lines
+    choices = dict(item.split(" on ") for item in lines[0][len("fused ops: "):].split(", "))
+    assert sorted(choices) == ["clip_layer_norm", "fused_ffn", "global_query_attention", "local_temporal_mhra",
+                               "spatial_attention"]
+    assert set(choices.values()) <= {"cuda", "triton", "reference"}, choices
 
 
 # ---------------------------------------------------------------------------------------- torchrun

@@ -419,7 +419,7 @@ class Trainer:
         total = int(t_cfg["epochs"]) * self.iters_per_epoch
         if t_cfg.get("max_steps") is not None:
             total = min(total, int(t_cfg["max_steps"]))
-        logger.info("batch %d (%d per process), %d steps per epoch, %d epochs: %d steps, from step %d",
+        logger.info("batch %d (%d per process), %d steps per epoch, %d epochs: %d steps in all, from step %d",
                     self.global_batch, self.local_batch, self.iters_per_epoch, int(t_cfg["epochs"]), total,
                     self.global_step)
 
