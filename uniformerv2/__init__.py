@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uniformerv2_kernels  # noqa: F401  (registers the fused operators, which a saved program may use)
+
 from .configs import constructor_args, get_config, list_models
 from .loading import CheckpointError, load_checkpoint, load_clip, map_k710_head
 from .model import UniFormerV2

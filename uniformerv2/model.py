@@ -11,6 +11,7 @@ switches all blocks without touching the weights; both paths compute the same fu
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -127,8 +128,10 @@ class LocalTemporalMHRA(nn.Module):
                 training=bn.training or not bn.track_running_stats, momentum=bn.momentum, eps=bn.eps,
                 branch_scale=scale, backend=backend,
             )
-        H = W = int(round((L - 1) ** 0.5))
-        tmp_x = x[1:, :, :].view(H, W, N, T, C).permute(2, 4, 3, 0, 1).contiguous()
+        # The official code views the patches as an (H, W) grid; every layer here (BatchNorm, 1x1x1 and (3,1,1)
+        # convs) treats spatial positions alike, so an (L - 1, 1) grid is the same math with no square root
+        # of a size (which torch.jit.trace records as a tensor).
+        tmp_x = x[1:, :, :].view(L - 1, 1, N, T, C).permute(2, 4, 3, 0, 1).contiguous()
         tmp_x = tmp_x + apply_scale(self(tmp_x), drop_path_scale(tmp_x, drop_prob, self.training))
         tmp_x = tmp_x.view(N, C, T, L - 1).permute(3, 0, 2, 1).contiguous().view(L - 1, NT, C)
         return torch.cat([x[:1, :, :], tmp_x], dim=0)
@@ -333,12 +336,15 @@ class Transformer(nn.Module):
         if not frozen:
             self.balance = nn.Parameter(torch.zeros(n_dim))
         self.sigmoid = nn.Sigmoid()
+        # Side of the square patch grid; UniFormerV2 sets it from its configuration (input_resolution //
+        # patch_size), so the shape arithmetic traces. None: read from the stream's length.
+        self.grid_size: int | None = None
 
     def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
         T = self.T if T is None else T
         L, NT, C = x.shape
         N = NT // T
-        H = W = int(round((L - 1) ** 0.5))
+        H = W = self.grid_size if self.grid_size is not None else math.isqrt(int(L - 1))
         cls_token = self.temporal_cls_token.repeat(1, N, 1)
         j = -1
         for i, resblock in enumerate(self.resblocks):
@@ -410,6 +416,7 @@ class UniFormerV2(nn.Module):
             mlp_factor=mlp_factor, drop_path_rate=drop_path_rate, mlp_dropout=mlp_dropout,
             cls_dropout=cls_dropout, num_classes=num_classes, frozen=frozen,
         )
+        self.transformer.grid_size = input_resolution // patch_size
         self.fused = False
         self.backend = None
         if frozen:
@@ -461,7 +468,8 @@ class UniFormerV2(nn.Module):
         self._check_input_type(x)
         x = self.conv1(x)
         N, C, T, H, W = x.shape
-        if (H * W + 1) != self.positional_embedding.shape[0]:
+        # (skipped while torch.jit.trace records, where sizes are tensors; a wrong grid still fails below)
+        if not torch.jit.is_tracing() and (H * W + 1) != self.positional_embedding.shape[0]:
             raise ValueError(
                 f"input gives a {H}x{W} patch grid but the model was built for "
                 f"{self.input_resolution}x{self.input_resolution} (load_checkpoint interpolates weights)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -42,14 +43,20 @@ def check_same(names_and_tensors: Sequence[tuple[str, torch.Tensor]], dtype: boo
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
 
 
-def check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value) -> int:
+    """The value as an int. Under torch.jit.trace a size read from a tensor's shape is a 0-d integer tensor:
+    accepted there, and recorded as the constant it is in the example."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool and torch.jit.is_tracing():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def square_side(name: str, count: int) -> int:
     """Side of a square token grid of `count` patches; an error if it is not a perfect square."""
-    side = int(round(count ** 0.5))
+    side = math.isqrt(int(count))
     if side * side != count:
         raise ValueError(f"{name}: {count} patch tokens is not a square grid (expected h*w with h == w)")
     return side

@@ -29,6 +29,7 @@ require grad (no gradient flows through a raw call, not even part of one); the p
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -39,6 +40,21 @@ except ImportError:  # torch 2.4: only the private module has it (custom_op's ow
     from torch._library.infer_schema import infer_schema as _infer_schema
 
 _LIBRARIES: dict[str, torch.library.Library] = {}
+_OPERATORS: list["Operator"] = []
+
+# The backend an op records in a program made to run elsewhere (torch.export, torch.jit.trace): its body
+# resolves it where the program runs, so a .pt2 made on a GPU machine runs the reference on a CPU one.
+AUTO_BACKEND = "auto"
+
+
+def recording_for() -> str | None:
+    """What is recording the ops being called now: "onnx" (torch.onnx.export, either exporter), "program"
+    (torch.export or torch.jit.trace: a program that may run on another machine), or None (eager calls,
+    and torch.compile, whose graph runs in this process with the backend chosen here)."""
+    if not torch.compiler.is_exporting():
+        if torch.compiler.is_compiling() or not torch.jit.is_tracing():
+            return None
+    return "onnx" if torch.onnx.is_in_onnx_export() else "program"
 
 
 def _library(namespace: str) -> torch.library.Library:
@@ -50,7 +66,13 @@ def _library(namespace: str) -> torch.library.Library:
 class Operator:
     """One operator ``namespace::name``: its implementation ``fn`` runs on every device (the fused ops'
     bodies dispatch on their ``backend`` argument). Calling the Operator runs it through its autograd
-    Function when grad mode is on and an autograd formula is registered, else the operator directly."""
+    Function when grad mode is on and an autograd formula is registered, else the operator directly.
+
+    An op whose last argument is ``backend`` is recorded for export as follows: torch.export and
+    torch.jit.trace record it with backend "auto" (its body then picks the backend where the program runs);
+    torch.onnx.export records ``fn`` on the "reference" backend instead of the operator, so the ONNX
+    graph holds the reference math in standard ONNX operators (:func:`reference_decompositions` does the
+    same for a program already exported)."""
 
     def __init__(self, qualname: str, fn: Callable):
         namespace, name = qualname.split("::")
@@ -69,13 +91,27 @@ class Operator:
         self._lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
         self.qualname = qualname
         self.overload = getattr(getattr(torch.ops, namespace), name).default
+        self.fn = fn
+        self.takes_backend = list(inspect.signature(fn).parameters)[-1] == "backend"
+        _OPERATORS.append(self)
         self._function: type[torch.autograd.Function] | None = None
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args):
+        if self.takes_backend:
+            recording = recording_for()
+            if recording == "onnx":
+                return self.reference(*args[:-1])
+            if recording == "program":
+                args = (*args[:-1], AUTO_BACKEND)
         if self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
         return self.overload(*args)
+
+    def reference(self, *args):
+        """The op's outputs computed by its body on the reference backend, in plain torch ops (args: all
+        but the backend)."""
+        return self.fn(*args, "reference")
 
     def register_fake(self, fake: Callable) -> Callable:
         """Decorator: the kernel torch.compile and FakeTensor run to get the outputs' shapes and dtypes."""
@@ -103,6 +139,13 @@ class Operator:
             f"{self.qualname.split('::')[1]}_autograd", (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(backward_or_none)},
         )
+
+
+def reference_decompositions() -> dict:
+    """{operator overload: its reference math} for every fused op that takes a backend, for
+    ``ExportedProgram.run_decompositions``: a program exported with the fused ops becomes one of standard
+    torch operators (e.g. before ``torch.onnx.export`` of a saved .pt2)."""
+    return {op.overload: op.reference for op in _OPERATORS if op.takes_backend}
 
 
 def custom_op(qualname: str) -> Callable[[Callable], Operator]:

@@ -46,6 +46,8 @@ def _fused_ffn_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, mean, rstd, h); mean/rstd/h are empty when save_for_backward is False."""
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(x, (ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias))
     with backends.op_body(x):
         if backend == "triton":
             return _triton().forward(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias, row_scale,
@@ -92,6 +94,8 @@ def _fused_ffn_bwd(
            torch.Tensor]:
     """Returns (dx, d_ln_w, d_ln_b, d_fc_w, d_fc_b, d_proj_w, d_proj_b, d_row_scale or empty)."""
     grad_out = grad_out.contiguous()
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(x, (ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias))
     with backends.op_body(x):
         if backend == "triton":
             grads = _triton().backward(grad_out, x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bias,

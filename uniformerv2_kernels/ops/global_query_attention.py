@@ -51,6 +51,9 @@ def _global_query_attention_fwd(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend((x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias),
+                                 x, num_heads)
     with backends.op_body(x):
         args = (x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps)
         if backend == "triton":
@@ -97,6 +100,9 @@ def _global_query_attention_bwd(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     grad_out = grad_out.contiguous()
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend((x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias),
+                                 x, num_heads)
     with backends.op_body(x):
         args = (grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
                 num_heads, eps)
@@ -178,7 +184,7 @@ def select_backend(tensors, x: torch.Tensor, num_heads: int, backend: str | None
 def check_inputs(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps):
     """Raises a clear error naming the offending argument."""
     check_tensor("x", x, ndim=3)
-    check_positive_int("T", T)
+    T = check_positive_int("T", T)
     check_positive_int("num_heads", num_heads)
     L, NT, C = x.shape
     if NT == 0 or NT % T != 0:
@@ -226,6 +232,7 @@ def global_query_attention(
     Returns (1, N, C) in x.dtype: the heads' attention outputs concatenated, before out_proj.
     All tensors share one device and dtype. Differentiable in every tensor argument.
     """
+    T = check_positive_int("T", T)
     check_inputs(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps)
     tensors = (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias)
     name = select_backend(tensors, x, num_heads, backend)

@@ -45,6 +45,8 @@ def cuda_reasons(x: torch.Tensor) -> list[str]:
 def _clip_layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(x, weight, bias)
     with backends.op_body(x):
         if backend == "triton":
             return _triton().forward(x, weight, bias, eps)
@@ -73,6 +75,8 @@ def _clip_layer_norm_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_y = grad_y.contiguous()
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(x, weight, bias)
     with backends.op_body(x):
         if backend == "triton":
             return _triton().backward(grad_y, x, weight, mean, rstd, weight.dtype, bias.dtype)

@@ -58,7 +58,15 @@ def _fwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, mean, biased var, saved Y1). mean/var: batch statistics (training) or a copy of the
-    running ones (eval), fp32 (fp64 for fp64 reference calls). Y1 is empty for the reference backend."""
+    running ones (eval), fp32 (fp64 for fp64 reference calls). Y1 is empty for the reference and the "auto"
+    backend (an exported program's: Y1's shape depends on the backend, not known when it was traced)."""
+    if backend == library.AUTO_BACKEND:
+        out, mean, var, _ = _fwd_op.fn(
+            x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight, dw_bias,
+            conv2_weight, conv2_bias, training, eps, branch_scale, select_backend(
+                [t for t in (x, bn_weight, bn_bias, running_mean, running_var, conv1_weight, conv1_bias, dw_weight,
+                             dw_bias, conv2_weight, conv2_bias, branch_scale) if t is not None], x))
+        return out, mean, var, x.new_empty(0)
     with backends.op_body(x):
         if backend == "triton":
             return _triton_module().forward(
@@ -89,7 +97,7 @@ def _fwd_fake(x, T, bn_weight, bn_bias, running_mean, running_var, conv1_weight,
     L, NT, C = x.shape
     Cp = conv1_weight.shape[0]
     stat = x.new_empty(C, dtype=_stat_dtype(x))
-    if backend == "reference":
+    if backend in ("reference", library.AUTO_BACKEND):
         y1 = x.new_empty(0)
     elif backend == "triton":  # padded to aligned rows (triton/local_temporal_mhra.py: y1_width)
         y1 = x.new_empty((L - 1) * NT, _triton_module().y1_width(Cp))
@@ -127,7 +135,10 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d bn_weight, d bn_bias, d conv1_weight, d conv1_bias, d dw_weight, d dw_bias, d conv2_weight,
-    d conv2_bias, d branch_scale (empty unless need_branch_scale_grad))."""
+    d conv2_bias, d branch_scale (empty unless need_branch_scale_grad)). The "auto" forward keeps no Y1, which
+    the kernels' backward needs: its backward is the reference's."""
+    if backend == library.AUTO_BACKEND:
+        backend = "reference"
     with backends.op_body(x):
         if backend == "triton":
             return _triton_module().backward(
@@ -259,6 +270,11 @@ def _extra_reasons(x: torch.Tensor) -> dict[str, list[str]]:
     return reasons
 
 
+def select_backend(tensors: Sequence[torch.Tensor], x: torch.Tensor, backend: str | None = None) -> str:
+    return backends.select(OP_NAME, tensors, backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
+                           extra_reasons=_extra_reasons(x))
+
+
 def local_temporal_mhra(
     x: torch.Tensor,
     T: int,
@@ -290,13 +306,13 @@ def local_temporal_mhra(
     math runs in x.dtype with fp32 statistics and accumulation, and gradients come back in each input's
     dtype. A non-contiguous x is copied.
     """
+    T = check_positive_int("T", T)
     _check_inputs(x, T, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, conv1_weight,
                   conv1_bias, dw_weight, dw_bias, conv2_weight, conv2_bias, training, momentum, eps, branch_scale)
     tensors: Sequence[torch.Tensor] = [t for t in (x, bn_weight, bn_bias, running_mean, running_var, conv1_weight,
                                                    conv1_bias, dw_weight, dw_bias, conv2_weight, conv2_bias,
                                                    branch_scale) if t is not None]
-    name = backends.select(OP_NAME, tensors, backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-                           extra_reasons=_extra_reasons(x))
+    name = select_backend(tensors, x, backend)
     out, mean, var, _ = _fwd_op(
         x.contiguous(), T, bn_weight, bn_bias, running_mean if not training else None,
         running_var if not training else None, conv1_weight, conv1_bias, dw_weight, dw_bias, conv2_weight,

@@ -89,10 +89,11 @@ def _attention_backend_uncompiled() -> tuple[str, str]:
     return _backend_choice
 
 
-try:  # under torch.compile the probe runs eagerly and its answer is a constant of the graph
-    _attention_backend_traced = torch._dynamo.assume_constant_result(_attention_backend_uncompiled)
-except AttributeError:  # pragma: no cover
-    _attention_backend_traced = _attention_backend_uncompiled
+# Under torch.compile the probe runs eagerly and its answer is a constant of the graph: the mark that
+# torch.compiler.assume_constant_result sets, set here without it, because it imports torch._dynamo (seconds)
+# and this module is imported with the package (its operators must exist before a saved program loads).
+_attention_backend_uncompiled._dynamo_marked_constant = True
+_attention_backend_traced = _attention_backend_uncompiled
 
 
 def attention_backend() -> tuple[str, str]:
@@ -112,7 +113,8 @@ def _attention_core(qkv: torch.Tensor, L: int, B: int, num_heads: int, backend: 
     C = qkv.shape[1] // 3
     d = C // num_heads
     q, k, v = qkv.view(B, L, 3, num_heads, d).unbind(2)  # each (B, L, H, d), unit stride along d
-    if qkv.is_cuda and attention_backend()[0] == "xformers":
+    # an exported program keeps SDPA, which every machine has, rather than a probe's answer on this one
+    if qkv.is_cuda and not torch.compiler.is_exporting() and attention_backend()[0] == "xformers":
         import xformers.ops as xops
 
         o = xops.memory_efficient_attention(q, k, v, scale=1.0 / math.sqrt(d))
@@ -129,6 +131,8 @@ def _qkv_fwd(
     in_proj_bias: torch.Tensor, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qkv (B*L, 3C) frame-major, mean (L*B,), rstd (L*B,)) for x (L, B, C)."""
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(x, (ln_weight, ln_bias, in_proj_weight, in_proj_bias))
     with backends.op_body(x):
         if backend == "triton":
             return _triton().qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps)
@@ -153,6 +157,8 @@ def _qkv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_ln_weight, d_ln_bias, d_in_proj_weight, d_in_proj_bias)."""
     grad_qkv = grad_qkv.contiguous()
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(x, (ln_weight, ln_bias, in_proj_weight))
     with backends.op_body(x):
         if backend == "triton":
             grads = _triton().qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, eps)
@@ -196,6 +202,8 @@ _qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 def _out_fwd(o: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor, L: int, B: int,
              backend: str) -> torch.Tensor:
     """out_proj of o (B*L, C) frame-major, returned as the stream (L, B, C)."""
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(o, (out_proj_weight, out_proj_bias))
     with backends.op_body(o):
         if backend == "triton":
             return _triton().out_forward(o, out_proj_weight, out_proj_bias, L, B)
@@ -213,6 +221,8 @@ def _(o, out_proj_weight, out_proj_bias, L, B, backend):
 def _out_bwd(grad_out: torch.Tensor, o: torch.Tensor, out_proj_weight: torch.Tensor,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_o (B*L, C), d_out_proj_weight, d_out_proj_bias)."""
+    if backend == library.AUTO_BACKEND:
+        backend = select_backend(o, (out_proj_weight,))
     with backends.op_body(o):
         if backend == "triton":
             grads = _triton().out_backward(grad_out, o, out_proj_weight)

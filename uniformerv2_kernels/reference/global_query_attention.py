@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 
 def _grid_side(L: int) -> int:
-    side = int(round((L - 1) ** 0.5))
+    side = math.isqrt(int(L - 1))
     if side * side != L - 1 or side == 0:
         raise ValueError(f"x: L - 1 = {L - 1} patch tokens is not a square grid")
     return side
