@@ -48,13 +48,16 @@ AUTO_BACKEND = "auto"
 
 
 def recording_for() -> str | None:
-    """What is recording the ops being called now: "onnx" (torch.onnx.export, either exporter), "program"
-    (torch.export or torch.jit.trace: a program that may run on another machine), or None (eager calls,
-    and torch.compile, whose graph runs in this process with the backend chosen here)."""
-    if not torch.compiler.is_exporting():
-        if torch.compiler.is_compiling() or not torch.jit.is_tracing():
-            return None
-    return "onnx" if torch.onnx.is_in_onnx_export() else "program"
+    """What is recording the ops being called now, for a program that may run on another machine: "onnx"
+    (torch.onnx.export, either exporter), "export" (torch.export), "trace" (torch.jit.trace), or None (eager
+    calls, and torch.compile, whose graph runs in this process with the backend chosen here)."""
+    if torch.compiler.is_exporting():
+        recording = "export"
+    elif torch.compiler.is_compiling() or not torch.jit.is_tracing():
+        return None
+    else:
+        recording = "trace"
+    return "onnx" if torch.onnx.is_in_onnx_export() else recording
 
 
 def _library(namespace: str) -> torch.library.Library:
@@ -69,7 +72,8 @@ class Operator:
     Function when grad mode is on and an autograd formula is registered, else the operator directly.
 
     An op whose last argument is ``backend`` is recorded for export as follows: torch.export and
-    torch.jit.trace record it with backend "auto" (its body then picks the backend where the program runs);
+    torch.jit.trace record it with backend "auto" (its body then picks the backend where the program runs;
+    torch.jit.trace records the operator itself, not the autograd Function, which it could not serialise);
     torch.onnx.export records ``fn`` on the "reference" backend instead of the operator, so the ONNX
     graph holds the reference math in standard ONNX operators (:func:`reference_decompositions` does the
     same for a program already exported)."""
@@ -101,17 +105,19 @@ class Operator:
         if self.takes_backend:
             recording = recording_for()
             if recording == "onnx":
-                return self.reference(*args[:-1])
-            if recording == "program":
+                return self.reference(*args)
+            if recording is not None:
                 args = (*args[:-1], AUTO_BACKEND)
+                if recording == "trace":  # the autograd Function would be recorded as an opaque Python op
+                    return self.overload(*args)
         if self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
         return self.overload(*args)
 
     def reference(self, *args):
-        """The op's outputs computed by its body on the reference backend, in plain torch ops (args: all
-        but the backend)."""
-        return self.fn(*args, "reference")
+        """The op's outputs computed by its body on the reference backend (whatever backend ``args`` name),
+        in plain torch operators."""
+        return self.fn(*args[:-1], "reference")
 
     def register_fake(self, fake: Callable) -> Callable:
         """Decorator: the kernel torch.compile and FakeTensor run to get the outputs' shapes and dtypes."""
