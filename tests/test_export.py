@@ -71,6 +71,24 @@ def test_onnx_export_with_dynamic_batch_matches_eager(tmp_path, fused):
             assert export.relative_difference(run_onnx(path, x), model(x)) < 1e-5
 
 
+def test_auto_backend_is_chosen_when_the_op_runs(monkeypatch):
+    """Backend "auto" (what exported programs record) picks the backend at each call, by the rules of a call
+    without one: UNIFORMERV2_BACKEND, else the first backend that can run."""
+    from uniformerv2_kernels.ops import layer_norm
+
+    ran = []
+    monkeypatch.setattr(layer_norm.reference, "forward", lambda *a, _f=layer_norm.reference.forward: (
+        ran.append("reference"), _f(*a))[1])
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    expected = layer_norm.select_backend(x, w, b)
+    y, _, _ = torch.ops.uniformerv2.clip_layer_norm_fwd(x, w, b, 1e-5, "auto")
+    assert ran == ([] if expected != "reference" else ["reference"])
+    monkeypatch.setenv("UNIFORMERV2_BACKEND", "reference")
+    y_ref, _, _ = torch.ops.uniformerv2.clip_layer_norm_fwd(x, w, b, 1e-5, "auto")
+    assert ran[-1:] == ["reference"]
+    assert export.relative_difference(y, y_ref) < 1e-6
+
+
 def test_saved_fused_program_runs_on_the_reference_in_a_fresh_process(tmp_path):
     """A .pt2 of the fused model exported here, where the Triton backend runs (interpreted), records backend
     "auto"; a fresh process that imports only uniformerv2 loads it and, with no kernel able to run there

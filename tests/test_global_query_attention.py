@@ -249,7 +249,7 @@ def test_triton_backward_is_deterministic():
 # ----------------------------------------------------------------------------------- registration, compile
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_opcheck(backend):
     dtype = torch.float32 if backend == "triton" else torch.float64
     x, dw, db, lw, lb, q, w, b = [t.requires_grad_(True) for t in make_inputs(hw=4, N=2, T=2, C=64, dtype=dtype)]

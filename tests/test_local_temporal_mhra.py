@@ -358,7 +358,8 @@ def _op_args(training, backend, with_bs=True, dtype=torch.float32):
     return args, g.to(device=DEVICE, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend,training", [("triton", True), ("triton", False), ("reference", True)])
+@pytest.mark.parametrize("backend,training", [("triton", True), ("triton", False), ("reference", True),
+                                              ("auto", False)])
 def test_opcheck(backend, training):
     args, g = _op_args(training, backend)
     opcheck(torch.ops.uniformerv2.local_temporal_mhra_fwd.default, args)

@@ -128,7 +128,7 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_opcheck(backend):
     L, B, C = 5, 3, 64
     x = torch.randn(L, B, C, device=DEVICE, requires_grad=True)
