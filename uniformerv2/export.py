@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 
 import torch
@@ -214,18 +213,15 @@ def _load(args, device: torch.device) -> tuple[nn.Module, list[str] | None]:
     import uniformerv2
 
     from .evaluate import load_trained
-    from .recipes import USER_ERRORS, error_message
+    from .runtime import INPUT_ERRORS, input_error_message
 
     if not os.path.isfile(args.source):
         print(f"uniformerv2-export: {args.source} with random weights (no checkpoint)")
         return uniformerv2.build_model(args.source).eval(), None
     try:
         model, _, names = load_trained(args.source, [], args.config, args.model, None, False)
-    except USER_ERRORS as exc:
-        build_parser().error(error_message(exc))
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a checkpoint, or not this model's
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        build_parser().error(f"{args.source}: cannot load it as a UniFormerV2 checkpoint ({first})")
+    except INPUT_ERRORS as exc:
+        build_parser().error(input_error_message(exc))
     return model, names
 
 
