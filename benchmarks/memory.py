@@ -20,8 +20,9 @@ choice for ``--budget-gb``; an impossible batch shows the largest that fits), or
 
 ``--capped-check`` (GPU): K400 L/14@336 32 frames, the device capped at 24 GiB with
 ``torch.cuda.set_per_process_memory_fraction``, fused and reference (``--fused``), at batch 1, 2 and the largest
-batch the plan allows, each with the plan chosen for 24 GiB; then the same batches without the cap (the plan chosen for
-the whole device), for the step rates side by side.
+batch the plan allows, each with the plan the trainer's default budget would choose under the cap (90% of it:
+``memory_plan.DEFAULT_BUDGET_FRACTION``); then the same batches without the cap (the plan for the whole
+device), for the step rates side by side.
 
 Output: a Markdown table and a JSON file in ``--out`` (default: ``runs/benchmarks/``, not tracked);
 ``--results`` writes them to ``benchmarks/results/`` instead.
@@ -206,7 +207,7 @@ def capped_check(bench: Bench, args: argparse.Namespace, on_row) -> list[dict]:
     total = torch.cuda.get_device_properties(bench.device).total_memory
     rows = []
     for fused in (flag == "true" for flag in args.fused.split(",")):
-        budget = int(CAP_GIB * mp.GiB)
+        budget = int(CAP_GIB * mp.GiB * mp.DEFAULT_BUDGET_FRACTION)
 
         def peak(batch: int) -> int:  # with every block checkpointed: the most a batch can save
             return bench.predict(CAPPED_MODEL, batch, fused, layers).peak_bytes
@@ -218,10 +219,12 @@ def capped_check(bench: Bench, args: argparse.Namespace, on_row) -> list[dict]:
         for batch in sorted({1, 2, largest} - {0}):
             for cap in (CAP_GIB, None):
                 torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap * mp.GiB / total, bench.device)
-                budget_gib = cap if cap is not None else mp.device_budget_bytes(bench.device) / mp.GiB
+                # the trainer's default budget: a share of what the process may allocate, capped or not
+                usable = cap * mp.GiB if cap is not None else mp.device_budget_bytes(bench.device)
+                budget_gib = usable * mp.DEFAULT_BUDGET_FRACTION / mp.GiB
                 chosen, error = bench.chosen(CAPPED_MODEL, batch, fused, budget_gib)
-                row = {"model": CAPPED_MODEL, "fused": fused, "batch": batch,
-                       "cap_gib": cap, "plan": "impossible" if chosen is None else f"{chosen.checkpoint_blocks} blocks"}
+                row = {"model": CAPPED_MODEL, "fused": fused, "batch": batch, "cap_gib": cap, "budget_gib": budget_gib,
+                       "plan": "impossible" if chosen is None else f"{chosen.checkpoint_blocks} blocks"}
                 if chosen is None:
                     rows.append(dict(row, note=error))
                     continue
@@ -241,7 +244,7 @@ def _cell(value) -> str:
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
-    columns = ["model", "fused", "batch", "cap_gib", "plan", "blocks", "predicted_gib", "on", "measured_gib",
+    columns = ["model", "fused", "batch", "cap_gib", "budget_gib", "plan", "blocks", "predicted_gib", "on", "measured_gib",
                "clips_per_s", "predict_s", "plan_s", "note"]
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]

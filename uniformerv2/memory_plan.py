@@ -42,6 +42,10 @@ from torch.utils._pytree import tree_leaves
 logger = logging.getLogger("uniformerv2")
 
 GiB = 1 << 30
+# The share of a device's free memory the default budget plans for: the prediction counts allocated bytes,
+# while the caching allocator also needs room for fragmentation and for the workspaces kernels allocate and
+# free inside themselves, which the prediction cannot see.
+DEFAULT_BUDGET_FRACTION = 0.9
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp,
 # kMinBlockSize); the CPU allocator gives what was asked for.
 CUDA_BLOCK_BYTES = 512
@@ -258,11 +262,14 @@ def device_budget_bytes(device: torch.device) -> int:
 
 
 def budget_bytes_for(cfg: dict, device: torch.device) -> int | None:
-    """``train.memory_budget_gb`` in bytes; unset: what the CUDA device has left, or None (no plan) on a CPU."""
+    """``train.memory_budget_gb`` in bytes; unset: DEFAULT_BUDGET_FRACTION of what the CUDA device has left,
+    or None (no plan) on a CPU."""
     budget_gb = cfg["train"].get("memory_budget_gb")
     if budget_gb is not None:
         return int(float(budget_gb) * GiB)
-    return device_budget_bytes(device) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    return int(device_budget_bytes(device) * DEFAULT_BUDGET_FRACTION)
 
 
 def plan_training(cfg: dict, build_args: dict, model: nn.Module, batch_size: int, device: torch.device,
