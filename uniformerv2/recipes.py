@@ -163,7 +163,8 @@ PRESETS: dict[str, dict] = {
     # lr, epochs, warm-up, batch and views of the config.yaml beside them). Their official runs checkpointed
     # every block; here the memory plan (train.memory_budget_gb) checkpoints only what the device needs.
     # Sth-Sth V2, L/14, 16 frames in, from CLIP ViT-L/14 (exp/sthv2/ssv2_l14_f16x224/run.sh: 2e-5, 22 epochs,
-    # 5 warm-up, batch 64, 1 clip x 3 crops).
+    # 5 warm-up, batch 64, 1 clip x 3 crops). Its config.yaml also draws two augmented views of each video
+    # (AUG.NUM_SAMPLE 2), which this trainer does not do.
     "ssv2_l14_f16x224": {
         "model": {"name": "ssv2_l14_f16x224"},
         "data": dict(_KINETICS_DATA, num_frames=16, flip=False),
