@@ -202,3 +202,34 @@ def test_memory_benchmark_writes_its_table(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "memory.py"), "--plans", "plan"],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     assert bad.returncode == 2 and "--plans plan needs --budget-gb" in bad.stderr
+
+
+def _plan_on_rank(rank: int, port: int, budgets: list, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = build_config("synthetic", overrides=[f"train.memory_budget_gb={budgets[rank]}"])
+        model = uniformerv2.build_model(**SMALL)
+        try:
+            result = mp.plan_training(cfg, SMALL, model, 4, torch.device("cpu"), world_size=2).checkpoint_blocks
+        except mp.MemoryPlanError:
+            result = "error"
+        with open(os.path.join(out, f"rank{rank}"), "w") as fh:
+            fh.write(str(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_plan_for_the_smallest_budget(tmp_path):
+    """Ranks whose budgets differ (GPUs with different free memory) choose one plan, or fail together."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp_none = mp.predict_peak(SMALL, 4, "cpu", ddp=True).peak_bytes
+    budgets = [1.0, (ddp_none - 1) / mp.GiB]  # rank 0 fits without checkpointing, rank 1 does not
+    tmp.spawn(_plan_on_rank, args=(port, budgets, str(tmp_path)), nprocs=2)
+    chosen = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    assert chosen[0] == chosen[1] != "0", chosen

@@ -279,8 +279,14 @@ def plan_training(cfg: dict, build_args: dict, model: nn.Module, batch_size: int
     applies it to ``model`` and records it in ``cfg`` (so that options that cannot run with checkpointing,
     such as ``train.cuda_graph``, see it). Returns None where there is no budget (a CPU without one)."""
     budget = budget_bytes_for(cfg, device)
-    if budget is None:
+    if budget is None:  # the same on every rank: the device type and the configuration are
         return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank plans for the smallest budget (free memory differs between GPUs), so the ranks choose
+        # the same plan and a batch that cannot fit stops all of them instead of leaving the others waiting.
+        budgets: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(budgets, budget)
+        budget = min(budgets)
     layers = len(model.transformer.resblocks)
     amp = cfg["train"]["amp"]
 
