@@ -122,9 +122,10 @@ def test_decode_selected_frames_in_order(tmp_path):
     assert torch.allclose(levels, torch.tensor([44.0, 12.0, 44.0, 188.0]), atol=3)
 
 
-def _short_gop_video(path, n, codec, gop, step=8):
+def _short_gop_video(path, n, codec, gop, step=8, options=None):
     """Frame i: a flat grey of level step*i + 4 (reveals the index) plus a moving bar (gives inter-frame coding
-    work), encoded with a keyframe every ``gop`` frames (B-frames as the codec's defaults have them)."""
+    work), encoded with a keyframe every ``gop`` frames (B-frames as the codec's defaults have them, or as
+    the encoder ``options`` say)."""
     frames = []
     for i in range(n):
         f = np.full((48, 64, 3), step * i + 4, dtype=np.uint8)
@@ -134,6 +135,7 @@ def _short_gop_video(path, n, codec, gop, step=8):
         s = c.add_stream(codec, rate=25)
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
         s.codec_context.gop_size = gop
+        s.options = options or {}
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(p)
@@ -165,6 +167,30 @@ def test_seeking_to_keyframes_gives_the_frames_of_sequential_decoding(tmp_path, 
         assert rows == expected_rows and torch.equal(frames, expected), idx
         levels = frames[rows].float().flatten(1).median(dim=1).values  # the grey, not the bar (1/8 of the width)
         assert torch.allclose(levels, torch.tensor([4.0 * i + 4 for i in idx]), atol=6), idx
+
+
+def test_seeking_past_non_reference_frames_gives_the_frames_of_sequential_decoding(tmp_path, monkeypatch):
+    """H.264 at GOP 16 with B-frames forced (three between references, in a pyramid): the seeking decoder
+    skips the non-reference frames it does not want; every wanted frame must still be exactly the
+    sequential decoder's, for the TSN draws of training clips and for adjacent frames."""
+    from uniformerv2 import video
+
+    path = _short_gop_video(str(tmp_path / "gop16.mp4"), 240, "h264", gop=16, step=1,
+                            options={"x264-params": "bframes=3:b-adapt=0:b-pyramid=normal"})
+    with av.open(path) as c:
+        types = {int(f.pict_type) for f in c.decode(c.streams.video[0])}
+    assert int(av.video.frame.PictureType.B) in types, types  # the case the skipping is for
+    rng = np.random.default_rng(0)
+    draws = [segment_indices(240, 8, -1, 1, rng) for _ in range(6)] + [[16, 17, 18, 19], [1, 2, 30, 31, 239]]
+    results = []
+    real_seek = video._decode_by_seeking
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: results.append(real_seek(*a)) or results[-1])
+    seeked = [decode_video(path, lambda n, idx=idx: idx) for idx in draws]
+    assert all(r is not None for r in results[:6])  # the training draws seek
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: None)
+    for idx, (frames, rows) in zip(draws, seeked):
+        expected, expected_rows = decode_video(path, lambda n, idx=idx: idx)
+        assert rows == expected_rows and torch.equal(frames, expected), idx
 
 
 def test_a_video_without_a_frame_count_in_its_header(tmp_path):

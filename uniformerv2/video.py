@@ -70,8 +70,8 @@ def _frame_index(container, stream) -> tuple[list[int], list[int]] | None:
     return sorted(pts), sorted(keys)
 
 
-# A seek restarts the decoder (and its frame threads): about as costly as decoding this many frames, measured
-# on the development machine. A seek pays only where it skips more frames than that.
+# A seek restarts the decoder: about as costly as decoding this many frames (measured on the development
+# machine with frame threads; an upper bound for the one-thread seeking decoder). A seek pays only where it skips more frames than that.
 _SEEK_COST_FRAMES = 8
 
 
@@ -100,21 +100,35 @@ def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], uniqu
     plan = _seek_plan(pts, keys, unique)
     if plan is None:
         return None
+    # Between a keyframe and a wanted frame only the frames that others are predicted from need decoding: each
+    # packet but the wanted one is sent with FFmpeg's skip_frame=NONREF (non-reference B-frames are dropped
+    # unseen; nothing refers to them, so every decoded frame is as in sequential decoding). That decision is
+    # per packet, which frame threads (decoding packets later, on other threads) would not honour; decoding on
+    # one thread also spends less CPU time per clip than FFmpeg's threads restarted at every seek.
+    stream.thread_type = "NONE"
+    codec = stream.codec_context
+    wanted = {pts[i] for i in unique}
     got = []
-    frames = None
+    packets, ahead = None, {}  # ahead: wanted frames that came out of the decoder with an earlier one
     for index, key in zip(unique, plan):
         target = pts[index]
         if key is not None:
             container.seek(key, stream=stream, backward=True, any_frame=False)
-            frames = container.decode(stream)
-        for frame in frames:
-            if frame.pts is None or frame.pts > target:
+            packets, ahead = container.demux(stream), {}
+        found = ahead.pop(target, None)
+        while found is None:
+            packet = next(packets, None)
+            if packet is None:
                 return None
-            if frame.pts == target:
-                got.append(frame.to_ndarray(format="rgb24"))
-                break
-        else:
-            return None
+            codec.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+            for frame in codec.decode(packet):
+                if frame.pts is None:
+                    return None
+                if frame.pts == target:
+                    found = frame.to_ndarray(format="rgb24")
+                elif frame.pts > target and frame.pts in wanted:
+                    ahead[frame.pts] = frame.to_ndarray(format="rgb24")
+        got.append(found)
     return got
 
 
