@@ -1,19 +1,21 @@
 """Throughput of the real-video input pipeline: is the data loader fast enough to feed the GPU?
 
 A fused training step on an H100 consumes clips far faster than one CPU core decodes and augments them,
-so real-video training is often bound by the DataLoader, not by the model. This measures, per clip and on
-one core, each stage of what ``uniformerv2-train`` / ``uniformerv2-eval`` do with a video file
-(``uniformerv2/data.py``):
+so real-video training is often bound by the DataLoader, not by the model. This measures each stage of what
+``uniformerv2-train`` / ``uniformerv2-eval`` do with a video file (``uniformerv2/data.py``, ``video.py``,
+``augment.py``):
 
-- ``decode``: PyAV decoding of the frames that sparse (TSN) sampling picks, for a training clip;
-- ``train transform``: RandAugment (when given), random resized crop, flip and normalisation of that clip;
-- ``test views``: decoding and transforming every test view of a video (clips x crops);
-
-then the whole training Dataset through a ``torch.utils.data.DataLoader`` with ``--workers`` processes, in
-clips per second, and how many workers a training step that consumes ``--gpu-clips-per-s`` would need at
-that rate per worker. The per-clip rows run in one process; FFmpeg may decode with several threads there
-(``thread_type="AUTO"``, which measured faster than one thread per worker even with as many workers as
-cores on the 2-core development machine).
+- per clip, in one process: the CPU time (all threads: the cost per core) and the wall time of
+  ``decode`` (PyAV decoding of the frames that sparse (TSN) sampling picks, for a training clip), of the CPU
+  ``train transform`` (RandAugment when given, random resized crop, flip, normalisation), and of the test
+  views of a video (decoding, and decoding + CPU transform);
+- the batched transform of ``data.augment_on=gpu`` (``augment.train_views`` / ``test_views``) on a batch of
+  ``--batch-size`` clips on ``--device`` (default: CUDA when there is one, else CPU tensors), per batch;
+- the training Dataset through a ``torch.utils.data.DataLoader`` with ``--workers`` processes, both ways
+  (``augment_on=cpu``: the workers transform; ``gpu``: they decode, the main process transforms on
+  ``--device``), in clips per second; with ``--gpu-clips-per-s`` also against a step that consumes that many
+  clips per second (emulated: the host queues it and moves on, as with a GPU), and how many workers that step
+  would need at the measured rate per worker.
 
 Videos: ``--list FILE`` (a ``path label`` list, as for training; ``--root``), or, by default, synthetic ones
 written to a temporary folder (``--videos``, ``--frames``, ``--size``, ``--codec``, ``--fps``, ``--gop``),
@@ -21,9 +23,8 @@ shaped like Kinetics clips (10 s at 30 fps, short side 256) unless told otherwis
 panning field, a moving blob, a little noise) is simpler than real footage, so real files decode more
 slowly: measure your own with ``--list``. ``--gop 16`` writes them as ``uniformerv2-reencode`` would.
 
-    python benchmarks/data_pipeline.py                                  # synthetic Kinetics-like clips
-    python benchmarks/data_pipeline.py --list k400/train.txt --workers 8 --randaugment rand-m7-n4-mstd0.5-inc1 \\
-        --gpu-clips-per-s 200
+    python benchmarks/data_pipeline.py --gop 16                        # synthetic Kinetics-like clips
+    python benchmarks/data_pipeline.py --list k400/train.txt --workers 12 --gpu-clips-per-s 236
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import harness as H  # noqa: E402  (puts the repository on sys.path)
+from uniformerv2 import augment as A  # noqa: E402
 from uniformerv2 import data as D  # noqa: E402
 
 
@@ -91,25 +93,51 @@ def write_synthetic_videos(out_dir: str, count: int, frames: int, width: int, he
     return list_file
 
 
-def per_clip_ms(fn, items: list, reps: int) -> float:
-    """Median over ``reps`` passes of the mean milliseconds per item."""
-    times = []
+def per_clip_ms(fn, items: list, reps: int) -> tuple[float, float]:
+    """(CPU milliseconds, wall milliseconds) per item: the median over ``reps`` passes of each pass's mean.
+    CPU time counts every thread of the process (FFmpeg's too): the cost per core of a worker."""
+    cpu, wall = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         for item in items:
             fn(item)
-        times.append((time.perf_counter() - t0) * 1e3 / len(items))
+        cpu.append((time.process_time() - c0) * 1e3 / len(items))
+        wall.append((time.perf_counter() - w0) * 1e3 / len(items))
+    return float(np.median(cpu)), float(np.median(wall))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batch_ms(fn, device: torch.device, reps: int) -> float:
+    """Median wall milliseconds of ``fn()`` (after one warm-up call), the device's queue included."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
 
 
-def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int) -> float:
-    """Clips per second through a DataLoader (collated batches), after its workers have started."""
+def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int, prepare=None,
+                       step_clips_per_s: float | None = None, pin: bool = False) -> float:
+    """Clips per second through a DataLoader (collated batches, ``prepare``d: the on-device transform), after
+    its workers have started. With ``step_clips_per_s`` each batch also feeds an emulated training step that
+    takes ``clips / step_clips_per_s`` seconds of device time: a step starts when both its batch and the device
+    are ready, and the host goes on to the next batch meanwhile (the rate is then that of the whole run)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         collate_fn=D.collate_videos, drop_last=False,
+                                         collate_fn=D.collate_videos, drop_last=False, pin_memory=pin,
                                          persistent_workers=False)
+    prepare = prepare or (lambda video: video)
     it = iter(loader)
-    next(it)  # worker start-up and the first batch are not throughput
+    prepare(next(it)["video"])  # worker start-up and the first batch are not throughput
     t0 = time.perf_counter()
+    device_free = t0
     clips = 0
     for _ in range(batches):
         try:
@@ -117,8 +145,12 @@ def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int) -> 
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        clips += batch["video"].shape[0]
-    return clips / (time.perf_counter() - t0)
+        n = prepare(batch["video"]).shape[0]
+        clips += n
+        if step_clips_per_s:
+            device_free = max(device_free, time.perf_counter()) + n / step_clips_per_s
+    end = max(time.perf_counter(), device_free)
+    return clips / (end - t0)
 
 
 def main(argv=None) -> list[dict]:
@@ -145,11 +177,20 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=8, help="DataLoader batch")
     p.add_argument("--batches", type=int, default=8, help="DataLoader batches timed")
     p.add_argument("--gpu-clips-per-s", type=float, default=None,
-                   help="clips/s a training step consumes (e.g. from benchmarks/results/e2e_*.md)")
+                   help="clips/s a training step consumes (e.g. from benchmarks/results/e2e_*.md): the loader is "
+                        "also run against a step of that rate")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the batched transform (data.augment_on=gpu) runs")
     p.add_argument("--out", help="also write the markdown table to this file")
     args = p.parse_args(argv)
     if args.crops not in (1, 3):
         p.error(f"--crops must be 1 or 3, got {args.crops}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device must be a torch device such as cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
     randaugment = None if args.randaugment.lower() == "none" else args.randaugment
     torch.set_num_threads(1)  # what each DataLoader worker does
 
@@ -171,49 +212,8 @@ def main(argv=None) -> list[dict]:
         paths = [path for path, _ in D.read_video_list(list_file, root)]
         if not paths:
             p.error(f"{list_file} lists no videos")
-        rng = np.random.default_rng(0)
-        sample = lambda n: D.segment_indices(n, args.num_frames, -1, 1, rng)  # noqa: E731
-        decoded = {path: D.decode_video(path, sample) for path in paths}
-        train_tf = D.TrainTransform(args.crop_size, randaugment=randaugment)
-        test_tf = D.TestTransform(args.crop_size, args.crop_size, args.crops)
-
-        decode_ms = per_clip_ms(lambda path: D.decode_video(path, sample), paths, args.reps)
-        transform_ms = per_clip_ms(lambda path: train_tf(decoded[path][0][decoded[path][1]], rng), paths,
-                                   args.reps)
-        views_ms = per_clip_ms(lambda path: D.load_test_views(path, args.num_frames, args.clips, test_tf), paths,
-                               args.reps)
-        dataset = D.VideoListDataset(list_file, num_frames=args.num_frames, train=True, crop_size=args.crop_size,
-                                     randaugment=randaugment, root=root)
-        loader_rate = loader_clips_per_s(dataset, args.batch_size, args.workers, args.batches)
-
-    per_process = 1e3 / (decode_ms + transform_ms)
-    per_worker = loader_rate / max(args.workers, 1)
-    rows = [
-        {"stage": "decode (training clip)", "ms": decode_ms, "rate": 1e3 / decode_ms},
-        {"stage": f"train transform ({'RandAugment + ' if randaugment else ''}crop, flip, normalise)",
-         "ms": transform_ms, "rate": 1e3 / transform_ms},
-        {"stage": "training clip: decode + transform", "ms": decode_ms + transform_ms, "rate": per_process},
-        {"stage": f"test views of a video ({args.clips} clips x {args.crops} crops)", "ms": views_ms,
-         "rate": 1e3 / views_ms},
-    ]
-    lines = [
-        f"# Input pipeline throughput ({source})",
-        "",
-        f"`benchmarks/data_pipeline.py`, {time.strftime('%Y-%m-%d', time.gmtime())}, commit {H.git_commit()}, "
-        f"CPU {H._cpu_name()} ({os.cpu_count()} visible), torch {torch.__version__}; {args.num_frames} frames "
-        f"per clip, crop {args.crop_size}; per clip in one process (median of {args.reps}).",
-        "",
-        "| stage | ms per clip | clips/s per process |",
-        "| --- | ---: | ---: |",
-    ]
-    lines += [f"| {r['stage']} | {r['ms']:.1f} | {r['rate']:.1f} |" for r in rows]
-    lines += ["", f"DataLoader, {args.workers} workers, batch {args.batch_size}: **{loader_rate:.1f} clips/s** "
-                  f"(training clips, collated)."]
-    if args.gpu_clips_per_s:
-        need = math.ceil(args.gpu_clips_per_s / per_worker)
-        lines.append(f"A training step consuming {args.gpu_clips_per_s:g} clips/s needs about {need} workers "
-                     f"(data.num_workers) at the {per_worker:.1f} clips/s per worker measured here, on as many "
-                     f"free cores.")
+        rows, lines = measure(args, list_file, root, randaugment)
+    lines = [f"# Input pipeline throughput ({source})", ""] + lines
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -223,5 +223,96 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    main()
+def measure(args, list_file: str, root: str | None, randaugment: str | None) -> tuple[list[dict], list[str]]:
+    """The per-clip rows, the batched transform, the DataLoader both ways: (rows, markdown lines)."""
+    device = torch.device(args.device)
+    paths = [path for path, _ in D.read_video_list(list_file, root)]
+    rng = np.random.default_rng(0)
+    sample = lambda n: D.segment_indices(n, args.num_frames, -1, 1, rng)  # noqa: E731
+    decoded = {path: D.decode_video(path, sample) for path in paths}
+    train_tf = D.TrainTransform(args.crop_size, randaugment=randaugment)
+    test_tf = D.TestTransform(args.crop_size, args.crop_size, args.crops)
+
+    decode = per_clip_ms(lambda path: D.decode_video(path, sample), paths, args.reps)
+    transform = per_clip_ms(lambda path: train_tf(decoded[path][0][decoded[path][1]], rng), paths, args.reps)
+    views_decode = per_clip_ms(lambda path: D.decode_test_clips(path, args.num_frames, args.clips), paths,
+                               args.reps)
+    views = per_clip_ms(lambda path: D.load_test_views(path, args.num_frames, args.clips, test_tf), paths, args.reps)
+    rows = [
+        {"stage": "decode (training clip)", "ms": decode[0], "wall_ms": decode[1]},
+        {"stage": f"train transform ({'RandAugment + ' if randaugment else ''}crop, flip, normalise)",
+         "ms": transform[0], "wall_ms": transform[1]},
+        {"stage": "training clip: decode + transform", "ms": decode[0] + transform[0],
+         "wall_ms": decode[1] + transform[1]},
+        {"stage": f"test views of a video ({args.clips} clips x {args.crops} crops)", "ms": views[0],
+         "wall_ms": views[1]},
+        {"stage": f"test views of a video: decode only ({args.clips} clips)", "ms": views_decode[0],
+         "wall_ms": views_decode[1]},
+    ]
+    for row in rows:
+        row["rate"] = 1e3 / row["ms"]
+
+    # the batched transform of data.augment_on=gpu, on one batch of the decoded clips (repeated to fill it)
+    clips = [D.DecodedClip(decoded[p][0][decoded[p][1]], train_tf.sample(*decoded[p][0].shape[1:3], rng))
+             for p in paths]
+    clips = (clips * args.batch_size)[:args.batch_size]
+    train_batch = A.ClipBatch.collate(clips).to(device)
+    test_batch = A.ClipBatch.collate([D.DecodedClip(D.decode_test_clips(p, args.num_frames, args.clips))
+                                      for p in (paths * args.batch_size)[:args.batch_size]]).to(device)
+    train_batch_ms = batch_ms(lambda: A.train_views(train_batch, args.crop_size), device, args.reps)
+    test_batch_ms = batch_ms(lambda: A.test_views(test_batch, args.crop_size, args.crop_size, args.crops), device,
+                             args.reps)
+
+    datasets = {where: D.VideoListDataset(list_file, num_frames=args.num_frames, train=True,
+                                          crop_size=args.crop_size, randaugment=randaugment, root=root,
+                                          raw_frames=where == "gpu") for where in ("cpu", "gpu")}
+    cfg = {"data": {"crop_size": args.crop_size, "short_side": args.crop_size}, "eval": {"num_crops": args.crops}}
+    prepare = {"cpu": None, "gpu": lambda video: A.to_device(video, device, cfg, train=True)}
+    pin = device.type == "cuda"
+    loader = {where: loader_clips_per_s(datasets[where], args.batch_size, args.workers, args.batches,
+                                        prepare[where], pin=pin) for where in datasets}
+    fed = {}
+    if args.gpu_clips_per_s:
+        fed = {where: loader_clips_per_s(datasets[where], args.batch_size, args.workers, args.batches,
+                                         prepare[where], args.gpu_clips_per_s, pin) for where in datasets}
+
+    where_tf = "CUDA" if device.type == "cuda" else "CPU tensors, one thread"
+    lines = [
+        f"`benchmarks/data_pipeline.py`, {time.strftime('%Y-%m-%d', time.gmtime())}, commit {H.git_commit()}, "
+        f"CPU {H._cpu_name()} ({os.cpu_count()} visible), torch {torch.__version__}; {args.num_frames} frames "
+        f"per clip, crop {args.crop_size}; per clip in one process (median of {args.reps}).",
+        "",
+        "| stage | CPU ms per clip (all threads) | wall ms per clip | clips/s per core |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {r['stage']} | {r['ms']:.1f} | {r['wall_ms']:.1f} | {r['rate']:.1f} |" for r in rows]
+    lines += [
+        "",
+        f"Batched transform (`data.augment_on=gpu`, uniformerv2/augment.py) on {where_tf}, batch {args.batch_size}:",
+        "",
+        "| stage | ms per batch | ms per clip |",
+        "| --- | ---: | ---: |",
+        f"| train transform ({'RandAugment + ' if randaugment else ''}crop, flip, normalise) | "
+        f"{train_batch_ms:.1f} | {train_batch_ms / args.batch_size:.2f} |",
+        f"| test views ({args.clips} clips x {args.crops} crops per video) | {test_batch_ms:.1f} | "
+        f"{test_batch_ms / args.batch_size:.2f} |",
+        "",
+        f"DataLoader, {args.workers} workers, batch {args.batch_size} (training clips, collated; the `gpu` rows "
+        f"transform each batch in the main process on {where_tf}):",
+        "",
+        "| data.augment_on | clips/s | clips/s per worker |" + (
+            f" against a {args.gpu_clips_per_s:g} clips/s step: clips/s (share) | workers it needs |"
+            if fed else ""),
+        "| --- | ---: | ---: |" + (" ---: | ---: |" if fed else ""),
+    ]
+    for where, rate in loader.items():
+        per_worker = rate / max(args.workers, 1)
+        line = f"| {where} | {rate:.1f} | {per_worker:.1f} |"
+        if fed:
+            need = math.ceil(args.gpu_clips_per_s / per_worker)
+            line += f" {fed[where]:.1f} ({100 * fed[where] / args.gpu_clips_per_s:.0f}%) | about {need} |"
+        lines.append(line)
+    if fed:
+        lines += ["", f"A training step consuming {args.gpu_clips_per_s:g} clips/s needs about the workers above "
+                      "(data.num_workers), on as many free cores, at the per-worker rates measured here."]
+    return rows, lines

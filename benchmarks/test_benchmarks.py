@@ -544,12 +544,15 @@ def test_data_pipeline_benchmark_runs_on_tiny_videos(tmp_path):
                                "--reps", "1", "--workers", "0", "--batch-size", "2", "--batches", "2",
                                "--gpu-clips-per-s", "100", "--out", str(out)])
     assert [r["stage"].split(" (")[0] for r in rows] == ["decode", "train transform",
-                                                         "training clip: decode + transform", "test views of a video"]
-    assert all(r["ms"] > 0 and r["rate"] > 0 for r in rows)
+                                                         "training clip: decode + transform", "test views of a video",
+                                                         "test views of a video: decode only"]
+    assert all(r["ms"] > 0 and r["wall_ms"] > 0 and r["rate"] > 0 for r in rows)
     text = out.read_text()
-    assert "clips/s" in text and "needs about" in text and "DataLoader, 0 workers" in text
-    with pytest.raises(SystemExit):
-        data_pipeline.main(["--crops", "2"])
+    assert "DataLoader, 0 workers" in text and "| cpu |" in text and "| gpu |" in text and "about" in text
+    assert "Batched transform" in text and "ms per batch" in text
+    for bad in (["--crops", "2"], ["--device", "nonsense"]):
+        with pytest.raises(SystemExit):
+            data_pipeline.main(bad)
 
 
 def test_launch_overhead_stubbed_measurement_skips_every_triton_launch():
