@@ -316,3 +316,7 @@ def measure(args, list_file: str, root: str | None, randaugment: str | None) -> 
         lines += ["", f"A training step consuming {args.gpu_clips_per_s:g} clips/s needs about the workers above "
                       "(data.num_workers), on as many free cores, at the per-worker rates measured here."]
     return rows, lines
+
+
+if __name__ == "__main__":
+    main()
