@@ -183,7 +183,8 @@ def _apply_op(op: int, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def _randaugment(x: torch.Tensor, op_index: torch.Tensor, op_value: torch.Tensor) -> torch.Tensor:
-    """Each clip's ops in its slot order; per slot, each op once on the clips that drew it."""
+    """Each clip's ops in its slot order; per slot, each op once on the clips that drew it. ``x`` is a
+    temporary of the caller's: the results of ops that only some clips drew are written into it."""
     kinds = op_index.clone()
     for name in _AFFINE_OPS:
         kinds[kinds == _OP_INDEX[name]] = _AFFINE
@@ -197,7 +198,7 @@ def _randaugment(x: torch.Tensor, op_index: torch.Tensor, op_value: torch.Tensor
                 x = _apply_op(op, x, op_value[:, slot])
                 continue
             rows = chosen.to(x.device)
-            x = x.index_copy(0, rows, _apply_op(op, x.index_select(0, rows), op_value.index_select(0, rows)[:, slot]))
+            x.index_copy_(0, rows, _apply_op(op, x.index_select(0, rows), op_value.index_select(0, rows)[:, slot]))
     return x
 
 
