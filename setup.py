@@ -19,8 +19,28 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0a"  # A100 and H100 (9.0a enables wgmma/TMA code paths)
 
 
+# CPU-seconds of one core for one csrc/*.cu file and one architecture (the torch headers dominate), from a
+# fast core to a slow one. Only used to tell the user roughly how long to wait.
+COMPILE_SECONDS_PER_SOURCE_AND_ARCH = (30, 60)
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+
 def log(msg):
     print(f"[uniformerv2-kernels setup] {msg}", file=sys.stderr)
+
+
+def notice(lines):
+    """Shows lines to the person running the install. pip keeps a build's output to itself unless the build
+    fails or -v is given, so a long compile would otherwise look like a hang: the lines also go straight to
+    the controlling terminal when there is one."""
+    text = "".join(f"[uniformerv2-kernels setup] {line}\n" for line in lines)
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(text)
+    except OSError:
+        pass  # no terminal (CI, a pipe): stderr is all there is
 
 
 def build_mode():
@@ -127,7 +147,7 @@ def cuda_extension():
     if not sources:
         return skip("no sources in csrc/")
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    log(f"building the CUDA extension with {cuda_home} for archs {archs}, MAX_JOBS={os.environ['MAX_JOBS']}")
+    announce_build(sources, archs, cuda_home, int(os.environ["MAX_JOBS"]), mode)
     write_build_info(torch, cuda_home, archs)
     ext = CUDAExtension(
         name="uniformerv2_kernels._C",
@@ -140,6 +160,40 @@ def cuda_extension():
         extra_link_args=[libstdcxx] if (libstdcxx := shared_libstdcxx()) else [],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+def announce_build(sources, archs, cuda_home, jobs, mode):
+    """Says what is about to be compiled, roughly for how long, and how not to."""
+    arch_count = len([a for a in re.split(r"[;\s,]+", archs) if a])
+    cuda_sources = [s for s in sources if s.endswith(".cu")]
+    # A file's architectures compile one after another inside its nvcc: jobs beyond the files stay idle.
+    parallel = max(1, min(jobs, len(cuda_sources)))
+    low, high = (seconds * len(cuda_sources) * arch_count / parallel / 60
+                 for seconds in COMPILE_SECONDS_PER_SOURCE_AND_ARCH)
+    duration = "about a minute" if high < 1.5 else f"roughly {max(1, round(low))}-{round(high)} minutes"
+    lines = [
+        f"building the CUDA extension uniformerv2_kernels._C: {len(sources)} sources in csrc/ for archs "
+        f"{archs} (TORCH_CUDA_ARCH_LIST), {jobs} parallel jobs (MAX_JOBS), CUDA toolkit {cuda_home}",
+        f"this takes a while: {duration} with {jobs} job{'s' if jobs > 1 else ''} on otherwise idle "
+        "cores, longer on a busy machine; pip shows no progress meanwhile (pip -v shows the compiler)",
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        lines.append("no GPU is visible here: the extension is compiled for use on a GPU, it cannot run here")
+    if mode == "auto":
+        lines.append("to skip it (every op then runs on Triton or the PyTorch reference): "
+                     "UNIFORMERV2_BUILD_CUDA=0 pip install --no-build-isolation -e .")
+        lines.append("to build only for your GPU, e.g. an H100: TORCH_CUDA_ARCH_LIST=9.0a")
+    if building():
+        notice(lines)
+    else:
+        log(lines[0])
+
+
+def building():
+    """Whether this run of setup.py compiles: pip also runs it only to read the metadata, more than once."""
+    return any(arg in BUILD_COMMANDS for arg in sys.argv[1:])
 
 
 def shared_libstdcxx():
