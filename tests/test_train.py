@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import subprocess
-import time
 import sys
 
 import pytest
@@ -443,6 +442,12 @@ def test_the_log_names_the_backend_of_each_fused_op(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------- torchrun
 
 
+# How long a torchrun job may take before a test calls it hung. A bound on a hang, not a speed check: the
+# hang it catches lasts the 30-minute process-group timeout, while a loaded machine (other jobs on every core)
+# takes minutes for what an idle one does in seconds.
+TORCHRUN_LIMIT_S = 900
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -459,7 +464,7 @@ def _torchrun_two_processes(args, out_dir):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "uniformerv2.train", *args,
          "--output-dir", str(out_dir)],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env, capture_output=True, text=True, timeout=TORCHRUN_LIMIT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -571,16 +576,17 @@ def test_torchrun_stops_when_one_rank_fails(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    start = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-         *[a for a in DDP_ARGS if a != "train.max_steps=3"], "train.max_steps=6", "model.overrides.no_lmhra=true",
-         "--output-dir", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=150)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+             *[a for a in DDP_ARGS if a != "train.max_steps=3"], "train.max_steps=6",
+             "model.overrides.no_lmhra=true", "--output-dir", str(tmp_path / "out")],
+            env=env, capture_output=True, text=True, timeout=TORCHRUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the job hung after one rank failed (still running after {TORCHRUN_LIMIT_S} s)")
     assert proc.returncode != 0
     assert "simulated unreadable video on rank 1" in proc.stdout + proc.stderr
-    assert time.time() - start < 120, "the job hung after one rank failed"
 
 
 def test_fused_auto_waits_for_gpu_verified_kernels(monkeypatch):
