@@ -145,7 +145,7 @@ def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int, pre
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        n = prepare(batch["video"]).shape[0]
+        n = len(prepare(batch["video"]))
         clips += n
         if step_clips_per_s:
             device_free = max(device_free, time.perf_counter()) + n / step_clips_per_s
@@ -267,7 +267,11 @@ def measure(args, list_file: str, root: str | None, randaugment: str | None) -> 
                                           crop_size=args.crop_size, randaugment=randaugment, root=root,
                                           raw_frames=where == "gpu") for where in ("cpu", "gpu")}
     cfg = {"data": {"crop_size": args.crop_size, "short_side": args.crop_size}, "eval": {"num_crops": args.crops}}
-    prepare = {"cpu": None, "gpu": lambda video: A.to_device(video, device, cfg, train=True)}
+    # On CUDA the gpu rows include the copy and the transform (queued on the device, as in training). On CPU
+    # tensors the transform would take the host's cores from the workers, which no GPU machine does: the
+    # loop then measures the decoding workers alone (the transform's time per batch is in its own table).
+    on_device = (lambda video: A.to_device(video, device, cfg, train=True)) if device.type == "cuda" else None
+    prepare = {"cpu": None, "gpu": on_device}
     pin = device.type == "cuda"
     loader = {where: loader_clips_per_s(datasets[where], args.batch_size, args.workers, args.batches,
                                         prepare[where], pin=pin) for where in datasets}
@@ -297,8 +301,9 @@ def measure(args, list_file: str, root: str | None, randaugment: str | None) -> 
         f"| test views ({args.clips} clips x {args.crops} crops per video) | {test_batch_ms:.1f} | "
         f"{test_batch_ms / args.batch_size:.2f} |",
         "",
-        f"DataLoader, {args.workers} workers, batch {args.batch_size} (training clips, collated; the `gpu` rows "
-        f"transform each batch in the main process on {where_tf}):",
+        f"DataLoader, {args.workers} workers, batch {args.batch_size} (training clips, collated; "
+        + ("the `gpu` row copies each batch to the GPU and transforms it there):" if device.type == "cuda" else
+           "the `gpu` row: the workers decode, the batched transform is not run in the loop):"),
         "",
         "| data.augment_on | clips/s | clips/s per worker |" + (
             f" against a {args.gpu_clips_per_s:g} clips/s step: clips/s (share) | workers it needs |"
