@@ -57,7 +57,7 @@
 #   env.txt               machine, versions, commit
 #   gpu_suite_results.tar.gz   everything: logs/ (build, tests, one per benchmark), results/ (CSV,
 #                              markdown tables, plots; merge into benchmarks/results with
-#                              `python benchmarks/harness.py merge <dir>/results`)
+#                              `python benchmarks/harness merge <dir>/results`)
 # SUITE_KEEP_FILES=1 also leaves the unpacked tree in $OUT/files.
 #
 # Environment knobs: SUITE_STEPS (comma list; the defaults per call are in the `case` below), SUITE_BUDGET_S,
@@ -439,9 +439,9 @@ fi
     if [ ${#csvs[@]} -gt 0 ]; then
         echo "### Variants beside the defaults they may replace (ratio < 1: the variant is faster)"
         echo
-        "$PYTHON" benchmarks/harness.py variants "${csvs[@]}" 2>&1 || echo "(variants failed)"
+        "$PYTHON" benchmarks/harness variants "${csvs[@]}" 2>&1 || echo "(variants failed)"
         echo
-        "$PYTHON" benchmarks/harness.py summarize --all "${csvs[@]}" 2>&1 || echo "(summarize failed)"
+        "$PYTHON" benchmarks/harness summarize --all "${csvs[@]}" 2>&1 || echo "(summarize failed)"
     else
         echo "(no benchmark results)"
     fi

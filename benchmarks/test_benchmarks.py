@@ -373,7 +373,7 @@ def test_variants_are_compared_with_their_defaults(tmp_path):
 
 
 def test_committed_csvs_have_the_current_header():
-    """benchmarks/results/*.csv must carry CSV_COLUMNS, or `harness.py merge` would move them aside."""
+    """benchmarks/results/*.csv must carry CSV_COLUMNS, or `harness merge` would move them aside."""
     for path in glob.glob(os.path.join(HERE, "results", "*.csv")):
         with open(path, newline="") as f:
             assert next(csv.reader(f)) == list(H.CSV_COLUMNS), path
