@@ -17,6 +17,10 @@ Status:
   of an (epilogue, dtype) variant fits; that case is reported as a failure in the summary.
 - ``ERROR``: triton / ptxas failed to compile; the first line of the error is shown.
 
+Cases whose arguments specialise alike (the same kernel, constexprs, launch options, pointer types and
+integer divisibility / unit values: e.g. most C = 768 and C = 1024 cases) give the same binary and compile
+once per arch; the table lists the cases each compile stands for.
+
 Specialisation mimics a real launch: torch allocations are 16-byte aligned (pointer divisibility 16),
 integer arguments divisible by 16 get the divisibility hint, and integer arguments equal to 1 (unit strides,
 (1, 1) row swaps) become constants, as Triton's launcher does. Registers / spills come from the ptxas -v
@@ -39,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 # Must happen before triton / the kernel modules are imported: compile for real, not interpret.
@@ -121,10 +125,52 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_case(case: Case, arch: int) -> dict:
+def _jit_function(case: Case):
     fn = getattr(_module(case.op), case.kernel)
     while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap an Autotuner / heuristics wrapper
         fn = fn.fn
+    return fn
+
+
+def binary_key(case: Case) -> tuple:
+    """What determines the compiled binary for one arch: the kernel, its specialised signature (pointer
+    types, integer divisibility, constants), the constexprs and the launch options. Cases that differ only
+    in shapes that specialise the same way (e.g. M at C = 768 and C = 1024) share a key."""
+    src = _build_source(_jit_function(case), case.args, case.constexprs)
+    return (case.op, case.kernel, tuple(sorted(src.signature.items())),
+            tuple(sorted((str(k), repr(v)) for k, v in src.constants.items())),
+            tuple(sorted((str(k), repr(v)) for k, v in src.attrs.items())), case.num_warps, case.num_stages)
+
+
+def distinct_cases(cases: list[Case]) -> tuple[list[Case], dict[int, list[Case]]]:
+    """(one case per distinct binary, {index in that list: the other cases it stands for})."""
+    first, same = {}, {}
+    for c in cases:
+        k = binary_key(c)
+        if k in first:
+            same[first[k]].append(c)
+        else:
+            first[k] = len(first)
+            same[first[k]] = []
+    unique = [None] * len(first)
+    for c in cases:
+        i = first[binary_key(c)]
+        if unique[i] is None:
+            unique[i] = c
+    return unique, same
+
+
+def _cost_estimate(case: Case) -> int:
+    """Relative compile time, to start the slow compiles first (a big GEMM tile compiles ~5x longer than
+    an elementwise kernel): the tile area times the pipeline depth, else 1."""
+    c = case.constexprs
+    if "BLOCK_M" in c and "BLOCK_N" in c and "BLOCK_K" in c:
+        return c["BLOCK_M"] * c["BLOCK_N"] * case.num_stages // 1024
+    return 1
+
+
+def compile_case(case: Case, arch: int) -> dict:
+    fn = _jit_function(case)
     row = dict(op=case.op, kernel=case.kernel, dtype=case.dtype, config=case.config, arch=arch, group=case.group)
     t0 = time.time()
     buf = io.StringIO()
@@ -466,6 +512,8 @@ def print_table(rows):
               f"{r['secs']:5.1f}")
         if r["status"] == "ERROR":
             print(f"      -> {r['error']}")
+        if r.get("same_as"):
+            print(f"      = also {'; '.join(r['same_as'])}")
 
 
 def summarise(rows):
@@ -515,21 +563,37 @@ def main(argv=None):
         else:
             cases += OPS[op](dtypes)
     missing = _check_every_kernel_covered(cases, ops)
-    jobs = [(c, a) for a in archs for c in cases]
-    print(f"triton {triton.__version__}: {len(jobs)} compiles ({len(cases)} cases x archs {archs}), "
+    unique, same = distinct_cases(cases)
+    jobs = [(i, a) for a in archs for i in range(len(unique))]
+    print(f"triton {triton.__version__}: {len(cases)} cases, {len(unique)} distinct binaries per arch "
+          f"(shapes that specialise alike compile once), {len(jobs)} compiles for archs {archs}, "
           f"{args.jobs} processes, cache {os.environ['TRITON_CACHE_DIR']}", flush=True)
+    # slowest first, so that no long GEMM compile starts last on an otherwise idle pool
+    order = sorted(range(len(jobs)), key=lambda j: -_cost_estimate(unique[jobs[j][0]]))
     t0 = time.time()
+    rows = [None] * len(jobs)
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as ex:
-            rows = list(ex.map(compile_case, [j[0] for j in jobs], [j[1] for j in jobs]))
+            futures = {ex.submit(compile_case, unique[jobs[j][0]], jobs[j][1]): j for j in order}
+            for f in as_completed(futures):
+                rows[futures[f]] = f.result()
     else:
-        rows = [compile_case(c, a) for c, a in jobs]
-    print(f"compiled in {time.time() - t0:.0f} s\n")
+        for j in order:
+            rows[j] = compile_case(unique[jobs[j][0]], jobs[j][1])
+    for row, (i, _) in zip(rows, jobs):
+        row["same_as"] = [c.config if c.dtype == row["dtype"] else f"{c.config} {c.dtype}" for c in same[i]]
+    wall = time.time() - t0
+    print(f"compiled in {wall:.0f} s wall; compile seconds per arch: "
+          + ", ".join(f"sm{a} {sum(r['secs'] for r in rows if r['arch'] == a):.0f}" for a in archs) + "\n")
     print_table(rows)
-    failures, notes, spills = summarise(rows)
+    # a duplicate case shares its binary's result, in its own autotune group too
+    failures, notes, _ = summarise(
+        rows + [dict(r, kernel=c.kernel, dtype=c.dtype, config=c.config, group=c.group)
+                for r, (i, _) in zip(rows, jobs) for c in same[i]])
     print("\nshared-memory limits used: " + ", ".join(f"sm{a}: {SMEM_LIMIT[a]} B" for a in archs))
     if missing:
         print("\nkernels without a case (add them): " + ", ".join(missing))
+    spills = [r for r in rows if r["status"] == "ok/spill"]
     print(f"\nregister spills: {len(spills)} of {len(rows)} compiles")
     for n in notes:
         print("note: " + n)
