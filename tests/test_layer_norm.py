@@ -70,6 +70,28 @@ def test_triton_matches_float64_reference(shape, dtype, param_dtype):
         assert_close(o, r64, rl, name=name, grad=is_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_eps_matters_for_small_variance_rows(dtype):
+    # rows whose variance spans eps (1e-5) and below: leaving eps out (or using another one) moves these
+    # rows' outputs and gradients far beyond the bound, unlike rows of variance ~1
+    C = 96
+    row_std = torch.logspace(-3.5, 0, 24, device=DEVICE)
+    x = (torch.randn(24, C, device=DEVICE) * row_std[:, None]).to(dtype)
+    w, b = _params(C)
+    g = torch.randn(24, C, device=DEVICE).to(dtype)
+    out = _run(lambda *a: clip_layer_norm(*a, backend="triton"), x, w, b, g)
+    ref64 = _run(reference.clip_layer_norm, x.double(), w.double(), b.double(), g.double())
+    ref_lowp = _run(_official, x, w, b, g)
+    without_eps = _run(lambda *a: reference.clip_layer_norm(*a, eps=0.0), x.double(), w.double(), b.double(),
+                       g.double())
+    for name, o, r64, rl, r0, is_grad in zip(("y", "dx", "dw", "db"), out, ref64, ref_lowp, without_eps,
+                                              (False, True, True, True)):
+        if name != "db":  # db = sum(g) does not involve eps; the inputs must tell eps from no eps elsewhere
+            with pytest.raises(AssertionError):
+                assert_close(r0.to(o.dtype), r64, rl, name=name, grad=is_grad)
+        assert_close(o, r64, rl, name=name, grad=is_grad)
+
+
 @requires_cuda
 @pytest.mark.parametrize("C", [768, 1024])
 def test_triton_bf16_on_gpu(C):
