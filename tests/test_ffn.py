@@ -9,7 +9,7 @@ from uniformerv2_kernels import backends
 from uniformerv2_kernels.ops.ffn import fused_ffn
 from uniformerv2_kernels.reference import ffn as reference
 from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
-from uniformerv2_kernels.testing import assert_close
+from uniformerv2_kernels.testing import assert_close, assert_close_lowp
 from uniformerv2_kernels.triton import ffn as triton_ffn
 
 GRAD_NAMES = ("dx", "d_ln_w", "d_ln_b", "d_fc_w", "d_fc_b", "d_proj_w", "d_proj_b", "d_row_scale")
@@ -179,13 +179,28 @@ def test_inference_path_matches_training_path():
     assert torch.equal(inference, training.detach())
 
 
+def _reference_with_linear_weights_cast(x, ln_w, ln_b, *linear_params, row_scale=None):
+    # autocast's view of fp32 master weights: the Linear weights rounded to fp16, computed in x.dtype;
+    # their gradients flow back through the cast to the fp32 parameters
+    return reference.fused_ffn(x, ln_w, ln_b, *(p.half().to(x.dtype) for p in linear_params), row_scale=row_scale)
+
+
 def test_linear_weights_in_another_dtype_are_cast_like_autocast():
     x = torch.randn(4, 3, 64, device=DEVICE).half()
     params = _params(64)  # fp32 master weights
-    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="triton"), x, params, None, torch.randn_like(x))
+    g = torch.randn_like(x)
+    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="triton"), x, params, None, g)
     expected = reference.fused_ffn(x, *params[:2], *(p.half() for p in params[2:]))
     torch.testing.assert_close(out[0], expected, rtol=2e-3, atol=2e-3)
     assert all(gr.dtype == torch.float32 for gr in out[2:])
+    # the whole output and every gradient's values, against float64 (fp32 gradients carry fp16 errors:
+    # the fp16 floor)
+    ref64 = _run(_reference_with_linear_weights_cast, x.double(), [p.double() for p in params], None, g.double())
+    ref_fp16 = _run(_reference_with_linear_weights_cast, x, params, None, g)
+    for name, o, r64, r16 in zip(("out", *GRAD_NAMES), out, ref64, ref_fp16):
+        assert o.dtype == r16.dtype and o.shape == r16.shape, name
+        assert_close_lowp(o, r64, r16, name=name, factor=2.0 if name == "out" else 3.0,
+                          floor=torch.finfo(torch.float16).eps)
 
 
 def test_backward_is_deterministic():
