@@ -1,7 +1,8 @@
 """Ahead-of-time compile check of every Triton kernel for sm_90 (H100) and sm_80 (A100), no GPU needed.
 
-Compiles each ``@triton.jit`` kernel of uniformerv2_kernels/triton/{layer_norm, ffn, spatial_attention,
-local_temporal_mhra, global_query_attention}.py with ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+Compiles each ``@triton.jit`` kernel of uniformerv2_kernels/triton/{layer_norm, linear, local_temporal_mhra,
+global_query_attention}.py (ffn.py and spatial_attention.py launch those) with
+``triton.compile(ASTSource(...), target=GPUTarget(...))``
 using the constexpr values / tile configs / num_warps / num_stages its launcher passes ON A GPU (not the
 interpreter ones), at the real model shapes (C = 768: B/16, C = 1024: L/14), for fp32, fp16 and bf16, and
 prints one row per compile:
@@ -28,7 +29,7 @@ log (``TRITON_DUMP_PTXAS_LOG``); TRITON_ALWAYS_COMPILE makes ptxas run every tim
 
 Usage:
     python benchmarks/aot_compile_check.py                       # sm_90 and sm_80, everything
-    python benchmarks/aot_compile_check.py --arch 90 --ops layer_norm,ffn --dtypes bf16 --jobs 2
+    python benchmarks/aot_compile_check.py --arch 90 --ops layer_norm,linear --dtypes bf16 --jobs 2
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def _linear_case(mod, dt, label, M, N, K, stride_am, stride_ak, stride_wn, strid
     meta = dict(cfg.kwargs)
     consts = dict(flags, EVEN_K=(K % 64 == 0), INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", **meta)
     return Case(
-        "ffn", "_linear_kernel", dt,
+        "linear", "_linear_kernel", dt,
         f"{label} {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}",
         dict(A=p, W=p, Bias=p, Out=p, Aux=p, Aux2=p, Res=p, RowScale=p, M=M, N=N, K=K,
              stride_am=stride_am, stride_ak=stride_ak, stride_wn=stride_wn, stride_wk=stride_wk,
@@ -254,12 +255,12 @@ def _linear_case(mod, dt, label, M, N, K, stride_am, stride_ak, stride_wn, strid
         consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages, group=group)
 
 
-def ffn_cases(dtypes, all_variants=True):
+def linear_cases(dtypes, all_variants=True):
     """The autotuned GEMM: every autotune config x the epilogue variants the FFN and spatial attention use.
 
     M, N, K only specialise through divisibility by 16 (EVEN_K: all model K are multiples of 64), so C = 768
     stands for both widths; the variants differ in the epilogue flags and strides."""
-    mod = _module("ffn")
+    mod = _module("linear")
     C, m = 768, MODELS[768]
     M = m["L"] * m["NT"]
     base = dict(HAS_BIAS=True, EPILOGUE=0, STORE_PRE=False, HAS_RES=False, HAS_ROW_SCALE=False, SWAP_OUT_ROWS=False)
@@ -281,8 +282,8 @@ def ffn_cases(dtypes, all_variants=True):
     for dt in dtypes:
         for v in variants:
             label = v[0]
-            for cfg in mod._configs():
-                cases.append(_linear_case(mod, dt, *v, cfg, group=f"ffn {label} {dt}"))
+            for cfg in mod.gemm_configs():
+                cases.append(_linear_case(mod, dt, *v, cfg, group=f"linear {label} {dt}"))
         # the default UNIFORMERV2_TRITON_GEMM=cublas plan's epilogue pass (after torch.addmm)
         p = _ptr(dt)
         for label, N, n_outer, n_inner, rows_per_scale, flags in (
@@ -294,105 +295,98 @@ def ffn_cases(dtypes, all_variants=True):
                                                        SWAP_OUT_ROWS=False)),
                 ("out_proj(swap)", C, m["NT"], m["L"], 1, dict(EPILOGUE=0, HAS_RES=False, HAS_ROW_SCALE=False,
                                                                SWAP_OUT_ROWS=True))):
+            bm, bn = mod.EPILOGUE_TILE
             cases.append(Case(
-                "ffn", "_linear_epilogue_kernel", dt, f"{label} BM=32 BN=128 w4",
+                "linear", "_linear_epilogue_kernel", dt, f"{label} BM={bm} BN={bn} w4",
                 dict(P=p, Out=p, Aux=p, Aux2=p, Res=p, RowScale=p, M=M, N=N, n_outer=n_outer, n_inner=n_inner,
                      rows_per_scale=rows_per_scale),
-                dict(flags, BLOCK_M=32, BLOCK_N=128)))
+                dict(flags, BLOCK_M=bm, BLOCK_N=bn)))
     return cases
 
 
 def local_temporal_mhra_cases(dtypes):
     mod = _module("local_temporal_mhra")
+    linear = _module("linear")
+    ebm, ebn = linear.EPILOGUE_TILE
     cases = []
-
-    class _Cuda:  # the launchers read the config from a tensor's device
-        class device:
-            type = "cuda"
-
-    orig = mod._interpreting
-    mod._interpreting = lambda t: False
-    try:
-        for C, m in MODELS.items():
-            Cp, T, NT = mod.y1_width(m["Cp"]), m["T"], m["NT"]  # the launchers pad C' to aligned rows
-            M = (m["L"] - 1) * NT
-            for dt in dtypes:
-                p = _ptr(dt)
-                cfg = mod._gemm_config(_Cuda, _torch_dtype(dt))
-                nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-                ieee = dt == "fp32"
-                common = dict(a_ptr=p, b_ptr=p, out_ptr=p, res_ptr=p, e_ptr=p, col_bias_ptr="*fp32",
-                              col_coef_ptr="*fp32", row_scale_ptr="*fp32", k_bias_ptr="*fp32", mix_w_ptr="*fp32",
-                              mix_b_ptr="*fp32", T=T, NT=NT)
-                tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{ns} w{nw}"
-                # forward GEMM2 with the temporal mix: K = C' (padded), N = C, b = conv2^T (C', C) row-major
-                for rs in (False, True):
-                    cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
-                                      f"C={C} fwd MIX ROW_SCALE={int(rs)} {tiles}",
-                                      dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
-                                      dict(HAS_MIX=True, HAS_ROW_SCALE=rs, HAS_E=False, IEEE=ieee, **cfg),
-                                      num_warps=nw, num_stages=ns))
-                # backward dX GEMM: A = dY1 (M, C'), B = W1' (C', C) row-major
-                for e in (True, False):
-                    cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
-                                      f"C={C} bwd-dX E={int(e)} {tiles}",
-                                      dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
-                                      dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=e, IEEE=ieee, **cfg),
-                                      num_warps=nw, num_stages=ns))
-                # the gemm="cublas" plan's kernels (the default) around the cuBLAS GEMMs
-                cases.append(Case("local_temporal_mhra", "_temporal_mix_kernel", dt, f"C={C} BM=32 BK=128 w4",
-                                  dict(y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32", mix_b_ptr="*fp32", z_ptr=p,
-                                       M=M, K=Cp, T=T),
-                                  dict(BLOCK_M=32, BLOCK_K=128)))
-                for rs, e in ((True, False), (False, True)):
-                    cases.append(Case("local_temporal_mhra", "_rows_epilogue_kernel", dt,
-                                      f"C={C} ROW_SCALE={int(rs)} E={int(e)} BM=32 BN=128 w4",
-                                      dict(acc_ptr="*fp32", out_ptr=p, res_ptr=p, e_ptr=p, col_bias_ptr="*fp32",
-                                           col_coef_ptr="*fp32", row_scale_ptr="*fp32", M=M, N=C, T=T, NT=NT),
-                                      dict(HAS_ROW_SCALE=rs, HAS_E=e, BLOCK_M=32, BLOCK_N=128)))
-                cases.append(Case("local_temporal_mhra", "_bn_stats_partial_kernel", dt, f"C={C} BM=32 BC=128 w4",
-                                  dict(x_ptr=p, part_mean_ptr="*fp32", part_m2_ptr="*fp32", M=M, C=C,
-                                       rows_per_prog=32 * 13),
-                                  dict(BLOCK_M=32, BLOCK_C=128)))
-                for rs, rd in [(True, True), (False, False)]:
-                    cases.append(Case("local_temporal_mhra", "_temporal_mix_backward_kernel", dt,
-                                      f"C={C} ROW_SCALE={int(rs)} ROWDOT={int(rd)} BM=32 BK=64 w8",
-                                      dict(dz_ptr=p, y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32",
-                                           mix_b_ptr="*fp32", row_scale_ptr="*fp32", dy1_ptr=p, zs_ptr=p,
-                                           part_ptr="*fp32", rowdot_ptr="*fp32", M=M, K=Cp, T=T, NT=NT,
-                                           rows_per_prog=32 * 13),
-                                      dict(HAS_ROW_SCALE=rs, NEED_ROWDOT=rd, BLOCK_M=32, BLOCK_K=64), num_warps=8))
-                cases.append(Case("local_temporal_mhra", "_scaled_column_sum_kernel", dt,
-                                  f"C={C} ROW_SCALE=1 BM=32 BC=128 w4",
-                                  dict(g_ptr=p, row_scale_ptr="*fp32", part_ptr="*fp32", M=M, C=C, T=T, NT=NT,
-                                       rows_per_prog=32 * 13),
-                                  dict(HAS_ROW_SCALE=True, BLOCK_M=32, BLOCK_C=128)))
-        for dt in dtypes:  # reads the shift row x[0] in x's dtype
-            cases.append(Case("local_temporal_mhra", "_centre_kernel", dt, "BM=32 BC=128 w4",
-                              dict(x_ptr=_ptr(dt), mean_ptr="*fp32", out_ptr=_ptr(dt), M=12544, C=768),
+    for C, m in MODELS.items():
+        Cp, T, NT = mod.y1_width(m["Cp"]), m["T"], m["NT"]  # the launchers pad C' to aligned rows
+        M = (m["L"] - 1) * NT
+        for dt in dtypes:
+            p = _ptr(dt)
+            cfg = linear.fixed_gemm_config(_torch_dtype(dt), interpreted=False)
+            nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+            precision = "ieee" if dt == "fp32" else "tf32"
+            common = dict(a_ptr=p, b_ptr=p, out_ptr=p, res_ptr=p, e_ptr=p, col_bias_ptr="*fp32",
+                          col_coef_ptr="*fp32", row_scale_ptr="*fp32", k_bias_ptr="*fp32", mix_w_ptr="*fp32",
+                          mix_b_ptr="*fp32", T=T, NT=NT)
+            tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{ns} w{nw}"
+            # forward GEMM2 with the temporal mix: K = C' (padded), N = C, b = conv2^T (C', C) row-major
+            for rs in (False, True):
+                cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
+                                  f"C={C} fwd MIX ROW_SCALE={int(rs)} {tiles}",
+                                  dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
+                                  dict(HAS_MIX=True, HAS_ROW_SCALE=rs, HAS_E=False, INPUT_PRECISION=precision, **cfg),
+                                  num_warps=nw, num_stages=ns))
+            # backward dX GEMM: A = dY1 (M, C'), B = W1' (C', C) row-major
+            for e in (True, False):
+                cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
+                                  f"C={C} bwd-dX E={int(e)} {tiles}",
+                                  dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
+                                  dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=e, INPUT_PRECISION=precision, **cfg),
+                                  num_warps=nw, num_stages=ns))
+            # the gemm="cublas" plan's kernels (the default) around the cuBLAS GEMMs
+            cases.append(Case("local_temporal_mhra", "_temporal_mix_kernel", dt, f"C={C} BM=32 BK=128 w4",
+                              dict(y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32", mix_b_ptr="*fp32", z_ptr=p,
+                                   M=M, K=Cp, T=T),
+                              dict(BLOCK_M=32, BLOCK_K=128)))
+            for rs, e in ((True, False), (False, True)):
+                cases.append(Case("local_temporal_mhra", "_rows_epilogue_kernel", dt,
+                                  f"C={C} ROW_SCALE={int(rs)} E={int(e)} BM={ebm} BN={ebn} w4",
+                                  dict(acc_ptr="*fp32", out_ptr=p, res_ptr=p, e_ptr=p, col_bias_ptr="*fp32",
+                                       col_coef_ptr="*fp32", row_scale_ptr="*fp32", M=M, N=C, T=T, NT=NT),
+                                  dict(HAS_ROW_SCALE=rs, HAS_E=e, BLOCK_M=ebm, BLOCK_N=ebn)))
+            cases.append(Case("local_temporal_mhra", "_bn_stats_partial_kernel", dt, f"C={C} BM=32 BC=128 w4",
+                              dict(x_ptr=p, part_mean_ptr="*fp32", part_m2_ptr="*fp32", M=M, C=C,
+                                   rows_per_prog=32 * 13),
                               dict(BLOCK_M=32, BLOCK_C=128)))
-            cases.append(Case("local_temporal_mhra", "_bn_stats_combine_kernel", dt, "BC=128 w4",
-                              dict(x_ptr=_ptr(dt), part_mean_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32",
-                                   var_ptr="*fp32", R=40, M=12544, C=768, rows_per_prog=32 * 13),
-                              dict(BLOCK_C=128)))
-            for C, m in MODELS.items():  # parameters in x's dtype (the model under autocast: fp32 ones too)
-                Cp, Kp = m["Cp"], mod.y1_width(m["Cp"])
-                pd = _ptr(dt)
-                cases.append(Case("local_temporal_mhra", "_fold_params_kernel", dt, f"C={C} BR=16 BC=128 w4",
-                                  dict(var_ptr="*fp32", bn_w_ptr=pd, bn_b_ptr=pd, w1_ptr=pd, b1_ptr=pd, dw_w_ptr=pd,
-                                       dw_b_ptr=pd, w2_ptr=pd, w1f_ptr=pd, b1f_ptr="*fp32", mix_w_ptr="*fp32",
-                                       mix_b_ptr="*fp32", w2t_ptr=pd, C=C, Cp=Cp, Kp=Kp, eps=1e-5),
-                                  dict(BLOCK_R=16, BLOCK_C=128)))
-                cases.append(Case("local_temporal_mhra", "_bn_conv1_grads_kernel", dt, f"C={C} BK=64 BC=32 w4",
-                                  dict(pc_ptr="*fp32", w1_ptr=pd, w1f_ptr=pd, db1_ptr="*fp32", var_ptr="*fp32",
-                                       bn_w_ptr=pd, bn_b_ptr=pd, d_w1_ptr=pd, d_bn_w_ptr=pd, d_bn_b_ptr=pd,
-                                       coef_ptr="*fp32", col_bias_ptr="*fp32", C=C, Cp=Cp, M=12544, eps=1e-5),
-                                  dict(BLOCK_K=64, BLOCK_C=32)))
-        # dtype-independent (fp32 buffers only)
-        cases.append(Case("local_temporal_mhra", "_sum_partials_kernel", "fp32", "BLOCK=512 w4",
-                          dict(part_ptr="*fp32", out_ptr="*fp32", R=40, W=5 * 682), dict(BLOCK=512)))
-    finally:
-        mod._interpreting = orig
+            for rs, rd in [(True, True), (False, False)]:
+                cases.append(Case("local_temporal_mhra", "_temporal_mix_backward_kernel", dt,
+                                  f"C={C} ROW_SCALE={int(rs)} ROWDOT={int(rd)} BM=32 BK=64 w8",
+                                  dict(dz_ptr=p, y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32",
+                                       mix_b_ptr="*fp32", row_scale_ptr="*fp32", dy1_ptr=p, zs_ptr=p,
+                                       part_ptr="*fp32", rowdot_ptr="*fp32", M=M, K=Cp, T=T, NT=NT,
+                                       rows_per_prog=32 * 13),
+                                  dict(HAS_ROW_SCALE=rs, NEED_ROWDOT=rd, BLOCK_M=32, BLOCK_K=64), num_warps=8))
+            cases.append(Case("local_temporal_mhra", "_scaled_column_sum_kernel", dt,
+                              f"C={C} ROW_SCALE=1 BM=32 BC=128 w4",
+                              dict(g_ptr=p, row_scale_ptr="*fp32", part_ptr="*fp32", M=M, C=C, T=T, NT=NT,
+                                   rows_per_prog=32 * 13),
+                              dict(HAS_ROW_SCALE=True, BLOCK_M=32, BLOCK_C=128)))
+    for dt in dtypes:  # reads the shift row x[0] in x's dtype
+        cases.append(Case("local_temporal_mhra", "_centre_kernel", dt, "BM=32 BC=128 w4",
+                          dict(x_ptr=_ptr(dt), mean_ptr="*fp32", out_ptr=_ptr(dt), M=12544, C=768),
+                          dict(BLOCK_M=32, BLOCK_C=128)))
+        cases.append(Case("local_temporal_mhra", "_bn_stats_combine_kernel", dt, "BC=128 w4",
+                          dict(x_ptr=_ptr(dt), part_mean_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32",
+                               var_ptr="*fp32", R=40, M=12544, C=768, rows_per_prog=32 * 13),
+                          dict(BLOCK_C=128)))
+        for C, m in MODELS.items():  # parameters in x's dtype (the model under autocast: fp32 ones too)
+            Cp, Kp = m["Cp"], mod.y1_width(m["Cp"])
+            pd = _ptr(dt)
+            cases.append(Case("local_temporal_mhra", "_fold_params_kernel", dt, f"C={C} BR=16 BC=128 w4",
+                              dict(var_ptr="*fp32", bn_w_ptr=pd, bn_b_ptr=pd, w1_ptr=pd, b1_ptr=pd, dw_w_ptr=pd,
+                                   dw_b_ptr=pd, w2_ptr=pd, w1f_ptr=pd, b1f_ptr="*fp32", mix_w_ptr="*fp32",
+                                   mix_b_ptr="*fp32", w2t_ptr=pd, C=C, Cp=Cp, Kp=Kp, eps=1e-5),
+                              dict(BLOCK_R=16, BLOCK_C=128)))
+            cases.append(Case("local_temporal_mhra", "_bn_conv1_grads_kernel", dt, f"C={C} BK=64 BC=32 w4",
+                              dict(pc_ptr="*fp32", w1_ptr=pd, w1f_ptr=pd, db1_ptr="*fp32", var_ptr="*fp32",
+                                   bn_w_ptr=pd, bn_b_ptr=pd, d_w1_ptr=pd, d_bn_w_ptr=pd, d_bn_b_ptr=pd,
+                                   coef_ptr="*fp32", col_bias_ptr="*fp32", C=C, Cp=Cp, M=12544, eps=1e-5),
+                              dict(BLOCK_K=64, BLOCK_C=32)))
+    # dtype-independent (fp32 buffers only)
+    cases.append(Case("local_temporal_mhra", "_sum_partials_kernel", "fp32", "BLOCK=512 w4",
+                      dict(part_ptr="*fp32", out_ptr="*fp32", R=40, W=5 * 682), dict(BLOCK=512)))
     return cases
 
 
@@ -469,16 +463,17 @@ def global_query_attention_cases(dtypes):
     return cases
 
 
-def spatial_attention_cases(dtypes):
-    """spatial_attention.py has no kernels of its own: it launches layer_norm (swap_rows) and the ffn GEMM
-    (bias only / swap_out_rows), which the layer_norm and ffn cases cover (SWAP=1, 'qkv', 'out_proj')."""
+def no_kernels_of_its_own(dtypes):
+    """ffn.py and spatial_attention.py launch layer_norm and linear kernels, which those cases cover (the
+    FFN's c_fc / c_proj / dgrad, the attention's SWAP=1 LayerNorm, 'qkv' and 'out_proj' GEMMs)."""
     return []
 
 
 OPS = {
     "layer_norm": layer_norm_cases,
-    "ffn": ffn_cases,
-    "spatial_attention": spatial_attention_cases,
+    "linear": linear_cases,
+    "ffn": no_kernels_of_its_own,
+    "spatial_attention": no_kernels_of_its_own,
     "local_temporal_mhra": local_temporal_mhra_cases,
     "global_query_attention": global_query_attention_cases,
 }
@@ -547,7 +542,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp32,fp16,bf16")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compiles (processes)")
     ap.add_argument("--ffn-main-variants", action="store_true",
-                    help="FFN GEMM: only c_fc / c_proj / dgrad / out_proj (skip the lighter epilogue variants)")
+                    help="linear GEMM: only c_fc / c_proj / dgrad / out_proj (skip the lighter epilogue variants)")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     ops = [o for o in args.ops.split(",") if o]
@@ -558,8 +553,8 @@ def main(argv=None):
 
     cases = []
     for op in ops:
-        if op == "ffn":
-            cases += ffn_cases(dtypes, all_variants=not args.ffn_main_variants)
+        if op == "linear":
+            cases += linear_cases(dtypes, all_variants=not args.ffn_main_variants)
         else:
             cases += OPS[op](dtypes)
     missing = _check_every_kernel_covered(cases, ops)

@@ -10,7 +10,7 @@ from uniformerv2_kernels.ops.ffn import fused_ffn
 from uniformerv2_kernels.reference import ffn as reference
 from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
 from uniformerv2_kernels.testing import assert_close, assert_close_lowp
-from uniformerv2_kernels.triton import ffn as triton_ffn
+from uniformerv2_kernels.triton import linear as triton_linear
 
 GRAD_NAMES = ("dx", "d_ln_w", "d_ln_b", "d_fc_w", "d_fc_b", "d_proj_w", "d_proj_b", "d_row_scale")
 
@@ -121,9 +121,9 @@ def test_triton_on_gpu_real_width(monkeypatch, dtype, gemm):
 
 # The GPU tests autotune among two configurations (UNIFORMERV2_AUTOTUNE=quick, tests/conftest.py); this runs
 # every configuration of the full list, which the benchmarks and training autotune among, once each.
-@pytest.mark.parametrize("config_index", range(len(triton_ffn._CONFIG_SHAPES)))
+@pytest.mark.parametrize("config_index", range(len(triton_linear.GEMM_CONFIG_SHAPES)))
 def test_every_gemm_configuration_matches_float64(config_index):
-    config = triton_ffn._configs()[config_index]
+    config = triton_linear.gemm_configs()[config_index]
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # bf16 is wrong under the interpreter
     tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
     M, N = 70, 96  # not multiples of any tile; K = 96: a partial last K block (EVEN_K off), K = 128: even
@@ -135,23 +135,23 @@ def test_every_gemm_configuration_matches_float64(config_index):
 
     a, w, ab = operands(96)
     bias = (0.3 * torch.randn(N, device=DEVICE)).to(dtype)
-    act, pre = triton_ffn.linear(a, w, bias, epilogue=triton_ffn.EPI_QUICK_GELU, store_pre=True, config=config)
+    act, pre = triton_linear.linear(a, w, bias, epilogue=triton_linear.EPI_QUICK_GELU, store_pre=True, config=config)
     pre64 = ab + bias.double()
     torch.testing.assert_close(pre.double(), pre64, **tol)
     torch.testing.assert_close(act.double(), reference.quick_gelu(pre64), **tol)
 
     residual = torch.randn(M, N, device=DEVICE).to(dtype)
     row_scale = torch.rand(M // 7, device=DEVICE).to(dtype)
-    out = triton_ffn.linear(a, w, bias, residual=residual, row_scale=row_scale, rows_per_scale=7, config=config)
+    out = triton_linear.linear(a, w, bias, residual=residual, row_scale=row_scale, rows_per_scale=7, config=config)
     scale64 = row_scale.double().repeat_interleave(7)[:, None]
     torch.testing.assert_close(out.double(), residual.double() + scale64 * pre64, **tol)
 
     a, w, ab = operands(128)
-    out = triton_ffn.linear(a, w, swap_out_rows=(5, 14), config=config)  # GEMM row m = b * 14 + l -> l * 5 + b
+    out = triton_linear.linear(a, w, swap_out_rows=(5, 14), config=config)  # GEMM row m = b * 14 + l -> l * 5 + b
     torch.testing.assert_close(out.double(), ab.view(5, 14, N).transpose(0, 1).reshape(M, N), **tol)
 
     h = torch.randn(M, N, device=DEVICE).to(dtype)
-    grad_pre, act = triton_ffn.linear(a, w, epilogue=triton_ffn.EPI_QUICK_GELU_GRAD, aux=h, config=config)
+    grad_pre, act = triton_linear.linear(a, w, epilogue=triton_linear.EPI_QUICK_GELU_GRAD, aux=h, config=config)
     h64 = h.double()
     torch.testing.assert_close(grad_pre.double(), ab * reference.quick_gelu_grad(h64), **tol)
     torch.testing.assert_close(act.double(), reference.quick_gelu(h64), **tol)
@@ -159,15 +159,15 @@ def test_every_gemm_configuration_matches_float64(config_index):
 
 def test_autotune_setting_reads_the_environment_and_names_a_bad_value(monkeypatch):
     monkeypatch.setenv("UNIFORMERV2_AUTOTUNE", " Quick ")
-    assert triton_ffn.autotune_setting() == "quick"
+    assert triton_linear.autotune_setting() == "quick"
     monkeypatch.delenv("UNIFORMERV2_AUTOTUNE")
-    assert triton_ffn.autotune_setting() == "full"
+    assert triton_linear.autotune_setting() == "full"
     monkeypatch.setenv("UNIFORMERV2_AUTOTUNE", "fast")
     with pytest.raises(ValueError, match="UNIFORMERV2_AUTOTUNE='fast'"):
-        triton_ffn.autotune_setting()
+        triton_linear.autotune_setting()
     quick = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
-             for c in triton_ffn._configs(quick=True)}
-    assert quick <= set(triton_ffn._CONFIG_SHAPES)  # the tests' subset: configurations of the full list
+             for c in triton_linear.gemm_configs(quick=True)}
+    assert quick <= set(triton_linear.GEMM_CONFIG_SHAPES)  # the tests' subset: configurations of the full list
 
 
 def test_inference_path_matches_training_path():

@@ -44,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import tf32_allowed, triton_gemm
 from . import INTERPRETED
 from .host_math import cdiv
+from .linear import EPILOGUE_TILE, fixed_gemm_config, gemm_plan, grouped_tile, input_precision, mm_fp32_out
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
@@ -150,7 +150,7 @@ def _fused_matmul_kernel(
     a_ptr, b_ptr, out_ptr, res_ptr, e_ptr,
     col_bias_ptr, col_coef_ptr, row_scale_ptr, k_bias_ptr, mix_w_ptr, mix_b_ptr,
     M, N, K, T, NT, stride_bk, stride_bn,
-    HAS_MIX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_E: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MIX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_E: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out (M, N) = res + row_scale[video] * (A @ B + col_bias) [+ col_coef * E].
@@ -159,16 +159,7 @@ def _fused_matmul_kernel(
     in the module docstring, computed in fp32 and rounded to B's dtype before the dot. B[k, n] is at
     b_ptr + k * stride_bk + n * stride_bn. res, E and out are (M, N) row-major.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    group_id = pid // group_size
-    first_m = group_id * GROUP_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -200,10 +191,7 @@ def _fused_matmul_kernel(
             b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
             mask=kmask[:, None] & cmask[None, :], other=0.0,
         )
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     _store_epilogue(acc, rows, cols, rmask, cmask, N, T, NT, out_ptr, res_ptr, e_ptr, col_bias_ptr, col_coef_ptr,
                     row_scale_ptr, HAS_ROW_SCALE, HAS_E)
@@ -476,17 +464,6 @@ def _num_sms(t: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).multi_processor_count
 
 
-def _gemm_config(t: torch.Tensor, dtype: torch.dtype) -> dict:
-    """Tile sizes of the fused GEMM. Untuned on hardware (no GPU was available when this was written):
-    128x128 tiles, 8 warps, K steps of 64 (32 for fp32) follow the Triton matmul tutorial's Hopper choices.
-    Under the interpreter, small tiles keep CPU tests fast while still covering several tiles and K steps."""
-    if _interpreting(t):
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-
-
 def _row_split(t: torch.Tensor, M: int, col_blocks: int, block_m: int) -> tuple[int, int]:
     """(rows per program, number of row programs) for the column-reduction kernels: about 4 programs per
     SM on a GPU; rows per program is a multiple of block_m."""
@@ -497,20 +474,6 @@ def _row_split(t: torch.Tensor, M: int, col_blocks: int, block_m: int) -> tuple[
     row_blocks = cdiv(M, block_m)
     per_prog = cdiv(row_blocks, min(target, row_blocks)) * block_m
     return per_prog, cdiv(M, per_prog)
-
-
-def _ieee(dtype: torch.dtype) -> bool:
-    """fp32 dots in full precision unless the user allowed tf32 for matmuls (DESIGN 5 tolerances)."""
-    return dtype == torch.float32 and not tf32_allowed()
-
-
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 output (cuBLAS fp32 accumulation and no rounding of the result to 16 bits)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
 
 
 def y1_width(Cp: int) -> int:
@@ -569,20 +532,15 @@ def fused_matmul(
     mix = (k_bias, mix_w (K, 3), mix_b), all fp32, turns on the temporal mix of a's rows.
     gemm: "triton" (one fused kernel) or "cublas" (the mix written out by ``_temporal_mix_kernel``, the GEMM
     on cuBLAS with an fp32 output, then ``_rows_epilogue_kernel``: the CUDA backend's plan, ~2 extra passes
-    over (M, K) and (M, N) buffers for cuBLAS's GEMM speed; on the H100 this op's CUDA backend, which does
-    this, ran 0.68 vs 0.92 ms forward at B/16, with other differences too); default:
-    ``backends.triton_gemm()`` (UNIFORMERV2_TRITON_GEMM).
-    """
-    gemm = gemm or triton_gemm()
-    if gemm not in ("triton", "cublas"):
-        raise ValueError(f"gemm must be 'triton' or 'cublas', got {gemm!r}")
-    if gemm == "cublas":
+    over (M, K) and (M, N) buffers for cuBLAS's GEMM speed); default: ``linear.gemm_plan()``
+    (UNIFORMERV2_TRITON_GEMM)."""
+    if gemm_plan(gemm) == "cublas":
         _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_scale, mix, e, col_coef)
         return
     M, K = a.shape
     N = out.shape[1]
     stride_bk, stride_bn = (1, K) if b_transposed else (N, 1)
-    cfg = _gemm_config(a, a.dtype)
+    cfg = fixed_gemm_config(a.dtype, _interpreting(a))
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     dummy = col_bias
     k_bias, mix_w, mix_b = mix if mix is not None else (dummy, dummy, dummy)
@@ -592,7 +550,7 @@ def fused_matmul(
         row_scale if row_scale is not None else dummy, k_bias, mix_w, mix_b,
         M, N, K, T, NT, stride_bk, stride_bn,
         HAS_MIX=mix is not None, HAS_ROW_SCALE=row_scale is not None, HAS_E=e is not None,
-        IEEE=_ieee(a.dtype), **cfg,
+        INPUT_PRECISION=input_precision(a.dtype), **cfg,
     )
 
 
@@ -608,9 +566,9 @@ def _matmul_then_epilogue(a, b, out, res, col_bias, T, NT, b_transposed, row_sca
         _temporal_mix_kernel[(cdiv(M, bm), cdiv(K, bk))](
             a, k_bias, mix_w, mix_b, z, M, K, T, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
         a = z
-    acc = _mm_fp32_out(a, b.t() if b_transposed else b)  # (M, N) fp32, cuBLAS
+    acc = mm_fp32_out(a, b.t() if b_transposed else b)  # (M, N) fp32, cuBLAS
     dummy = col_bias
-    bm, bn = (32, 32) if interp else (32, 128)
+    bm, bn = (32, 32) if interp else EPILOGUE_TILE
     _rows_epilogue_kernel[(cdiv(M, bm), cdiv(N, bn))](
         acc, out, res, e if e is not None else res, col_bias, col_coef if col_coef is not None else dummy,
         row_scale if row_scale is not None else dummy, M, N, T, NT,
@@ -727,7 +685,7 @@ def backward(
     d_dw_weight = sums[1:4, :Cp].t().contiguous()  # (C', 3)
     d_b1_folded = sums[4]  # (Kp,), zero past C'; its output below is a copy
 
-    d_w2 = _mm_fp32_out(gp.t(), zs)[:, :Cp].contiguous()  # (C, C') cuBLAS
+    d_w2 = mm_fp32_out(gp.t(), zs)[:, :Cp].contiguous()  # (C, C') cuBLAS
     BLOCK_MC, BLOCK_C = (64, 64) if interp else (32, 128)
     c_blocks = cdiv(C, BLOCK_C)
     per_prog_c, R_c = _row_split(x, M, c_blocks, BLOCK_MC)
@@ -742,7 +700,7 @@ def backward(
     # the GEMM: forming dY1^T X - colsum(dY1) mean^T afterwards cancels catastrophically when a channel's
     # |mean| >> std (CLIP streams have such channels), at the cost of one extra pass over X.
     xc = _centre(xp, mean)
-    pc = _mm_fp32_out(dy1.t(), xc)  # (Kp, C), zero rows past C'
+    pc = mm_fp32_out(dy1.t(), xc)  # (Kp, C), zero rows past C'
     d_w1 = torch.empty(conv1_weight.shape, device=dev, dtype=conv1_weight.dtype)
     d_bn_weight = torch.empty_like(bn_weight)
     d_bn_bias = torch.empty_like(bn_bias)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from . import ffn as triton_ffn
 from . import layer_norm as triton_layer_norm
+from . import linear as triton_linear
 
 
 def qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps, save_for_backward=True):
@@ -27,7 +27,7 @@ def qkv_forward(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, eps, save_f
     L, B, C = x.shape
     x_normed, mean, rstd = triton_layer_norm.forward(x, ln_weight, ln_bias, eps, store_stats=save_for_backward,
                                                      swap_rows=(L, B))
-    qkv = triton_ffn.linear(x_normed, in_proj_weight, in_proj_bias)
+    qkv = triton_linear.linear(x_normed, in_proj_weight, in_proj_bias)
     return qkv, mean, rstd
 
 
@@ -46,7 +46,7 @@ def qkv_backward(grad_qkv, x, ln_weight, ln_bias, in_proj_weight, mean, rstd, ep
 
 def out_forward(o, out_proj_weight, out_proj_bias, L: int, B: int):
     """out_proj of o (B*L, C) frame-major, stored as the stream (L, B, C)."""
-    out = triton_ffn.linear(o, out_proj_weight, out_proj_bias, swap_out_rows=(B, L))
+    out = triton_linear.linear(o, out_proj_weight, out_proj_bias, swap_out_rows=(B, L))
     return out.view(L, B, -1)
 
 
