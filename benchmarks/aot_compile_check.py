@@ -321,20 +321,15 @@ def local_temporal_mhra_cases(dtypes):
                           col_coef_ptr="*fp32", row_scale_ptr="*fp32", k_bias_ptr="*fp32", mix_w_ptr="*fp32",
                           mix_b_ptr="*fp32", T=T, NT=NT)
             tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{ns} w{nw}"
-            # forward GEMM2 with the temporal mix: K = C' (padded), N = C, b = conv2^T (C', C) row-major
-            for rs in (False, True):
-                cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
-                                  f"C={C} fwd MIX ROW_SCALE={int(rs)} {tiles}",
+            # forward GEMM2 with the temporal mix (K = C' padded, N = C, b = conv2^T (C', C) row-major) and the
+            # backward dX GEMM (A = dY1 (M, C'), B = W1' (C', C) row-major)
+            for label, flags in (("fwd MIX ROW_SCALE=0", dict(HAS_MIX=True, HAS_ROW_SCALE=False, HAS_E=False)),
+                                 ("fwd MIX ROW_SCALE=1", dict(HAS_MIX=True, HAS_ROW_SCALE=True, HAS_E=False)),
+                                 ("bwd-dX E=1", dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=True)),
+                                 ("bwd-dX E=0", dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=False))):
+                cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt, f"C={C} {label} {tiles}",
                                   dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
-                                  dict(HAS_MIX=True, HAS_ROW_SCALE=rs, HAS_E=False, INPUT_PRECISION=precision, **cfg),
-                                  num_warps=nw, num_stages=ns))
-            # backward dX GEMM: A = dY1 (M, C'), B = W1' (C', C) row-major
-            for e in (True, False):
-                cases.append(Case("local_temporal_mhra", "_fused_matmul_kernel", dt,
-                                  f"C={C} bwd-dX E={int(e)} {tiles}",
-                                  dict(common, M=M, N=C, K=Cp, stride_bk=C, stride_bn=1),
-                                  dict(HAS_MIX=False, HAS_ROW_SCALE=False, HAS_E=e, INPUT_PRECISION=precision, **cfg),
-                                  num_warps=nw, num_stages=ns))
+                                  dict(flags, INPUT_PRECISION=precision, **cfg), num_warps=nw, num_stages=ns))
             # the gemm="cublas" plan's kernels (the default) around the cuBLAS GEMMs
             cases.append(Case("local_temporal_mhra", "_temporal_mix_kernel", dt, f"C={C} BM=32 BK=128 w4",
                               dict(y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32", mix_b_ptr="*fp32", z_ptr=p,
