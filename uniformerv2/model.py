@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from uniformerv2_kernels import selection
+
 
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +62,9 @@ def drop_path_scale(x: torch.Tensor, drop_prob: float, training: bool) -> torch.
 
 def spatial_attention_backend(backend: str | None) -> str | None:
     """The spatial (CLIP) attention has Triton and reference kernels only: a model asked for the CUDA
-    backend (per call or by UNIFORMERV2_BACKEND) runs it on Triton, and every other op on its CUDA kernel."""
-    from uniformerv2_kernels import backends
-
-    return "triton" if backends.requested_backend(backend) == "cuda" else backend
+    backend (per call or by UNIFORMERV2_BACKEND) runs it on Triton, and every other op on its CUDA kernel
+    (a rule of uniformerv2_kernels.selection.MODEL_RULES)."""
+    return selection.spatial_attention_backend(backend)
 
 
 def apply_scale(branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -251,8 +252,8 @@ class Extractor(nn.Module):
         return self.attn.out_proj(out)
 
     def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        dropout_active = self.training and self.mlp.dropout.p > 0
-        if self.fused and not dropout_active:
+        # the fused FFN has no dropout inside (a rule of uniformerv2_kernels.selection.MODEL_RULES)
+        if selection.extractor_mlp_fused(self.fused, self.training, self.mlp.dropout.p):
             scale = drop_path_scale(x, self.drop_prob, self.training)
             return _ops().fused_ffn(
                 x, self.ln_2.weight, self.ln_2.bias, self.mlp.c_fc.weight, self.mlp.c_fc.bias,

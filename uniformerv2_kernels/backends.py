@@ -10,8 +10,9 @@ Selection for one call: the per-call ``backend=`` argument, else the ``UNIFORMER
 environment variable, else the first backend with no reason not to run. Asking for a backend that cannot
 run raises :class:`BackendUnavailableError` listing every backend's reasons.
 
-An op tells :func:`select` which backends it implements and gives op-specific reasons (dtype, shape
-limits) through ``extra_reasons``.
+What each op implements, its limits and whether automatic selection prefers its CUDA kernel are the
+table in :mod:`.selection`; :func:`select_op` applies it (:func:`select` is the mechanism, for any op).
+The environment variables are read by :mod:`.settings`.
 """
 
 from __future__ import annotations
@@ -23,27 +24,15 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")
-ENV_BACKEND = "UNIFORMERV2_BACKEND"
+from . import selection, settings
+from .settings import BACKENDS, ENV_BACKEND, ENV_TRITON_GEMM  # noqa: F401  (callers read them here too)
 
-# CUDA C++ kernels that have passed the CUDA tests on a GPU and are not slower than the Triton ones there.
-# Automatic selection only picks the cuda backend for these ops; the others run on Triton unless a caller
-# asks for cuda explicitly (per call or UNIFORMERV2_BACKEND=cuda), which is how the GPU suite tests them.
-# Add an op here only with GPU evidence recorded in benchmarks/results/.
-# Evidence: H100, torch 2.11, commit 6814563 (benchmarks/results/h100_2026-11-25.md "Second run"): every
-# numeric case of tests/test_cuda_kernels.py passed for all four ops; H200, torch 2.11, commit d922e963ade3
-# (benchmarks/results/h200_2026-11-26.md): the whole file, 83 cases, passed, bad-input checks included.
-# global_query_attention is verified but left out: its CUDA kernel computes the DPE on the fly and took 2.3x
-# (forward) / 1.3x (forward+backward) the GPU time of the Triton one at B/16 (H100).
-GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset({"clip_layer_norm", "fused_ffn", "local_temporal_mhra"})
+# Ops whose CUDA C++ kernels automatic selection picks (the table's auto_cuda; GPU evidence in
+# benchmarks/results/); the others' run only when asked for (per call or UNIFORMERV2_BACKEND=cuda).
+GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset(op for op, entry in selection.OPS.items() if entry.auto_cuda)
 
-# Whether the Triton kernels have passed tests/ on a GPU: yes. H100, triton 3.6, commit 6814563 (316 passed);
-# H200, triton 3.6, commit d922e963ade3 (benchmarks/results/h200_2026-11-26.md): 325 passed, bf16 included,
-# the kernels added since the H100 run among them (the global attention's _query_head_kernel,
-# _merge_project_kernel and _query_grad_kernel, the local MHRA's _fold_params_kernel and
-# _bn_conv1_grads_kernel); the one failure was a torch.compile test cut by the per-test timeout under 12
-# workers, which passed alone. With it set, `model.fused=auto` in the training / evaluation scripts uses
-# the kernels on CUDA.
+# Whether the Triton kernels have passed tests/ on a GPU (benchmarks/results/): with it set,
+# `model.fused=auto` in the training / evaluation scripts uses the kernels on CUDA.
 TRITON_GPU_VERIFIED: bool = True
 
 
@@ -80,23 +69,14 @@ class op_body:
         return False
 
 
-ENV_TRITON_GEMM = "UNIFORMERV2_TRITON_GEMM"
-TRITON_GEMMS = ("triton", "cublas")
-DEFAULT_TRITON_GEMM = "cublas"
-
-
 def triton_gemm() -> str:
     """Where the Triton backend runs its GEMMs that carry fused prologues / epilogues (the FFN and the
     attention projections' ``linear``, the local MHRA's ``fused_matmul``): "cublas" (default; cuBLAS for the
     product, a Triton kernel for the elementwise work around it: the CUDA backend's plan) or "triton" (one
     Triton kernel each, autotuned). Read per call from UNIFORMERV2_TRITON_GEMM, so a benchmark can time both
-    in one process. Both are tested. cuBLAS is the default on GPU evidence: less GPU time in all 20 op rows on
-    an H100 and in every end-to-end inference case on an H200, and no GEMM autotuning at the first call
-    (benchmarks/results/h200_2026-11-26.md)."""
-    choice = os.environ.get(ENV_TRITON_GEMM, DEFAULT_TRITON_GEMM).strip().lower() or DEFAULT_TRITON_GEMM
-    if choice not in TRITON_GEMMS:
-        raise ValueError(f"{ENV_TRITON_GEMM}={choice!r}: expected one of {TRITON_GEMMS}")
-    return choice
+    in one process. Both are tested; cuBLAS is the default because it took less GPU time wherever it was
+    measured and needs no autotuning at the first call (benchmarks/results/)."""
+    return settings.triton_gemm()
 
 
 def tf32_allowed() -> bool:
@@ -116,7 +96,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.triton_interpret()
 
 
 # Probed once per process. Plain module-level caches (not functools.lru_cache) so that torch.compile
@@ -234,16 +214,7 @@ def generic_reasons(backend: str, tensors: Sequence[torch.Tensor], cuda_ops: Seq
 
 def requested_backend(backend: str | None) -> str | None:
     """The per-call choice, else the environment's; None or 'auto' means automatic."""
-    choice = backend if backend is not None else os.environ.get(ENV_BACKEND)
-    if choice is None:
-        return None
-    choice = choice.strip().lower()
-    if choice in ("", "auto"):
-        return None
-    if choice not in BACKENDS:
-        source = "backend" if backend is not None else ENV_BACKEND
-        raise ValueError(f"{source}={choice!r} is not a backend; expected one of {BACKENDS} or 'auto'")
-    return choice
+    return settings.backend(backend)
 
 
 def backend_reasons(
@@ -296,6 +267,14 @@ def select(
             lines.append(f"  {name}: " + ("; ".join(table[name]) if table[name] else "available"))
         raise BackendUnavailableError("\n".join(lines))
     return wanted
+
+
+def select_op(op: str, tensors: Sequence[torch.Tensor], backend: str | None = None, **facts) -> str:
+    """:func:`select` for one of the package's ops, with what it implements and its limits from the table
+    (:data:`.selection.OPS`); ``facts`` are the call's (``x``, and ``num_heads`` where the op has heads)."""
+    entry = selection.OPS[op]
+    return select(op, tensors, backend, implemented=entry.backends, cuda_ops=entry.cuda_ops,
+                  extra_reasons=selection.call_reasons(op, **facts))
 
 
 def status() -> dict[str, list[str]]:

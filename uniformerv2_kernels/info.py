@@ -1,4 +1,5 @@
-"""`python -m uniformerv2_kernels.info`: which backends can run here, and why not."""
+"""`python -m uniformerv2_kernels.info`: which backends can run here and why not, the selection table as it
+applies on this machine (with the model's per-path rules), and every UNIFORMERV2_* setting."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import platform
 
 import torch
 
-from . import backends
+from . import backends, selection, settings
 
 
 def _version(module: str) -> str:
@@ -26,6 +27,45 @@ def attention_backend() -> tuple[str, str]:
     return choose()
 
 
+def _automatic_choice(op: str, machine: dict[str, list[str]]) -> str:
+    """The backend automatic selection gives this op's calls on CUDA tensors here (fp32/fp16/bf16 within its
+    limits), or on CPU tensors where there is no CUDA device."""
+    entry = selection.OPS[op]
+    for name in backends.BACKENDS:
+        if name in entry.backends and not machine[name] and (name != "cuda" or entry.auto_cuda):
+            return name
+    return "reference"
+
+
+def _selection_lines(machine: dict[str, list[str]]) -> list[str]:
+    lines = ["  ops (selection.OPS): backends implemented, limits, and what automatic selection picks here"]
+    try:
+        forced = settings.backend()
+    except ValueError as exc:
+        forced = f"invalid ({exc})"
+    for op, entry in selection.OPS.items():
+        if not forced:
+            chosen = f"{_automatic_choice(op, machine)} (automatic)"
+        elif forced in entry.backends:
+            chosen = f"{forced} ({settings.ENV_BACKEND})"
+        else:
+            chosen = f"none: {settings.ENV_BACKEND}={forced} is not implemented (a direct call raises)"
+        lines.append(f"    {op}: {' / '.join(entry.backends)}; here: {chosen}")
+        for name in entry.backends:
+            rules = [limit.rule for limit in entry.limits if limit.backend == name]
+            note = f" [opt-in: {entry.why}]" if name == "cuda" and not entry.auto_cuda else ""
+            lines.append(f"      {name:<9} " + ("; ".join(rules) if rules else "any float input") + note)
+    lines.append("  the model's per-path rules (selection.MODEL_RULES), as they apply here:")
+    for rule in selection.MODEL_RULES:
+        lines.append(f"    {rule.path}: runs {rule.runs} when {rule.when} ({rule.why})")
+    if forced == "cuda":
+        lines.append(f"    -> with {settings.ENV_BACKEND}=cuda the CLIP blocks' attention runs "
+                     f"{selection.spatial_attention_backend(None)}")
+    lines.append("    -> a model in training with dropout in its Extractor MLPs runs them on the reference; "
+                 "evaluation and dropout 0 run them fused")
+    return lines
+
+
 def report() -> str:
     lines = ["uniformerv2-kernels backends", ""]
     table = backends.status()
@@ -34,13 +74,9 @@ def report() -> str:
         reasons = table[name]
         state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
         lines.append(f"  {name:<{width}}  {state}")
-    env = os.environ.get(backends.ENV_BACKEND)
     lines.append("")
-    lines.append(f"  selection: per-call backend=, else {backends.ENV_BACKEND}={env or '(unset)'}, "
-                 "else the first available above")
-    verified = ", ".join(sorted(backends.GPU_VERIFIED_CUDA_OPS)) or "none yet"
-    lines.append(f"  CUDA kernels picked automatically (verified on a GPU): {verified}; "
-                 "others only with backend='cuda'")
+    lines.append(f"  selection: per-call backend=, else {backends.ENV_BACKEND}, else the first available "
+                 "backend that the op implements and whose limits the call meets")
     lines.append("  Triton kernels verified on a GPU: " + ("yes" if backends.TRITON_GPU_VERIFIED else
                  "not yet (interpreter only); model.fused=auto keeps the reference model on CUDA"))
     name, reason = attention_backend()
@@ -49,12 +85,13 @@ def report() -> str:
         gemm = backends.triton_gemm()
     except ValueError as exc:
         gemm = f"invalid: {exc}"
-    lines.append(f"  Triton backend's fused GEMMs: {gemm} ({backends.ENV_TRITON_GEMM}="
-                 f"{os.environ.get(backends.ENV_TRITON_GEMM, '(unset)')}; cublas, the default: cuBLAS + a Triton "
-                 "epilogue pass; triton: one autotuned Triton GEMM each)")
-    lines.append(f"  Triton GEMM autotuning (UNIFORMERV2_TRITON_GEMM=triton only): UNIFORMERV2_AUTOTUNE="
-                 f"{os.environ.get('UNIFORMERV2_AUTOTUNE', '(unset)')} "
-                 "(full, the default: nine configurations; quick: two, as the tests set it)")
+    lines.append(f"  Triton backend's fused GEMMs: {gemm}")
+    lines.append("")
+    lines += _selection_lines(table)
+    lines.append("")
+    lines.append("  settings (every UNIFORMERV2_* variable, uniformerv2_kernels.settings):")
+    for row in settings.snapshot():
+        lines.append(f"    {row.name}={row.raw if row.raw is not None else '(unset)'} -> {row.value}: {row.description}")
     lines.append("")
     info = backends.build_info()
     if info:

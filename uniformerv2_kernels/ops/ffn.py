@@ -14,15 +14,12 @@ from typing import Optional
 
 import torch
 
-from .. import backends, library
+from .. import backends, library, selection
 from ..checks import FLOAT_DTYPES, check_same, check_tensor
 from ..reference import ffn as reference
-from . import layer_norm as ops_layer_norm
 
 OP_NAME = "fused_ffn"
-IMPLEMENTED = ("cuda", "triton", "reference")
-CUDA_OPS: tuple[str, ...] = ("fused_ffn_fwd", "fused_ffn_bwd")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IMPLEMENTED = selection.OPS[OP_NAME].backends
 
 
 def _triton():
@@ -171,13 +168,7 @@ def check_inputs(x, ln_weight, ln_bias, fc_weight, fc_bias, proj_weight, proj_bi
 
 
 def select_backend(x, params, backend=None) -> str:
-    reasons = []
-    if x.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported by the Triton kernels (fp32/fp16/bf16)")
-    reasons += [r for r in ops_layer_norm.triton_reasons(x) if "C =" in r]
-    cuda_reasons = [] if x.dtype in TRITON_DTYPES else [f"dtype {x.dtype} is not supported by the CUDA kernels"]
-    return backends.select(OP_NAME, (x, *params), backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-                           extra_reasons={"triton": reasons, "cuda": cuda_reasons})
+    return backends.select_op(OP_NAME, (x, *params), backend, x=x)
 
 
 def fused_ffn(

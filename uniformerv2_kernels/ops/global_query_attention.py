@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends, library
+from .. import backends, library, selection
 from ..checks import check_positive_int, check_same, check_tensor, square_side
 from ..reference import global_query_attention as reference
 
 OP_NAME = "global_query_attention"
-IMPLEMENTED = ("cuda", "triton", "reference")
-CUDA_OPS: tuple[str, ...] = ("global_query_attention_fwd", "global_query_attention_bwd")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_MAX_C = 2048
-TRITON_MAX_HEADS = 64
+IMPLEMENTED = selection.OPS[OP_NAME].backends
 
 
 def _triton():
@@ -147,38 +143,8 @@ def _backward(ctx, grad_out, _grad_z, _grad_lse):
 _global_query_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_reasons(x: torch.Tensor, num_heads: int) -> list[str]:
-    reasons = []
-    if x.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported by the Triton kernels (fp32/fp16/bf16)")
-    if x.shape[-1] > TRITON_MAX_C:
-        reasons.append(f"C = {x.shape[-1]} > {TRITON_MAX_C}: a token row must fit one Triton tile")
-    if num_heads > TRITON_MAX_HEADS:
-        reasons.append(f"num_heads = {num_heads} > {TRITON_MAX_HEADS} is not supported by the Triton kernels")
-    return reasons
-
-
-def cuda_reasons(x: torch.Tensor, num_heads: int) -> list[str]:
-    reasons = []
-    if x.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported by the CUDA kernels (fp32/fp16/bf16)")
-    if x.is_cuda:
-        # the backward kernel's shared memory at its smallest token tile (csrc: backward_smem_floats, bs = 1):
-        # an (H, C) accumulator, two token rows and per-head scalars, against this GPU's per-block limit
-        H, C = num_heads, x.shape[-1]
-        need = 4 * ((H + 2) * C + 2 * H + 1)
-        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-        if need > limit:
-            reasons.append(f"(num_heads + 2) * C = {(H + 2) * C} fp32 values: {need} B of shared memory, more "
-                           f"than this GPU's {limit} B per block")
-    return reasons
-
-
 def select_backend(tensors, x: torch.Tensor, num_heads: int, backend: str | None = None) -> str:
-    return backends.select(
-        OP_NAME, tensors, backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-        extra_reasons={"triton": triton_reasons(x, num_heads), "cuda": cuda_reasons(x, num_heads)},
-    )
+    return backends.select_op(OP_NAME, tensors, backend, x=x, num_heads=num_heads)
 
 
 def check_inputs(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps):

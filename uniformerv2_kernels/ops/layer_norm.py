@@ -10,35 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends, library
+from .. import backends, library, selection
 from ..checks import FLOAT_DTYPES, check_same, check_tensor
 from ..reference import layer_norm as reference
 
 OP_NAME = "clip_layer_norm"
-IMPLEMENTED = ("cuda", "triton", "reference")
-CUDA_OPS: tuple[str, ...] = ("clip_layer_norm_fwd", "clip_layer_norm_bwd")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IMPLEMENTED = selection.OPS[OP_NAME].backends
 
 
 def _triton():
     from ..triton import layer_norm as triton_layer_norm  # imported lazily: needs TRITON_INTERPRET set first
 
     return triton_layer_norm
-
-
-def triton_reasons(x: torch.Tensor) -> list[str]:
-    reasons = []
-    if x.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported by the Triton kernel (fp32/fp16/bf16)")
-    if x.shape[-1] > 8192:
-        reasons.append(f"C = {x.shape[-1]} > 8192 does not fit the one-pass Triton kernel")
-    return reasons
-
-
-def cuda_reasons(x: torch.Tensor) -> list[str]:
-    if x.dtype not in TRITON_DTYPES:
-        return [f"dtype {x.dtype} is not supported by the CUDA kernel (fp32/fp16/bf16)"]
-    return []
 
 
 @library.custom_op("uniformerv2::clip_layer_norm_fwd")
@@ -109,10 +92,7 @@ _clip_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str | None = None) -> str:
-    return backends.select(
-        OP_NAME, (x, weight, bias), backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-        extra_reasons={"triton": triton_reasons(x), "cuda": cuda_reasons(x)},
-    )
+    return backends.select_op(OP_NAME, (x, weight, bias), backend, x=x)
 
 
 def check_inputs(x, weight, bias, eps) -> None:

@@ -17,14 +17,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import backends, library
+from .. import backends, library, selection
 from ..checks import check_positive_int, check_same, check_tensor
 from ..reference import local_temporal_mhra as reference
 
 OP_NAME = "local_temporal_mhra"
-IMPLEMENTED = ("cuda", "triton", "reference")
-CUDA_OPS = ("local_temporal_mhra_fwd", "local_temporal_mhra_bwd")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IMPLEMENTED = selection.OPS[OP_NAME].backends
 
 
 def _triton_module():
@@ -262,17 +260,8 @@ def _check_inputs(x, T, bn_weight, bn_bias, running_mean, running_var, num_batch
         )
 
 
-def _extra_reasons(x: torch.Tensor) -> dict[str, list[str]]:
-    reasons: dict[str, list[str]] = {"triton": [], "cuda": []}
-    if x.dtype not in TRITON_DTYPES:
-        reasons["triton"].append(f"x has dtype {x.dtype}; the Triton kernels take float32, float16 or bfloat16")
-        reasons["cuda"].append(f"x has dtype {x.dtype}; the CUDA kernels take float32, float16 or bfloat16")
-    return reasons
-
-
 def select_backend(tensors: Sequence[torch.Tensor], x: torch.Tensor, backend: str | None = None) -> str:
-    return backends.select(OP_NAME, tensors, backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-                           extra_reasons=_extra_reasons(x))
+    return backends.select_op(OP_NAME, tensors, backend, x=x)
 
 
 def local_temporal_mhra(

@@ -20,21 +20,17 @@ chosen SDPA / xformers kernel does (CPU SDPA is deterministic; on CUDA, set
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from .. import backends, library
+from .. import backends, library, selection, settings
 from ..checks import check_positive_int, check_same, check_tensor
 from ..reference import spatial_attention as reference
-from . import layer_norm as ops_layer_norm
+from ..settings import ENV_ATTENTION
 
 OP_NAME = "spatial_attention"
-IMPLEMENTED = ("triton", "reference")  # "cuda" joins when csrc/ has the projection kernels
-CUDA_OPS: tuple[str, ...] = ()
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ENV_ATTENTION = "UNIFORMERV2_ATTENTION"  # "xformers" / "sdpa" / unset (automatic)
+IMPLEMENTED = selection.OPS[OP_NAME].backends
 
 _backend_choice: tuple[str, str] | None = None
 
@@ -46,8 +42,7 @@ def _triton():
 
 
 def _probe_xformers() -> tuple[str, str]:
-    forced = os.environ.get(ENV_ATTENTION, "").strip().lower()
-    if forced == "sdpa":
+    if settings.attention() == "sdpa":
         return "sdpa", f"{ENV_ATTENTION}=sdpa"
     try:
         import xformers
@@ -82,8 +77,7 @@ def _attention_backend_uncompiled() -> tuple[str, str]:
     global _backend_choice
     if _backend_choice is None:
         name, reason = _probe_xformers()
-        forced = os.environ.get(ENV_ATTENTION, "").strip().lower()
-        if forced == "xformers" and name != "xformers":
+        if settings.attention() == "xformers" and name != "xformers":
             raise RuntimeError(f"{ENV_ATTENTION}=xformers but xformers cannot run: {reason}")
         _backend_choice = (name, reason)
     return _backend_choice
@@ -279,12 +273,7 @@ def check_inputs(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_w
 
 
 def select_backend(x, params, backend=None) -> str:
-    reasons = []
-    if x.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported by the Triton kernels (fp32/fp16/bf16)")
-    reasons += [r for r in ops_layer_norm.triton_reasons(x) if "C =" in r]
-    return backends.select(OP_NAME, (x, *params), backend, implemented=IMPLEMENTED, cuda_ops=CUDA_OPS,
-                           extra_reasons={"triton": reasons})
+    return backends.select_op(OP_NAME, (x, *params), backend, x=x)
 
 
 def spatial_attention(

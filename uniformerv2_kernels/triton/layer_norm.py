@@ -19,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..selection import LAYER_NORM_MAX_C as MAX_C
 from . import INTERPRETED
 from .host_math import cdiv, next_power_of_2
-
-MAX_C = 8192
 
 
 @triton.jit

@@ -18,13 +18,12 @@ compiles every tile table here for sm_90 and sm_80.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import tf32_allowed, triton_gemm
+from .. import settings
+from ..backends import tf32_allowed
 from . import INTERPRETED
 from .host_math import cdiv
 
@@ -50,8 +49,8 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def gemm_plan(gemm: str | None = None) -> str:
-    """"triton" or "cublas": the given plan, else UNIFORMERV2_TRITON_GEMM (``backends.triton_gemm``)."""
-    gemm = gemm or triton_gemm()
+    """"triton" or "cublas": the given plan, else UNIFORMERV2_TRITON_GEMM (``settings.triton_gemm``)."""
+    gemm = gemm or settings.triton_gemm()
     if gemm not in ("triton", "cublas"):
         raise ValueError(f"gemm must be 'triton' or 'cublas', got {gemm!r}")
     return gemm
@@ -114,16 +113,11 @@ GEMM_CONFIG_SHAPES = [
 # each new (shape, flags) key compiles and times every configuration, too slow for a cold GPU machine's
 # test time. tests/test_ffn.py runs every configuration of the full list once, directly.
 QUICK_CONFIG_SHAPES = [(128, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
-ENV_AUTOTUNE = "UNIFORMERV2_AUTOTUNE"
-AUTOTUNE_CHOICES = ("full", "quick")
 
 
 def autotune_setting() -> str:
     """UNIFORMERV2_AUTOTUNE: "full" (default) or "quick"; read when the autotuned GEMM is first built."""
-    choice = os.environ.get(ENV_AUTOTUNE, "full").strip().lower() or "full"
-    if choice not in AUTOTUNE_CHOICES:
-        raise ValueError(f"{ENV_AUTOTUNE}={choice!r}: expected one of {AUTOTUNE_CHOICES}")
-    return choice
+    return settings.autotune()
 
 
 def gemm_configs(quick: bool = False) -> list[triton.Config]:
@@ -269,7 +263,7 @@ def linear(
     """One fused GEMM: ``epilogue(a @ weight.T + bias)``.
 
     gemm: "triton" (``_linear_kernel``: the epilogue inside the GEMM) or "cublas" (``torch.addmm``, then
-    ``_linear_epilogue_kernel``); default ``backends.triton_gemm()`` (UNIFORMERV2_TRITON_GEMM).
+    ``_linear_epilogue_kernel``); default :func:`gemm_plan` (UNIFORMERV2_TRITON_GEMM).
 
     a: (M, K) with unit stride along K or M (any 2-d strides work); weight: (N, K) with any strides (pass
     ``w.t()`` to multiply by w). Returns ``out`` (M, N) contiguous in a.dtype, plus:
