@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of every Triton kernel for sm_90 (H100) and sm_80 (A100), no GPU needed.
 
-Compiles each ``@triton.jit`` kernel of uniformerv2_kernels/triton/{layer_norm, linear, local_temporal_mhra,
-global_query_attention}.py (ffn.py and spatial_attention.py launch those) with
+Compiles each ``@triton.jit`` kernel of uniformerv2_kernels/triton/{layer_norm, linear, local_temporal_mhra[_backward],
+global_query_attention[_backward]}.py (ffn.py and spatial_attention.py launch those) with
 ``triton.compile(ASTSource(...), target=GPUTarget(...))``
 using the constexpr values / tile configs / num_warps / num_stages its launcher passes ON A GPU (not the
 interpreter ones), at the real model shapes (C = 768: B/16, C = 1024: L/14), for fp32, fp16 and bf16, and
@@ -346,14 +346,14 @@ def local_temporal_mhra_cases(dtypes):
                                    rows_per_prog=32 * 13),
                               dict(BLOCK_M=32, BLOCK_C=128)))
             for rs, rd in [(True, True), (False, False)]:
-                cases.append(Case("local_temporal_mhra", "_temporal_mix_backward_kernel", dt,
+                cases.append(Case("local_temporal_mhra_backward", "_temporal_mix_backward_kernel", dt,
                                   f"C={C} ROW_SCALE={int(rs)} ROWDOT={int(rd)} BM=32 BK=64 w8",
                                   dict(dz_ptr=p, y1_ptr=p, k_bias_ptr="*fp32", mix_w_ptr="*fp32",
                                        mix_b_ptr="*fp32", row_scale_ptr="*fp32", dy1_ptr=p, zs_ptr=p,
                                        part_ptr="*fp32", rowdot_ptr="*fp32", M=M, K=Cp, T=T, NT=NT,
                                        rows_per_prog=32 * 13),
                                   dict(HAS_ROW_SCALE=rs, NEED_ROWDOT=rd, BLOCK_M=32, BLOCK_K=64), num_warps=8))
-            cases.append(Case("local_temporal_mhra", "_scaled_column_sum_kernel", dt,
+            cases.append(Case("local_temporal_mhra_backward", "_scaled_column_sum_kernel", dt,
                               f"C={C} ROW_SCALE=1 BM=32 BC=128 w4",
                               dict(g_ptr=p, row_scale_ptr="*fp32", part_ptr="*fp32", M=M, C=C, T=T, NT=NT,
                                    rows_per_prog=32 * 13),
@@ -374,7 +374,7 @@ def local_temporal_mhra_cases(dtypes):
                                    dw_b_ptr=pd, w2_ptr=pd, w1f_ptr=pd, b1f_ptr="*fp32", mix_w_ptr="*fp32",
                                    mix_b_ptr="*fp32", w2t_ptr=pd, C=C, Cp=Cp, Kp=Kp, eps=1e-5),
                               dict(BLOCK_R=16, BLOCK_C=128)))
-            cases.append(Case("local_temporal_mhra", "_bn_conv1_grads_kernel", dt, f"C={C} BK=64 BC=32 w4",
+            cases.append(Case("local_temporal_mhra_backward", "_bn_conv1_grads_kernel", dt, f"C={C} BK=64 BC=32 w4",
                               dict(pc_ptr="*fp32", w1_ptr=pd, w1f_ptr=pd, db1_ptr="*fp32", var_ptr="*fp32",
                                    bn_w_ptr=pd, bn_b_ptr=pd, d_w1_ptr=pd, d_bn_w_ptr=pd, d_bn_b_ptr=pd,
                                    coef_ptr="*fp32", col_bias_ptr="*fp32", C=C, Cp=Cp, M=12544, eps=1e-5),
@@ -421,7 +421,7 @@ def global_query_attention_cases(dtypes):
             block_s, num_warps = mod._token_tile("backward", BLOCK_C, False, None)
             tps = triton.cdiv(triton.cdiv(S, block_s), 33) * block_s
             cases.append(Case(
-                "global_query_attention", "_gqa_backward_tokens_kernel", dt,
+                "global_query_attention_backward", "_gqa_backward_tokens_kernel", dt,
                 f"C={C} BS={block_s} BC={BLOCK_C} BH={BLOCK_H} w{num_warps}",
                 dict({k: v for k, v in common.items() if k != "num_splits"}, tokens_per_split=tps,
                      dz_ptr="*fp32", lse_ptr="*fp32", D_ptr="*fp32", dy_ptr="*fp32", xhat_ptr="*fp32",
@@ -430,7 +430,7 @@ def global_query_attention_cases(dtypes):
                 num_warps=num_warps))
             bs, bc = 4, 32  # backward(): 4 tokens x min(32, BLOCK_C) channels on a GPU
             cases.append(Case(
-                "global_query_attention", "_gqa_backward_dpe_kernel", dt, f"C={C} BS={bs} BC={bc} w4",
+                "global_query_attention_backward", "_gqa_backward_dpe_kernel", dt, f"C={C} BS={bs} BC={bc} w4",
                 dict(x_ptr=p, dy_ptr="*fp32", dpe_w_ptr="*fp32", dx_ptr=p, dw_part_ptr="*fp32",
                      db_part_ptr="*fp32", T=T, NT=NT, C=C, W=W, S=S, tokens_per_split=bs * 20, num_splits=13),
                 dict(BLOCK_S=bs, BLOCK_C=bc), num_warps=4))
@@ -451,7 +451,7 @@ def global_query_attention_cases(dtypes):
                      z_ptr="*fp32", lse_ptr="*fp32", out_ptr=p, num_splits=17, **heads),
                 dict(BLOCK_SPLITS=32, BLOCK_D=block_d, BLOCK_K=block_k), num_warps=4))
             cases.append(Case(
-                "global_query_attention", "_query_grad_kernel", dt, f"C={C} BD={block_d} BK={block_k} w4",
+                "global_query_attention_backward", "_query_grad_kernel", dt, f"C={C} BD={block_d} BK={block_k} w4",
                 dict(du_ptr="*fp32", gamma_ptr=p, r_ptr="*fp32", w_ptr=p, grad_q_ptr="*fp32", dr_ptr="*fp32",
                      colsum_ptr="*fp32", N=16, scale=0.125, **heads),
                 dict(BLOCK_D=block_d, BLOCK_K=block_k), num_warps=4))
@@ -474,15 +474,21 @@ OPS = {
 }
 
 
+# the modules whose kernels an op's cases compile (one op's kernels may span a forward and a backward file)
+KERNEL_MODULES = {"local_temporal_mhra": ("local_temporal_mhra", "local_temporal_mhra_backward"),
+                  "global_query_attention": ("global_query_attention", "global_query_attention_backward")}
+
+
 def _check_every_kernel_covered(cases, ops):
-    """Every @triton.jit kernel (name ending in _kernel) of the selected modules must have a case."""
+    """Every @triton.jit kernel (name ending in _kernel) of the selected ops' modules must have a case."""
     missing = []
-    for op in ops:
-        mod = _module(op)
-        for name, obj in vars(mod).items():
-            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
-                if not any(c.op == op and c.kernel == name for c in cases):
-                    missing.append(f"{op}.{name}")
+    for module_name in (m for op in ops for m in KERNEL_MODULES.get(op, (op,))):
+        module = _module(module_name)
+        for name, obj in vars(module).items():
+            if (isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")
+                    and obj.fn.__module__ == module.__name__):  # defined there, not imported
+                if not any(c.op == module_name and c.kernel == name for c in cases):
+                    missing.append(f"{module_name}.{name}")
     return missing
 
 

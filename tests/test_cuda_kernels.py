@@ -282,12 +282,13 @@ def test_local_temporal_mhra_matches_reference_and_triton(hw, N, T, C, Cp, train
         assert_close(o, r64, rl, name=name, grad=i > 0)
 
     from uniformerv2_kernels.triton import local_temporal_mhra as tri
+    from uniformerv2_kernels.triton import local_temporal_mhra_backward as tri_backward
 
     xl, _, _, _, _, bsl, gl = args
     a = [pl[n] for n in MHRA_PARAMS]
     rm, rv = (None, None) if training else running
     out_t, mean_t, var_t, y1_t = tri.forward(xl, T, a[0], a[1], rm, rv, *a[2:], training, 1e-5, bsl)
-    grads_t = tri.backward(gl, xl, y1_t, mean_t, var_t, T, *a, training, 1e-5, bsl, bsl is not None)
+    grads_t = tri_backward.backward(gl, xl, y1_t, mean_t, var_t, T, *a, training, 1e-5, bsl, bsl is not None)
     for name, o, t, r64, rl in zip(names, out, [out_t, *grads_t], ref64, ref_l):
         if t.numel():
             _close_to_each_other(o, t, name, r64, rl)
@@ -355,10 +356,11 @@ def test_global_query_attention_matches_reference_and_triton(hw, N, T, C, heads,
         assert_close(o, r64, rl, name=name, grad=i > 0)
 
     from uniformerv2_kernels.triton import global_query_attention as tri
+    from uniformerv2_kernels.triton import global_query_attention_backward as tri_backward
 
     x, dw, db, lw, lb, q, w, b = tl
     out_t, z_t, lse_t = tri.forward(x, T, dw, db, lw, lb, q, w, b, heads)
-    grads_t = tri.backward(grad_out.to(dtype), x, T, dw, db, lw, lb, q, w, b, z_t, lse_t, heads)
+    grads_t = tri_backward.backward(grad_out.to(dtype), x, T, dw, db, lw, lb, q, w, b, z_t, lse_t, heads)
     for name, o, t, r64, rl in zip(names, out, [out_t, *grads_t], ref64, ref_l):
         _close_to_each_other(o, t, name, r64, rl)
 

@@ -116,9 +116,10 @@ TRITON_CASES = [
 def _triton_value_and_grads(tensors, T, heads, grad_out, num_splits, block_s, use_dot=None):
     """Runs the Triton launchers directly (to pick splits/tile sizes/paths), the way the op does."""
     from uniformerv2_kernels.triton import global_query_attention as tri
+    from uniformerv2_kernels.triton import global_query_attention_backward as tri_backward
 
     out, z, lse = call(tri.forward, tensors, T, heads, num_splits=num_splits, block_s=block_s, use_dot=use_dot)
-    grads = tri.backward(grad_out.to(out.dtype), tensors[0], T, *tensors[1:], z, lse, heads,
+    grads = tri_backward.backward(grad_out.to(out.dtype), tensors[0], T, *tensors[1:], z, lse, heads,
                          num_splits=num_splits, block_s=block_s)
     return out, list(grads)
 
@@ -170,6 +171,7 @@ def test_triton_small_tiles_and_partial_channel_blocks():
     """The DPE backward at the GPU's channel block (32) on C = 40 (a partial block) with 4-token tiles and
     3 splits: the masks the interpreter's default whole-row tiles never exercise."""
     from uniformerv2_kernels.triton import global_query_attention as tri
+    from uniformerv2_kernels.triton import global_query_attention_backward as tri_backward
 
     hw, N, T, C, heads = 9, 2, 3, 40, 2
     tensors64 = make_inputs(hw, N, T, C)
@@ -177,8 +179,8 @@ def test_triton_small_tiles_and_partial_channel_blocks():
     out64, grads64 = value_and_grads(ref.global_query_attention_literal, tensors64, T, heads, grad_out)
     tensors = [t.float() for t in tensors64]
     out, z, lse = call(tri.forward, tensors, T, heads, num_splits=3, block_s=4)
-    grads = tri.backward(grad_out.float(), tensors[0], T, *tensors[1:], z, lse, heads, num_splits=3, block_s=4,
-                         dpe_block_c=32)
+    grads = tri_backward.backward(grad_out.float(), tensors[0], T, *tensors[1:], z, lse, heads, num_splits=3,
+                                  block_s=4, dpe_block_c=32)
     assert_close(out, out64, name="out")
     for name, g, g64 in zip(ARG_NAMES, grads, grads64):
         assert_close(g, g64, name=f"grad {name}", grad=True)

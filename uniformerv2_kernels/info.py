@@ -91,7 +91,8 @@ def report() -> str:
     lines.append("")
     lines.append("  settings (every UNIFORMERV2_* variable, uniformerv2_kernels.settings):")
     for row in settings.snapshot():
-        lines.append(f"    {row.name}={row.raw if row.raw is not None else '(unset)'} -> {row.value}: {row.description}")
+        raw = row.raw if row.raw is not None else "(unset)"
+        lines.append(f"    {row.name}={raw} -> {row.value}: {row.description}")
     lines.append("")
     info = backends.build_info()
     if info:

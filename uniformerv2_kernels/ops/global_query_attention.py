@@ -28,6 +28,12 @@ def _triton():
     return triton_kernels
 
 
+def _triton_backward():
+    from ..triton import global_query_attention_backward as triton_backward  # lazily, as _triton
+
+    return triton_backward
+
+
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -103,7 +109,7 @@ def _global_query_attention_bwd(
         args = (grad_out, x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, z, lse,
                 num_heads, eps)
         if backend == "triton":
-            grads = _triton().backward(*args)
+            grads = _triton_backward().backward(*args)
         elif backend == "cuda":
             grads = torch.ops.uniformerv2_cuda.global_query_attention_bwd(*args)
         else:

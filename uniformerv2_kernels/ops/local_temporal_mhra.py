@@ -31,6 +31,12 @@ def _triton_module():
     return triton_impl
 
 
+def _triton_backward_module():
+    from ..triton import local_temporal_mhra_backward as triton_backward  # lazily, as _triton_module
+
+    return triton_backward
+
+
 # --------------------------------------------------------------------------------------------------------
 # Forward op
 # --------------------------------------------------------------------------------------------------------
@@ -139,7 +145,7 @@ def _bwd_op(
         backend = "reference"
     with backends.op_body(x):
         if backend == "triton":
-            return _triton_module().backward(
+            return _triton_backward_module().backward(
                 grad_out, x, y1, mean, var, T, bn_weight, bn_bias, conv1_weight, conv1_bias, dw_weight, dw_bias,
                 conv2_weight, conv2_bias, training, eps, branch_scale, need_branch_scale_grad,
             )
