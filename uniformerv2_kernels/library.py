@@ -1,16 +1,13 @@
 """Operator registration for the fused ops, with ``torch.library.custom_op``'s interface and less host time.
 
-Every fused op is a pair of operators (forward and backward) in the ``uniformerv2`` namespace. Written with
-``@torch.library.custom_op`` + ``register_autograd``, a forward+backward of a 14-argument op cost 83 us of
-Python on the development CPU (the wrapper's checks, and ``fill_defaults`` re-reading the schema's argument
-list per argument on every call: PyTorch issues 139500, 176592, 177109), more on the H100 machine's host,
-where most fused ops' forward+backward was host-bound (2026-11-25). Here the same operators are defined with
+Every fused op is a pair of operators (forward and backward) in the ``uniformerv2`` namespace, defined with
 ``torch.library.Library.define`` / ``impl`` (schema inferred from the type hints, as custom_op does) and
-``register_fake``, and their autograd is a ``torch.autograd.Function`` around the forward operator, the
-pattern PyTorch's maintainers recommend for low overhead: 40 us for the same op (``benchmarks/launch_overhead.py``
-times a one-argument op both ways: 35 against 25 us).
+``register_fake``; their autograd is a ``torch.autograd.Function`` around the forward operator, the
+pattern PyTorch's maintainers recommend for low overhead: ``@torch.library.custom_op`` +
+``register_autograd`` re-read the schema's argument list per argument on every call (PyTorch issues 139500,
+176592, 177109), about twice the host time per op (benchmarks/results/kernel_notes.md).
 
-torch.compile sees the same thing as before: dynamo traces the Function and the operators through their fake
+torch.compile sees what it sees with custom_op: dynamo traces the Function and the operators through their fake
 kernels (no graph break). What changes: the operators' Autograd key is a fallthrough and their bodies run
 without autograd recording, so ``torch.ops.uniformerv2.<name>`` called directly returns outputs that do not
 require grad (no gradient flows through a raw call, not even part of one); the public functions and the

@@ -19,29 +19,17 @@ Forward (``forward``):
      z_h = sum_j a_h(j) xhat_j and lse_h; then out_h = W_v,h (gamma * z_h + beta) + b_v,h.
   Saved for backward: z (N, H, C) fp32 and lse (N, H) fp32 (natural log), besides the inputs.
 
-Why the DPE is a kernel of its own (DESIGN.md section 3 computes it on the fly inside the token loop, as
-the first version did): the token kernels hold whole rows (BLOCK_C = next_pow2(C)) for the LayerNorm, so
-one program of 16 warps fills an SM, and its 27 tap loads per tile ran one after another; on an H100 that
-forward kernel took 0.63 ms at B/16 (16 clips) with 75 GB/s of DRAM traffic and 18x as much from L2
-(Nsight, 2026-11-25): latency-bound. The DPE on its own is channel-separable, so small tiles (16 rows x
-128 channels, 70 registers) give ~7 programs per SM to hide the gathers; the token kernels then stream y
-once. Cost: one write and one read of y (2 x 39 MB at B/16, bf16) and one (L, N*T, C) buffer alive per
-call. An H100 run timed both (2026-11-25, B/16 and L/14, bf16): the first design took 1.19-1.66x the GPU
-time of this one (forward, forward + backward), so it was removed.
+Why the DPE is a kernel of its own (DESIGN.md section 3 computes it on the fly inside the token loop): the
+token kernels hold whole rows (BLOCK_C = next_pow2(C)) for the LayerNorm, so one program of 16 warps fills
+an SM, and its 27 tap loads per tile run one after another: latency-bound. The DPE on its own is
+channel-separable, so small tiles (16 rows x 128 channels) give several programs per SM to hide the
+gathers; the token kernels then stream y once. Cost: one write and one read of y and one (L, N*T, C)
+buffer alive per call; on a GPU the on-the-fly form took more GPU time (benchmarks/results/kernel_notes.md).
 
 Backward: :mod:`.global_query_attention_backward`.
 
 No atomics anywhere: every reduction over programs is a torch.sum over a partial buffer (or a GEMM).
-Steps 1 and 4 were ~20 torch ops in the forward and ~70 in the backward before they became kernels; on the
-H100 the op's forward+backward took 5.1 ms of host time for 2.8 ms of GPU time (2026-11-25).
-
-GPU status: the tests passed on an H100 (2026-11-25, second run, triton 3.6, bf16 included) with these
-kernels (the removed first design and the removed loop form of the DPE backward beside them). Forward at
-B/16, bf16: 0.45 ms of GPU time for the whole op (eager 1.32, torch.compile 0.71). sm_90 ahead-of-time
-compile (benchmarks/aot_compile_check.py, C = 768 and 1024): DPE kernel 70-80 registers; forward (16-bit,
-16 tokens, 16 warps, 2 stages) 99 KB shared memory, 112-119 registers; backward token kernel 255 registers
-at 8 warps; DPE backward 128 registers; no spills. The 27 DPE taps are a runtime loop, not unrolled: unrolled,
-the compiler hoisted all 27 tile loads and spilled.
+The 27 DPE taps are a runtime loop, not unrolled: unrolled, the compiler hoists all 27 tile loads and spills.
 """
 
 from __future__ import annotations
@@ -201,9 +189,8 @@ def _gqa_forward_partial_kernel(
 # ----------------------------------------------------------------------------------------------------
 # the O(N*C^2) per-(video, head) algebra around the token kernels
 #
-# Small work (a few matrix-vector products per video and head), but as torch ops it was ~20 launches in
-# the forward and ~70 in the backward, each a few microseconds of GPU time and tens of microseconds of
-# host time (on the H100 this op's forward+backward took 5.1 ms of host time for 2.8 ms of GPU time). One
+# Small work (a few matrix-vector products per video and head), but as torch ops it would be ~20 launches
+# in the forward and ~70 in the backward, each costing more host time than GPU time. One
 # program per (video n, head h) walks C in chunks of BLOCK_K against the head's d rows of in_proj_weight
 # (rows [h*d, (h+1)*d) are W_q,h, then C + that for W_k,h and 2C + that for W_v,h), in fp32.
 

@@ -46,7 +46,7 @@ def _gqa_backward_tokens_kernel(
     register and shared-memory footprint at about two [BLOCK_S, BLOCK_C] tiles). du is not accumulated
     here: an [H, C] accumulator per program held 64 fp32 registers per thread (BLOCK_H = 16 x BLOCK_C =
     1024 over 256 threads), and its per-head update touched all H rows; with it the kernel ran at 255
-    registers and 12% occupancy, 1.9 ms per launch at B/16 on an H100 (Nsight, 2026-11-25). Tensor-core
+    registers and low occupancy (benchmarks/results/kernel_notes.md). Tensor-core
     dots for the scores, dxhat or du (as in the forward) spilled 3-40 KB per thread in an sm_90 AOT compile;
     one dot over interleaved [u_h; dz_h] rows for both score sets and again for dxhat still spilled 1.2-2 KB
     with 131 KB of shared memory (the [16, C] fp32 tiles change layout between the dots and the LayerNorm

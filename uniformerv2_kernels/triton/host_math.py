@@ -1,9 +1,8 @@
 """Integer arithmetic for the launchers' host code (grids, tile counts, block sizes).
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``@constexpr_function``s (triton 3.6 and 3.8): every call
-from host code goes through their wrapper, ~1.5 us on the development CPU against ~0.02 us for the same
-integer arithmetic in Python, and the launchers call them ~25 times per forward+backward of the local MHRA
-(~300 times per training step of the fused model). Inside ``@triton.jit`` kernels keep using ``tl.cdiv``.
+from host code goes through their wrapper, about a hundred times the cost of the same integer arithmetic in
+Python, and the launchers call them hundreds of times per training step of the fused model. Inside ``@triton.jit`` kernels keep using ``tl.cdiv``.
 """
 
 from __future__ import annotations

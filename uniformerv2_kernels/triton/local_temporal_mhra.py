@@ -325,11 +325,9 @@ def _row_split(t: torch.Tensor, M: int, col_blocks: int, block_m: int) -> tuple[
 def y1_width(Cp: int) -> int:
     """Columns of the saved Y1 (and of every (M, C') buffer): C' rounded up to a multiple of 16, the extra
     columns exactly zero (zero rows of W1', zero mix taps and biases, zero columns of W2). Row strides that
-    are multiples of 16 elements keep 16-byte aligned rows for cuBLAS and Triton: at L/14's C' = 682 the
-    sm_90 AOT compile of the fused GEMM had no pipelined loads (35 KB of shared memory instead of ~170 KB)
-    and spilled ~720 B/thread; padded to 688 it compiles like B/16's C' = 512, no spills
-    (benchmarks/aot_compile_check.py).
-    The cost: 0.9% more work at C' = 682, none where C' is already a multiple of 16."""
+    are multiples of 16 elements keep 16-byte aligned rows for cuBLAS and Triton: unaligned rows (L/14's
+    C' = 682) leave the fused GEMM without pipelined loads and spilling in an sm_90 compile
+    (benchmarks/aot_compile_check.py). The cost: under 1% more work where C' is not a multiple of 16."""
     return cdiv(Cp, 16) * 16
 
 
@@ -342,7 +340,7 @@ def bn_stats(xp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance (fp32) of xp (M, C), deterministic.
 
     The sums run over x - x[0] (per channel): a CLIP stream has channels whose |mean| is ~100x their std,
-    and summing the raw values there loses ~1e-5 std in the mean to fp32 rounding (measured 2.8e-5), which
+    and summing the raw values there loses ~1e-5 std in the mean to fp32 rounding, which
     centring passes on to every normalised value; shifted, the mean is within one rounding of exact."""
     M, C = xp.shape
     interp = _interpreting(xp)
