@@ -199,3 +199,40 @@ def test_triton_gemm_switch_reads_the_environment_and_names_a_bad_value(monkeypa
     monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", "cutlass")
     with pytest.raises(ValueError, match="UNIFORMERV2_TRITON_GEMM='cutlass'"):
         backends.triton_gemm()
+
+
+def test_selection_table_drives_the_selector_and_the_model_rules(monkeypatch):
+    from types import SimpleNamespace
+
+    import uniformerv2.model as model
+    from uniformerv2_kernels import selection
+
+    for op, entry in selection.OPS.items():
+        assert "reference" in entry.backends, op  # the fallback everywhere
+        assert not entry.cuda_ops or "cuda" in entry.backends, op
+    assert backends.GPU_VERIFIED_CUDA_OPS == {op for op, e in selection.OPS.items() if e.auto_cuda}
+    # the table's limits are the call's reasons: dtype and the LayerNorm row width the FFN inherits
+    reasons = selection.call_reasons("fused_ffn", x=torch.zeros(2, 9000, dtype=torch.float64))
+    assert any("float64" in r for r in reasons["triton"]) and any("9000" in r for r in reasons["triton"])
+    assert any("float64" in r for r in reasons["cuda"]) and not any("9000" in r for r in reasons["cuda"])
+    assert backends.select_op("fused_ffn", [torch.zeros(2, 9000)], x=torch.zeros(2, 9000)) == "reference"
+    # model rule 1: a model asked for cuda runs the spatial attention (no CUDA kernel) on Triton
+    monkeypatch.setenv("UNIFORMERV2_BACKEND", "cuda")
+    assert model.spatial_attention_backend(None) == "triton"
+    monkeypatch.delenv("UNIFORMERV2_BACKEND")
+    assert model.spatial_attention_backend("reference") == "reference"
+    # model rule 2: the Extractor's MLP runs fused except when training with dropout
+    calls = []
+    monkeypatch.setattr(model, "_ops", lambda: SimpleNamespace(fused_ffn=lambda x, *a, **k: calls.append(1) or x))
+    block = model.Extractor(32, 4, dropout=0.5)
+    block.fused = True
+    x = torch.randn(3, 2, 32)
+    block.eval()
+    block.mlp_residual(x)
+    assert calls == [1]
+    block.train()
+    block.mlp_residual(x)
+    assert calls == [1]  # the reference path: nn.Dropout inside the official MLP
+    block.mlp.dropout.p = 0.0
+    block.mlp_residual(x)
+    assert calls == [1, 1]
