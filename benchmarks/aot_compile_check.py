@@ -40,6 +40,7 @@ import contextlib
 import io
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -170,10 +171,17 @@ def _cost_estimate(case: Case) -> int:
     return 1
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): unlike wall time, not inflated by other
+    work on the machine."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def compile_case(case: Case, arch: int) -> dict:
     fn = _jit_function(case)
     row = dict(op=case.op, kernel=case.kernel, dtype=case.dtype, config=case.config, arch=arch, group=case.group)
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu_seconds()
     buf = io.StringIO()
     try:
         src = _build_source(fn, case.args, case.constexprs)
@@ -183,7 +191,8 @@ def compile_case(case: Case, arch: int) -> dict:
     except Exception as e:  # noqa: BLE001 - report any compile failure
         msg = str(e).strip().splitlines()
         first = next((ln for ln in msg if ln.strip()), type(e).__name__)
-        row.update(status="ERROR", error=f"{type(e).__name__}: {first[:200]}", secs=time.time() - t0)
+        row.update(status="ERROR", error=f"{type(e).__name__}: {first[:200]}", secs=time.time() - t0,
+                   cpu=_cpu_seconds() - cpu0)
         return row
     log = buf.getvalue()
     regs = _PTXAS_REGS.findall(log)
@@ -195,6 +204,7 @@ def compile_case(case: Case, arch: int) -> dict:
         row.update(stack=stack, spill_st=st, spill_ld=ld)
     row["wgmma"] = "wgmma.mma_async" in k.asm.get("ptx", "")
     row["secs"] = time.time() - t0
+    row["cpu"] = _cpu_seconds() - cpu0
     if row["smem"] > SMEM_LIMIT[arch]:
         row["status"] = "SMEM>max"
     elif row.get("spill_st", 0) or row.get("spill_ld", 0):
@@ -579,8 +589,8 @@ def main(argv=None):
     for row, (i, _) in zip(rows, jobs):
         row["same_as"] = [c.config if c.dtype == row["dtype"] else f"{c.config} {c.dtype}" for c in same[i]]
     wall = time.time() - t0
-    print(f"compiled in {wall:.0f} s wall; compile seconds per arch: "
-          + ", ".join(f"sm{a} {sum(r['secs'] for r in rows if r['arch'] == a):.0f}" for a in archs) + "\n")
+    print(f"compiled in {wall:.0f} s wall; CPU seconds per arch (wall on one idle core): "
+          + ", ".join(f"sm{a} {sum(r['cpu'] for r in rows if r['arch'] == a):.0f}" for a in archs) + "\n")
     print_table(rows)
     # a duplicate case shares its binary's result, in its own autotune group too
     failures, notes, _ = summarise(
