@@ -13,7 +13,8 @@ Status:
 - ``ok``: compiled, fits the device's shared memory (sm_90: 232448 B = 227 KB, sm_80: 166912 B = 163 KB)
   and ptxas reports no spills.
 - ``ok/spill``: compiled but ptxas spills registers to local memory (slower, still launches).
-- ``SMEM>max``: compiled, but a launch would raise OutOfResources. For the FFN GEMM (``@triton.autotune``)
+- ``SMEM>max``: a launch would raise OutOfResources (the compile stops once the shared memory is known:
+  no PTX, no ptxas, no register report). For the FFN GEMM (``@triton.autotune``)
   such a config is skipped by the autotuner (it catches OutOfResources), so it only matters when NO config
   of an (epilogue, dtype) variant fits; that case is reported as a failure in the summary.
 - ``ERROR``: triton / ptxas failed to compile; the first line of the error is shown.
@@ -123,6 +124,33 @@ def _build_source(fn, args: dict, constexprs: dict):
     return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
 
+class _SharedMemoryOverflow(Exception):
+    def __init__(self, shared: int):
+        super().__init__(f"{shared} B of shared memory")
+        self.shared = shared
+
+
+def _stop_at_shared_memory_overflow(*args):
+    """Triton's stage hook: after the LLVM-IR stage, where the kernel's shared memory is final, a kernel that
+    cannot launch on the target (SMEM>max) stops before PTX and ptxas, the costly part of a big tile's
+    compile, whose register report would not matter for it. Called without arguments, it names itself in
+    the compile's cache key."""
+    if not args:
+        return "aot_compile_check-stop-at-smem-overflow", ""
+    _backend, stages, _options, _language, capability = args
+    make_llir, limit = stages["llir"], SMEM_LIMIT[capability]
+
+    def llir(src, metadata):
+        module = make_llir(src, metadata)
+        if metadata["shared"] > limit:
+            raise _SharedMemoryOverflow(metadata["shared"])
+        return module
+
+    stages["llir"] = llir
+
+
+triton.knobs.runtime.add_stages_inspection_hook = _stop_at_shared_memory_overflow
+
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -188,6 +216,9 @@ def compile_case(case: Case, arch: int) -> dict:
         with contextlib.redirect_stdout(buf):
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+    except _SharedMemoryOverflow as e:
+        row.update(status="SMEM>max", smem=e.shared, regs=None, secs=time.time() - t0, cpu=_cpu_seconds() - cpu0)
+        return row
     except Exception as e:  # noqa: BLE001 - report any compile failure
         msg = str(e).strip().splitlines()
         first = next((ln for ln in msg if ln.strip()), type(e).__name__)
