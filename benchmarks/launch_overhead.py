@@ -330,7 +330,7 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
             except Exception as exc:  # a backend that cannot run here says why (its own line of the error)
                 lines = [ln.strip() for ln in str(exc).strip().splitlines()]
                 reason = next((ln for ln in lines if ln.startswith(f"{backend}:")), lines[0] if lines else "")
-                rows.append(dict(item=name, backend=backend, host_us=None, wall_us=None, note=reason[:140]))
+                rows.append(dict(item=name, backend=backend, host_us=None, wall_us=None, note=reason[:240]))
                 continue
             grad = torch.randn_like(out)
 
