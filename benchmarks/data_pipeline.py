@@ -131,7 +131,7 @@ def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int, pre
     takes ``clips / step_clips_per_s`` seconds of device time: a step starts when both its batch and the device
     are ready, and the host goes on to the next batch meanwhile (the rate is then that of the whole run)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         collate_fn=D.collate_videos, drop_last=False, pin_memory=pin,
+                                         collate_fn=A.collate_fn(dataset), drop_last=False, pin_memory=pin,
                                          persistent_workers=False)
     prepare = prepare or (lambda video: video)
     it = iter(loader)

@@ -166,7 +166,7 @@ def test_video_dataset_same_seed_same_parameters_both_ways(tmp_path):
             assert isinstance(clip, D.DecodedClip) and clip.frames.dtype == torch.uint8
             # the CPU transform with the parameters the worker drew is the CPU data set's clip, exactly
             assert torch.equal(raw.train_transform.apply(clip.frames, clip.params), cpu[i]["video"])
-        batch = D.collate_videos(items)
+        batch = A.collate_decoded_clips(items)
         assert isinstance(batch["video"], A.ClipBatch)
         got = A.train_views(batch["video"], 24)
         want = torch.stack([cpu[i]["video"] for i in range(len(cpu))])
@@ -174,7 +174,7 @@ def test_video_dataset_same_seed_same_parameters_both_ways(tmp_path):
         assert close > 0.999, close  # rounding may flip a posterize/solarize step of a pixel, rarely
     test_cpu = D.VideoListDataset(list_file, train=False, **kw)
     test_raw = D.VideoListDataset(list_file, train=False, raw_frames=True, **kw)
-    batch = D.collate_videos([test_raw[i] for i in range(3)])
+    batch = A.collate_decoded_clips([test_raw[i] for i in range(3)])
     torch.testing.assert_close(A.test_views(batch["video"], 24, 28, 3),
                                torch.stack([test_cpu[i]["video"] for i in range(3)]), rtol=0,
                                atol=RESAMPLE_ATOL / 255 / D.STD)

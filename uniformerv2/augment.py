@@ -121,6 +121,16 @@ class ClipBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
+def collate_decoded_clips(batch: list[dict]) -> dict:
+    """The DataLoader's collate for ``raw_frames`` data sets: ``data.collate_videos`` with a ``ClipBatch``."""
+    return D.collate_videos(batch, stack=ClipBatch.collate)
+
+
+def collate_fn(dataset):
+    """The collate function for ``dataset``'s samples: decoded clips (``raw_frames``) or finished ones."""
+    return collate_decoded_clips if getattr(dataset, "raw_frames", False) else D.collate_videos
+
+
 # ----------------------------------------------------------------------------------------------------
 # resampling
 

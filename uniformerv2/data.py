@@ -543,16 +543,12 @@ class VideoListDataset(torch.utils.data.Dataset):
         return {"video": None, "label": self.items[index][1], "index": index, "failed": failed}
 
 
-def collate_videos(batch: list[dict]) -> dict:
-    """Stack samples; drop those whose video is None (unreadable, test mode). video is None if empty."""
+def collate_videos(batch: list[dict], stack=torch.stack) -> dict:
+    """Stack samples; drop those whose video is None (unreadable, test mode). video is None if empty.
+    ``stack`` joins the videos (``augment.collate_decoded_clips`` passes its own for ``DecodedClip`` items)."""
     failed = [f for item in batch for f in item["failed"]]
     good = [item for item in batch if item["video"] is not None]
-    if good and isinstance(good[0]["video"], DecodedClip):
-        from .augment import ClipBatch
-
-        video = ClipBatch.collate([b["video"] for b in good])
-    else:
-        video = torch.stack([b["video"] for b in good]) if good else None
+    video = stack([b["video"] for b in good]) if good else None
     return {
         "video": video,
         "label": torch.tensor([b["label"] for b in good], dtype=torch.long),

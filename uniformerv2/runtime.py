@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import yaml
 
-from .augment import resolve_augment_on
-from .data import VideoListDataset, collate_videos, read_labels, read_video_list
+from .augment import collate_fn, resolve_augment_on
+from .data import VideoListDataset, read_labels, read_video_list
 from .loading import CheckpointError
 from .recipes import USER_ERRORS, error_message
 from .synthetic import MovingShapes
@@ -162,7 +162,7 @@ def make_loader(dataset, batch_size: int, sampler, num_workers: int, seed: int, 
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_videos,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn(dataset),
         pin_memory=pin, drop_last=False, generator=g, persistent_workers=False)
 
 
