@@ -9,6 +9,7 @@ frame (``uniformerv2.reencode`` writes such clips), else sequentially; both give
 from __future__ import annotations
 
 import bisect
+import functools
 
 import numpy as np
 import torch
@@ -29,6 +30,24 @@ def _open(path):
         container.close()
         raise VideoDecodeError("no video stream")
     return container
+
+
+@functools.cache
+def _rgb_options() -> dict:
+    """Frame-to-RGB conversion on the calling thread. PyAV's default lets swscale start its own slice threads,
+    and a DataLoader worker forked from a process that had converted frames before hung inside them; the
+    DataLoader's workers are the parallelism here. PyAV before 14 takes no ``threads`` (and uses one)."""
+    import av
+
+    try:
+        av.VideoFrame(2, 2, "rgb24").to_ndarray(format="rgb24", threads=1)
+    except TypeError:
+        return {"format": "rgb24"}
+    return {"format": "rgb24", "threads": 1}
+
+
+def _rgb(frame) -> np.ndarray:
+    return frame.to_ndarray(**_rgb_options())
 
 
 def open_video_stream(path):
@@ -125,9 +144,9 @@ def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], uniqu
                 if frame.pts is None:
                     return None
                 if frame.pts == target:
-                    found = frame.to_ndarray(format="rgb24")
+                    found = _rgb(frame)
                 elif frame.pts > target and frame.pts in wanted:
-                    ahead[frame.pts] = frame.to_ndarray(format="rgb24")
+                    ahead[frame.pts] = _rgb(frame)
         got.append(found)
     return got
 
@@ -176,7 +195,7 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
                     wanted = index_fn(len(decoded))
                     unique = sorted(set(wanted))
         if decoded is not None:
-            arrays = [decoded[i].to_ndarray(format="rgb24") for i in unique]
+            arrays = [_rgb(decoded[i]) for i in unique]
     except VideoDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt stream, bad packet, ...
@@ -203,7 +222,7 @@ def _decode_sequentially(container, stream, unique: list[int]) -> tuple[list | N
     count = 0
     for i, frame in enumerate(container.decode(stream)):
         if i in want:
-            got[i] = frame.to_ndarray(format="rgb24")
+            got[i] = _rgb(frame)
         count = i + 1
         if i >= unique[-1]:
             return [got[i] for i in unique], count
