@@ -74,6 +74,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402  (sets TRITON_INTERPRET for --interpret before triton is imported)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from uniformerv2_kernels import settings  # noqa: E402  (imports no Triton)
 
 QUICK_CONFIGS = {
     # name shown -> (preset, overrides)
@@ -89,7 +90,7 @@ COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune", "fused
 # the rows "the best compile row" is chosen from: torch.compile of the reference model
 REFERENCE_COMPILE = ("compile", "compile-max-autotune")
 TASKS = {"forward": "inference", "forward+backward": "train"}
-TRITON_GEMM_AT_START = os.environ.get("UNIFORMERV2_TRITON_GEMM", "")  # the fused providers' setting ("": default)
+TRITON_GEMM_AT_START = settings.triton_gemm()  # the fused providers' GEMM plan, as set when the run started
 
 
 class E2ECase(NamedTuple):
