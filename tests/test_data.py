@@ -19,8 +19,9 @@ from uniformerv2.data import TestTransform as ViewTransform
 from uniformerv2.synthetic import CLASSES, MovingShapes, render_clip
 
 
-def _encode(path, frames, codec="mpeg4", fps=10):
-    with av.open(path, "w") as c:
+def _encode(path, frames, codec="mpeg4", fps=10, options=None):
+    """``options``: the muxer's, e.g. ``{"movflags": "faststart"}`` for an mp4 with its index first."""
+    with av.open(str(path), "w", options=options or {}) as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for f in frames:

@@ -18,19 +18,13 @@ from uniformerv2.data import load_test_views, segment_indices  # noqa: E402
 from uniformerv2.synthetic import write_videos  # noqa: E402
 from uniformerv2.video import VideoDecodeError, decode_video  # noqa: E402
 
+from test_data import _encode as encode_video  # noqa: E402
 from test_train import TINY  # noqa: E402
 
 
 def _encode(path, frames, front_index=False):
     """H.264 mp4; ``front_index``: the index (moov) before the data, as `-movflags faststart` writes it."""
-    with av.open(str(path), "w", options={"movflags": "faststart"} if front_index else {}) as c:
-        s = c.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    encode_video(path, frames, codec="libx264", options={"movflags": "faststart"} if front_index else None)
 
 
 def _frames(n, h=40, w=56):
