@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from uniformerv2_kernels import backends
+from uniformerv2_kernels import backends, selection
 
 # Triton defines its own library's jit functions when first imported, interpreted or not as TRITON_INTERPRET
 # says then. Tests below set it to 0 for a moment: Triton must be imported under the session's setting
@@ -66,6 +66,9 @@ def test_info_prints_the_backend_table():
                          check=True, cwd=ROOT).stdout
     for name in ("cuda", "triton", "reference", "spatial attention", "torch", "Triton backend's fused GEMMs"):
         assert name in out
+    # the inductor backend: its state, its row in every op's entry (opt-in, with why) and the decision rule
+    assert "\n  inductor " in out and "decision (auto_inductor)" in out
+    assert out.count("      inductor  any float input [opt-in: ") == len(selection.OPS)
 
 
 def _load_setup_module():
@@ -236,3 +239,77 @@ def test_selection_table_drives_the_selector_and_the_model_rules(monkeypatch):
     block.mlp.dropout.p = 0.0
     block.mlp_residual(x)
     assert calls == [1, 1]
+
+
+# ---- the inductor backend in the selection ----
+
+def test_inductor_is_requestable_but_never_picked_automatically(monkeypatch):
+    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.zeros(2, 16)
+    assert all("inductor" in entry.backends and not entry.auto_inductor for entry in selection.OPS.values())
+    assert backends.INDUCTOR_OWNED_OPS == frozenset()
+    assert backends.select_op("fused_ffn", [x], x=x) == "reference"
+    assert backends.select_op("fused_ffn", [x], backend="inductor", x=x) == "inductor"
+    monkeypatch.setenv(backends.ENV_BACKEND, "inductor")
+    assert backends.select_op("clip_layer_norm", [x], x=x) == "inductor"
+    monkeypatch.delenv(backends.ENV_BACKEND)
+    # an op the table gave to inductor: picked for CUDA tensors, never for CPU ones
+    monkeypatch.setattr(backends, "INDUCTOR_OWNED_OPS", frozenset({"fused_ffn"}))
+    assert backends.select_op("fused_ffn", [x], x=x) == "reference"
+    monkeypatch.setattr(backends, "generic_reasons", lambda name, tensors, cuda_ops=(): [])
+    monkeypatch.setattr(backends, "_devices", lambda tensors: {"cuda"})
+    assert backends.select_op("fused_ffn", [x], x=x) == "inductor"
+    assert backends.select_op("clip_layer_norm", [x], x=x) == "cuda"
+
+
+def test_inductor_requests_that_cannot_run_say_why(monkeypatch):
+    x = torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="'inductr' is not a backend; expected one of .*'inductor'"):
+        backends.select_op("fused_ffn", [x], backend="inductr", x=x)
+    monkeypatch.setitem(backends._CACHE, "c++", "inductor on the CPU needs a C++ compiler (none found; set CXX)")
+    with pytest.raises(backends.BackendUnavailableError, match="inductor: inductor on the CPU needs a C\\+\\+"):
+        backends.select_op("fused_ffn", [x], backend="inductor", x=x)
+    monkeypatch.setitem(backends._CACHE, "torch.compile", "torch.compile is not available here (RuntimeError: "
+                        "Python 3.15+ not yet supported for torch.compile)")
+    with pytest.raises(backends.BackendUnavailableError, match="torch.compile is not available here"):
+        backends.select_op("spatial_attention", [x], backend="inductor", x=x)
+    assert backends.status()["inductor"]  # info shows it too
+    reasons = backends.generic_reasons("inductor", [torch.zeros(2, device="meta")])
+    assert any("inductor compiles for CUDA or CPU tensors" in r for r in reasons)
+
+
+def test_model_backend_per_op(monkeypatch):
+    """A model's backend: one name for every op, or a dict op -> name whose ops get theirs and the others
+    the automatic choice; the dict is checked when it is set."""
+    from types import SimpleNamespace
+
+    import uniformerv2.model as model
+
+    calls = {}
+
+    def recording(op):
+        def fn(x, *args, backend=None, **kwargs):
+            calls[op] = backend
+            return x
+        return fn
+
+    monkeypatch.setattr(model, "_ops", lambda: SimpleNamespace(
+        **{op: recording(op) for op in ("fused_ffn", "spatial_attention", "local_temporal_mhra")}))
+    block = model.ResidualAttentionBlock(32, 4)
+    x = torch.randn(5, 4, 32)
+    ops = ("fused_ffn", "spatial_attention", "local_temporal_mhra")
+    for backend, expected in (({"fused_ffn": "inductor"}, {"fused_ffn": "inductor"}),
+                              ("reference", dict.fromkeys(ops, "reference")), (None, {})):
+        block.fused, block.backend = True, selection.check_model_backend(backend)
+        calls.clear()
+        block(x, T=2)
+        assert calls == {op: expected.get(op) for op in ops}, backend
+    with pytest.raises(ValueError, match="unknown op.*'ffn'.*the fused ops are"):
+        selection.check_model_backend({"ffn": "inductor"})
+    with pytest.raises(ValueError, match="spatial_attention has no 'cuda' backend"):
+        selection.check_model_backend({"spatial_attention": "cuda"})
+    with pytest.raises(ValueError, match="'fast' is not a backend"):
+        selection.check_model_backend({"fused_ffn": "fast"})
+    with pytest.raises(TypeError, match="dict op -> backend"):
+        selection.check_model_backend(["inductor"])

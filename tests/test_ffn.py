@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from conftest import DEVICE, opcheck, requires_cuda
-from uniformerv2_kernels import backends
-from uniformerv2_kernels.ops.ffn import fused_ffn
+from uniformerv2_kernels import backends, inductor
+from uniformerv2_kernels.ops.ffn import OP_NAME as OP, fused_ffn
 from uniformerv2_kernels.reference import ffn as reference
 from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
 from uniformerv2_kernels.testing import assert_close, assert_close_lowp
@@ -279,3 +279,132 @@ def test_autocast_does_not_retype_the_op(backend):
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
         autocast = fused_ffn(x, *params, backend=backend)
     assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
+# ---- the inductor backend: torch.compile of the reference, outside the operators ----
+
+def test_inductor_backend_matches_float64_reference():
+    """backend="inductor" (inductor's C++ on the CPU, Triton on a GPU): the output and every gradient, row
+    scale included, from the compiled reference's own backward, within the fp32 bound. One compile."""
+    x = torch.randn(5, 3, 32, device=DEVICE)
+    params = _params(32)
+    rs = _row_scale(5)
+    g = torch.randn_like(x)
+    before = inductor.compiled_count(OP)
+    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="inductor"), x, params, rs, g)
+    assert inductor.compiled_count(OP) == before + 1
+    ref64 = _run(reference.fused_ffn, x.double(), [p.double() for p in params], rs.double(), g.double())
+    for name, o, r64 in zip(("out", *GRAD_NAMES), out, ref64):
+        assert o.dtype == torch.float32, name
+        assert_close(o, r64, name=name)
+
+
+def test_inductor_backend_compiles_each_input_signature_once(monkeypatch):
+    """dynamo counts recompiles per code object, and past its limit runs the function uncompiled: each input
+    signature (shape, grad mode, ...) gets its own compiled function, so the limit is never met. Here the
+    limit is 2 and meeting it raises, where by default it is 8 and the fallback is silent."""
+    monkeypatch.setattr(inductor, "COMPILER", "eager")  # dynamo alone: the signatures, not the code generation
+    params = [p.requires_grad_() for p in _params(16, device="cpu")]
+    before = inductor.compiled_count(OP)
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for _ in range(2):
+            for rows in (2, 3, 4):
+                x = torch.randn(rows, 2, 16)
+                fused_ffn(x, *params, backend="inductor").sum().backward()
+                with torch.no_grad():
+                    torch.testing.assert_close(fused_ffn(x, *params, backend="inductor"),
+                                               reference.fused_ffn(x, *params), rtol=1e-6, atol=1e-6)
+            assert inductor.compiled_count(OP) == before + 6  # the second round compiles nothing
+
+
+def test_inductor_backend_computes_in_x_dtype_under_autocast(monkeypatch):
+    """As the other backends: autocast does not reach the op (an fp32 x stays fp32 inside)."""
+    monkeypatch.setattr(inductor, "COMPILER", "eager")  # dynamo alone: the context the function runs in
+    x = torch.randn(3, 2, 16)
+    params = _params(16, device="cpu")
+    plain = fused_ffn(x, *params, backend="inductor")
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        autocast = fused_ffn(x, *params, backend="inductor")
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
+def test_inductor_backend_inside_torch_compile_runs_the_reference_inline():
+    """Inside a torch.compile trace the backend does not compile again: the plain reference's torch ops land
+    in the enclosing graph (for its compiler to fuse), not the operator and not a nested compiled call."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 2, 16)
+    params = _params(16, device="cpu")
+    before = inductor.compiled_count()
+    fn = torch.compile(lambda x, *p: fused_ffn(x, *p, backend="inductor") * 2.0, backend=recording_backend,
+                       fullgraph=True)
+    torch.testing.assert_close(fn(x, *params), 2.0 * reference.fused_ffn(x, *params), rtol=1e-6, atol=1e-6)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("uniformerv2" in t for t in targets), targets
+    assert any("linear" in t for t in targets), targets
+    assert inductor.compiled_count() == before
+
+
+def test_inductor_backend_records_the_operator_for_export():
+    """torch.export and torch.jit.trace record the FFN's operator with backend "auto" (as for every backend),
+    not the compiled function of this process."""
+    class Branch(torch.nn.Module):
+        def forward(self, x, *params):
+            return fused_ffn(x, *params, backend="inductor")
+
+    x = torch.randn(3, 2, 16)
+    params = _params(16, device="cpu")
+    expected = reference.fused_ffn(x, *params)
+    before = inductor.compiled_count()
+    program = torch.export.export(Branch(), (x, *params))
+    ops = [n for n in program.graph.nodes if n.target is torch.ops.uniformerv2.fused_ffn_fwd.default]
+    assert len(ops) == 1 and ops[0].args[-1] == "auto", [n.target for n in program.graph.nodes]
+    torch.testing.assert_close(program.module()(x, *params), expected, rtol=1e-6, atol=1e-6)
+    traced = torch.jit.trace(Branch(), (x, *params), check_trace=False)
+    assert 'uniformerv2::fused_ffn_fwd' in str(traced.graph) and '"auto"' in str(traced.graph), traced.graph
+    torch.testing.assert_close(traced(x, *params), expected, rtol=1e-6, atol=1e-6)
+    assert inductor.compiled_count() == before
+
+
+@requires_cuda
+def test_inductor_backend_bf16_real_width_and_cuda_graph_replay():
+    """At the B/16 width in bf16: within the low-precision rule of the reference; and the compiled forward
+    and backward, warmed up on a side stream, replay from a CUDA graph (the graphed training step's path)."""
+    L, B, C = 197, 6, 768
+    x = torch.randn(L, B, C, device="cuda").to(torch.bfloat16)
+    params = _params(C, torch.bfloat16)
+    rs = _row_scale(L).to(torch.bfloat16)
+    g = torch.randn_like(x)
+    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="inductor"), x, params, rs, g)
+    ref64 = _run(reference.fused_ffn, x.double(), [p.double() for p in params], rs.double(), g.double())
+    ref_lowp = _run(reference.fused_ffn, x, params, rs, g)
+    for i, (o, r64, rl) in enumerate(zip(out, ref64, ref_lowp)):
+        assert_close(o, r64, rl, name="out" if i == 0 else GRAD_NAMES[i - 1], grad=i > 0)
+
+    leaves = [t.detach().requires_grad_() for t in (x, *params, rs)]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        y = fused_ffn(*leaves[:7], row_scale=leaves[7], backend="inductor")
+        y.backward(g)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (o, e) in enumerate(zip((static_out, *(t.grad for t in leaves)), out)):
+        torch.testing.assert_close(o, e, rtol=0, atol=0, msg="out" if i == 0 else GRAD_NAMES[i - 1])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, opcheck, requires_cuda
-from uniformerv2_kernels import backends
+from uniformerv2_kernels import backends, inductor
 from uniformerv2_kernels.ops.global_query_attention import global_query_attention
 from uniformerv2_kernels.reference import global_query_attention as ref
 from uniformerv2_kernels.testing import assert_close, rel_error
@@ -370,3 +370,20 @@ def test_autocast_does_not_reach_the_op_body(backend):
     assert out_amp.dtype == torch.float16 and torch.equal(out_amp, out)
     for name, a, b in zip(ARG_NAMES, grads_amp, grads):
         assert torch.equal(a, b), name
+
+
+def test_inductor_backend_matches_the_literal_reference(monkeypatch):
+    """backend="inductor": the reference backend's folded form compiled (inductor on a GPU; on the CPU
+    aot_eager, AOTAutograd without inductor's C++ code generation, which the FFN's tests run): output and
+    every gradient against the literal float64 reference."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(inductor, "COMPILER", "aot_eager")
+    tensors = make_inputs(hw=4, N=2, T=3, C=64)
+    grad_out = torch.randn(1, 2, 64, dtype=torch.float64, device=DEVICE)
+    ref_out, ref_grads = value_and_grads(ref.global_query_attention_literal, tensors, 3, 2, grad_out)
+    out, grads = value_and_grads(global_query_attention, [t.float() for t in tensors], 3, 2, grad_out,
+                                 backend="inductor")
+    assert out.dtype == torch.float32
+    assert_close(out, ref_out, name="out")
+    for name, a, b in zip(ARG_NAMES, grads, ref_grads):
+        assert_close(a, b, name=name)

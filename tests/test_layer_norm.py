@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, opcheck, requires_cuda
-from uniformerv2_kernels import backends
+from uniformerv2_kernels import backends, inductor
 import uniformerv2_kernels.ops.layer_norm as ops_layer_norm  # the module, not the re-exported function
 from uniformerv2_kernels.ops.layer_norm import clip_layer_norm
 from uniformerv2_kernels.reference import layer_norm as reference
@@ -192,3 +192,19 @@ def test_empty_input_gives_separate_zero_gradients():
         w.grad = b.grad = None
         clip_layer_norm(x, w, b, backend=backend).sum().backward()
         assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(b.grad) == 0, backend
+
+
+def test_inductor_backend_matches_float64_reference():
+    """backend="inductor": torch.compile (inductor's C++ on the CPU, Triton on a GPU) of the reference, its
+    own backward; fp16 x with fp32 weight/bias, as in the model under autocast. One compile."""
+    x = torch.randn(7, 3, 48, device=DEVICE).half()
+    w, b = _params(48)
+    g = torch.randn_like(x)
+    before = inductor.compiled_count("clip_layer_norm")
+    out = _run(lambda x, w, b: clip_layer_norm(x, w, b, backend="inductor"), x, w, b, g)
+    assert inductor.compiled_count("clip_layer_norm") == before + 1
+    ref64 = _run(reference.clip_layer_norm, x.double(), w.double(), b.double(), g.double())
+    ref_lowp = _run(reference.clip_layer_norm, x, w, b, g)
+    for i, (name, o, r64, rl) in enumerate(zip(("y", "dx", "dw", "db"), out, ref64, ref_lowp)):
+        assert o.dtype == rl.dtype, name
+        assert_close(o, r64, rl, name=name, grad=i > 0)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from conftest import DEVICE, opcheck, requires_cuda
-from uniformerv2_kernels import backends
+from uniformerv2_kernels import backends, inductor
 import importlib
 
 ops_lt = importlib.import_module("uniformerv2_kernels.ops.local_temporal_mhra")  # the package re-exports the function
@@ -499,3 +499,24 @@ def test_batch_statistics_of_channels_with_a_large_mean():
     bound = eps * mean64.abs() + 16 * eps * var64.sqrt()
     assert (err <= bound).all(), f"worst channel: error / bound = {(err / bound).max().item():.2f}"
     assert rel_error(var.double().cpu(), var64) < 1e-6
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_inductor_backend_matches_the_reference_backend(monkeypatch, training):
+    """backend="inductor": the reference's math compiled (inductor on a GPU; on the CPU aot_eager, AOTAutograd
+    without inductor's C++ code generation, which the FFN's tests run): output, every gradient and the
+    running statistics after the call equal the reference backend's."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(inductor, "COMPILER", "aot_eager")
+    N, T, hw, C = 2, 3, 4, 48
+    x, g, bs = stream(N, T, hw, C)
+    x, g, bs = (t.float().to(DEVICE) for t in (x, g, bs))
+    results = [run_with_grads(lambda m, x, bs: call_op(m, x, T, training, bs, backend=backend),
+                              make_module(C).float().to(DEVICE).train(training), x, g, bs)
+               for backend in ("reference", "inductor")]
+    (out, grads, stats), (i_out, i_grads, i_stats) = results
+    assert_close(i_out, out, name="out")
+    for name, a, b in zip(("dx",) + PARAM_NAMES + ("d_branch_scale",), i_grads, grads):
+        assert_close(a, b, name=name)
+    for name, a, b in zip(("running_mean", "running_var", "num_batches_tracked"), i_stats, stats):
+        assert torch.equal(a, b) if name == "num_batches_tracked" else rel_error(a, b) <= 1e-6, name

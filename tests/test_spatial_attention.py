@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from conftest import DEVICE, opcheck, requires_cuda
-from uniformerv2_kernels import backends
+from uniformerv2_kernels import backends, inductor
 from uniformerv2_kernels.ops.spatial_attention import attention_backend, spatial_attention
 from uniformerv2_kernels.reference import spatial_attention as reference
 from uniformerv2_kernels.reference.layer_norm import clip_layer_norm
@@ -190,3 +190,18 @@ def test_autocast_does_not_retype_the_op(backend):
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
         autocast = spatial_attention(x, *params, 4, backend=backend)
     assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
+def test_inductor_backend_matches_float64_reference():
+    """backend="inductor": torch.compile (inductor's C++ on the CPU, Triton on a GPU) of the reference with
+    the SDPA core, its own backward: output and every gradient within the fp32 bound. One compile."""
+    x = torch.randn(5, 3, 32, device=DEVICE)
+    params = _params(32)
+    g = torch.randn_like(x)
+    before = inductor.compiled_count("spatial_attention")
+    out = _run(lambda x, *p: spatial_attention(x, *p, backend="inductor"), x, params, 2, g)
+    assert inductor.compiled_count("spatial_attention") == before + 1
+    ref64 = _run(reference.spatial_attention, x.double(), [p.double() for p in params], 2, g.double())
+    for name, o, r64 in zip(NAMES, out, ref64):
+        assert o.dtype == torch.float32, name
+        assert_close(o, r64, name=name)

@@ -60,7 +60,7 @@ def drop_path_scale(x: torch.Tensor, drop_prob: float, training: bool) -> torch.
     return scale.to(x.dtype)
 
 
-def spatial_attention_backend(backend: str | None) -> str | None:
+def spatial_attention_backend(backend: str | dict | None) -> str | None:
     """The spatial (CLIP) attention has Triton and reference kernels only: a model asked for the CUDA
     backend (per call or by UNIFORMERV2_BACKEND) runs it on Triton, and every other op on its CUDA kernel
     (a rule of uniformerv2_kernels.selection.MODEL_RULES)."""
@@ -127,7 +127,7 @@ class LocalTemporalMHRA(nn.Module):
                 x, T, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                 conv1.weight, conv1.bias, dw.weight, dw.bias, conv2.weight, conv2.bias,
                 training=bn.training or not bn.track_running_stats, momentum=bn.momentum, eps=bn.eps,
-                branch_scale=scale, backend=backend,
+                branch_scale=scale, backend=selection.op_backend(backend, "local_temporal_mhra"),
             )
         # The official code views the patches as an (H, W) grid; every layer here (BatchNorm, 1x1x1 and (3,1,1)
         # convs) treats spatial positions alike, so an (L - 1, 1) grid is the same math with no square root
@@ -187,7 +187,7 @@ class ResidualAttentionBlock(nn.Module):
                 return _ops().fused_ffn(
                     x, self.ln_2.weight, self.ln_2.bias, self.mlp.c_fc.weight, self.mlp.c_fc.bias,
                     self.mlp.c_proj.weight, self.mlp.c_proj.bias, eps=self.ln_2.eps, row_scale=scale,
-                    backend=self.backend)
+                    backend=selection.op_backend(self.backend, "fused_ffn"))
             if use_checkpoint:
                 return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
             return fn(x)
@@ -258,7 +258,7 @@ class Extractor(nn.Module):
             return _ops().fused_ffn(
                 x, self.ln_2.weight, self.ln_2.bias, self.mlp.c_fc.weight, self.mlp.c_fc.bias,
                 self.mlp.c_proj.weight, self.mlp.c_proj.bias, eps=self.ln_2.eps, row_scale=scale,
-                backend=self.backend)
+                backend=selection.op_backend(self.backend, "fused_ffn"))
         # Official order: the MLP's dropout draws its mask before drop path does.
         mlp_out = self.mlp(self.ln_2(x))
         return x + apply_scale(mlp_out, drop_path_scale(x, self.drop_prob, self.training))
@@ -278,7 +278,8 @@ class Extractor(nn.Module):
         attn = _ops().global_query_attention(
             stream, T, cast(dpe.weight), cast(dpe.bias), cast(self.ln_3.weight), cast(self.ln_3.bias),
             cast(self.ln_1(x)), cast(self.attn.in_proj_weight), cast(self.attn.in_proj_bias),
-            self.attn.num_heads, eps=self.ln_3.eps, backend=self.backend)
+            self.attn.num_heads, eps=self.ln_3.eps,
+            backend=selection.op_backend(self.backend, "global_query_attention"))
         x = x + apply_scale(self.attn.out_proj(attn), drop_path_scale(x, self.drop_prob, self.training))
         return self.mlp_residual(x)
 
@@ -424,8 +425,12 @@ class UniFormerV2(nn.Module):
             self.freeze_backbone()
 
     # -- switches -------------------------------------------------------------------------------------
-    def set_fused(self, fused: bool = True, backend: str | None = None) -> "UniFormerV2":
-        """Runs every block through the fused ops (True) or the reference PyTorch path (False)."""
+    def set_fused(self, fused: bool = True, backend: str | dict | None = None) -> "UniFormerV2":
+        """Runs every block through the fused ops (True) or the reference PyTorch path (False). ``backend``:
+        None (automatic, or UNIFORMERV2_BACKEND), one backend for every op ("cuda", "triton", "inductor",
+        "reference"), or a dict from op names (``uniformerv2_kernels.selection.OPS``) to backends, the
+        others automatic, e.g. ``{"fused_ffn": "inductor"}``."""
+        backend = selection.check_model_backend(backend)
         self.fused = bool(fused)
         self.backend = backend
         if self.fused:  # import the ops now: a first forward inside torch.compile cannot trace the import
@@ -482,7 +487,7 @@ class UniFormerV2(nn.Module):
             # The fused ops take the stream contiguous in (L, N*T, C): permute first, then normalise.
             x = x.permute(1, 0, 2).contiguous()
             return _ops().clip_layer_norm(x, self.ln_pre.weight, self.ln_pre.bias, eps=self.ln_pre.eps,
-                                          backend=self.backend), T
+                                          backend=selection.op_backend(self.backend, "clip_layer_norm")), T
         return self.ln_pre(x).permute(1, 0, 2), T  # NLD -> LND
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,18 @@
 """Which kernel backends exist here, and which one an op call runs on.
 
 Backends, in order of preference:
+- ``inductor``: the op's pure-PyTorch reference compiled by ``torch.compile`` (:mod:`.inductor`), for CUDA
+  tensors (inductor generates Triton kernels) or CPU tensors (C++; needs a compiler). Automatic selection
+  picks it only for ops the selection table gives it (``auto_inductor``), and only for CUDA tensors.
 - ``cuda``: the compiled extension ``uniformerv2_kernels._C`` (ops in ``torch.ops.uniformerv2_cuda``),
   for CUDA tensors, when it was built for the running torch.
 - ``triton``: the Triton kernels, for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 - ``reference``: the pure-PyTorch reference; runs everywhere.
 
 Selection for one call: the per-call ``backend=`` argument, else the ``UNIFORMERV2_BACKEND``
-environment variable, else the first backend with no reason not to run. Asking for a backend that cannot
-run raises :class:`BackendUnavailableError` listing every backend's reasons.
+environment variable, else the first backend that automatic selection may pick for the op and that has no
+reason not to run. Asking for a backend that cannot run raises :class:`BackendUnavailableError` listing
+every backend's reasons.
 
 What each op implements, its limits and whether automatic selection prefers its CUDA kernel are the
 table in :mod:`.selection`; :func:`select_op` applies it (:func:`select` is the mechanism, for any op).
@@ -30,6 +34,9 @@ from .settings import BACKENDS, ENV_BACKEND, ENV_TRITON_GEMM  # noqa: F401  (cal
 # Ops whose CUDA C++ kernels automatic selection picks (the table's auto_cuda; GPU evidence in
 # benchmarks/results/); the others' run only when asked for (per call or UNIFORMERV2_BACKEND=cuda).
 GPU_VERIFIED_CUDA_OPS: frozenset[str] = frozenset(op for op, entry in selection.OPS.items() if entry.auto_cuda)
+# Ops that automatic selection runs through inductor on CUDA tensors (the table's auto_inductor); the others'
+# inductor backend runs only when asked for.
+INDUCTOR_OWNED_OPS: frozenset[str] = frozenset(op for op, entry in selection.OPS.items() if entry.auto_inductor)
 
 # Whether the Triton kernels have passed tests/ on a GPU (benchmarks/results/): with it set,
 # `model.fused=auto` in the training / evaluation scripts uses the kernels on CUDA.
@@ -176,6 +183,34 @@ def has_cuda_op(name: str) -> bool:
     return True
 
 
+def torch_compile_error() -> str | None:
+    """Why torch.compile cannot run in this Python / on this platform, or None (probed once; imports dynamo,
+    which takes seconds, so only when the inductor backend is asked about)."""
+    if "torch.compile" not in _CACHE:
+        try:
+            from torch._dynamo.eval_frame import check_if_dynamo_supported
+
+            check_if_dynamo_supported()
+            _CACHE["torch.compile"] = None
+        except Exception as exc:  # unsupported Python, platform or build
+            _CACHE["torch.compile"] = f"torch.compile is not available here ({type(exc).__name__}: {exc})"
+    return _CACHE["torch.compile"]
+
+
+def cpp_compiler_error() -> str | None:
+    """Why inductor cannot compile for CPU tensors (it generates C++), or None (probed once)."""
+    if "c++" not in _CACHE:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+            _CACHE["c++"] = None
+        except Exception as exc:  # no compiler found, or an inductor without this helper
+            _CACHE["c++"] = (f"inductor on the CPU needs a C++ compiler ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'none found'}; set CXX)")
+    return _CACHE["c++"]
+
+
 def _devices(tensors: Iterable[torch.Tensor]) -> set[str]:
     return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
 
@@ -206,6 +241,24 @@ def generic_reasons(backend: str, tensors: Sequence[torch.Tensor], cuda_ops: Seq
             reasons.append("inputs are on the CPU and TRITON_INTERPRET is not set")
         if len(devices) > 1:
             reasons.append(f"inputs are on several devices: {sorted(devices)}")
+    elif backend == "inductor":
+        # Inside a torch.compile trace this backend runs the plain reference inline (the enclosing compile
+        # fuses it; no nested compile), so there is no compiler to probe (nor can the probes be traced);
+        # torch.export and torch.jit.trace record the op's operator with backend "auto".
+        tracing = torch.compiler.is_compiling()
+        err = None if tracing else torch_compile_error()
+        if err:
+            reasons.append(err)
+        if devices - {"cuda", "cpu"}:
+            reasons.append(f"inputs are on {sorted(devices)}, inductor compiles for CUDA or CPU tensors")
+        elif len(devices) > 1:
+            reasons.append(f"inputs are on several devices: {sorted(devices)}")
+        elif tracing:
+            pass
+        elif devices == {"cuda"} and _triton_import_error():
+            reasons.append("inductor generates Triton kernels for CUDA tensors: " + _triton_import_error())
+        elif devices == {"cpu"} and cpp_compiler_error():
+            reasons.append(cpp_compiler_error())
     elif backend != "reference":
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     return reasons
@@ -256,6 +309,8 @@ def select(
         for name in BACKENDS:
             if name == "cuda" and op not in GPU_VERIFIED_CUDA_OPS:
                 continue  # compiled but never run on a GPU: opt-in only (see GPU_VERIFIED_CUDA_OPS)
+            if name == "inductor" and (op not in INDUCTOR_OWNED_OPS or _devices(tensors) != {"cuda"}):
+                continue  # opt-in unless the table gives it the op; never chosen for CPU tensors
             if not reasons(name):
                 return name
         wanted = "reference"  # never reached: the reference has no generic reasons
@@ -278,7 +333,16 @@ def select_op(op: str, tensors: Sequence[torch.Tensor], backend: str | None = No
 
 def status() -> dict[str, list[str]]:
     """Global availability of each backend on this machine (reasons it cannot run; empty = available)."""
-    table: dict[str, list[str]] = {"cuda": [], "triton": [], "reference": []}
+    table: dict[str, list[str]] = {name: [] for name in BACKENDS}
+    err = torch_compile_error()
+    if err:
+        table["inductor"].append(err)
+    elif not torch.cuda.is_available():
+        err = cpp_compiler_error()
+        if err:
+            table["inductor"].append(err)
+    elif _triton_import_error():
+        table["inductor"].append("inductor generates Triton kernels for CUDA tensors: " + _triton_import_error())
     err = cuda_extension_error()
     if err:
         table["cuda"].append(err)

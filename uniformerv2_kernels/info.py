@@ -32,7 +32,8 @@ def _automatic_choice(op: str, machine: dict[str, list[str]]) -> str:
     limits), or on CPU tensors where there is no CUDA device."""
     entry = selection.OPS[op]
     for name in backends.BACKENDS:
-        if name in entry.backends and not machine[name] and (name != "cuda" or entry.auto_cuda):
+        allowed = {"cuda": entry.auto_cuda, "inductor": entry.auto_inductor and torch.cuda.is_available()}
+        if name in entry.backends and not machine[name] and allowed.get(name, True):
             return name
     return "reference"
 
@@ -54,7 +55,16 @@ def _selection_lines(machine: dict[str, list[str]]) -> list[str]:
         for name in entry.backends:
             rules = [limit.rule for limit in entry.limits if limit.backend == name]
             note = f" [opt-in: {entry.why}]" if name == "cuda" and not entry.auto_cuda else ""
+            if name == "inductor":
+                note = f" [{'CUDA tensors' if entry.auto_inductor else 'opt-in'}: {entry.inductor_why}]"
             lines.append(f"      {name:<9} " + ("; ".join(rules) if rules else "any float input") + note)
+    lines.append("  inductor: torch.compile (default mode, static shapes) of the op's pure-PyTorch reference, run "
+                 "outside its operators with the compiled function's own backward; inside a torch.compile trace "
+                 "the reference runs inline (the enclosing compile fuses it); torch.export records the operator "
+                 "with backend auto")
+    lines.append(f"    decision (auto_inductor): {selection.INDUCTOR_DECISION}")
+    lines.append("  a model's backend: one name for every op, or a dict op -> name (e.g. {'fused_ffn': 'inductor'}; "
+                 "the others automatic)")
     lines.append("  the model's per-path rules (selection.MODEL_RULES), as they apply here:")
     for rule in selection.MODEL_RULES:
         lines.append(f"    {rule.path}: runs {rule.runs} when {rule.when} ({rule.why})")
@@ -76,7 +86,8 @@ def report() -> str:
         lines.append(f"  {name:<{width}}  {state}")
     lines.append("")
     lines.append(f"  selection: per-call backend=, else {backends.ENV_BACKEND}, else the first available "
-                 "backend that the op implements and whose limits the call meets")
+                 "backend that the op implements, whose limits the call meets and that automatic selection may "
+                 "pick for it (inductor: never on the CPU)")
     lines.append("  Triton kernels verified on a GPU: " + ("yes" if backends.TRITON_GPU_VERIFIED else
                  "not yet (interpreter only); model.fused=auto keeps the reference model on CUDA"))
     name, reason = attention_backend()

@@ -2,6 +2,9 @@
 selection prefers and why; and the model's per-path rules. Data, read by :mod:`.backends` (the one
 selector), the op modules, ``uniformerv2.model`` and ``python -m uniformerv2_kernels.info``.
 
+Every op has an ``inductor`` backend (:mod:`.inductor`: its pure-PyTorch reference through torch.compile),
+opt-in everywhere until a GPU run shows it owning the op pays (``auto_inductor``, ``inductor_why``).
+
 Machine-wide reasons (no extension, no GPU, Triton not importable, tensors on the wrong device) are
 :mod:`.backends`'; the reasons here depend on the op and the call (dtype, widths, heads).
 """
@@ -9,7 +12,7 @@ Machine-wide reasons (no extension, no GPU, Triton not importable, tensors on th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -35,6 +38,13 @@ class Limit:
     reason: Callable[..., str | None]
 
 
+# The measurement that decides an op's auto_inductor (benchmarks/README.md, "What the next GPU session runs")
+INDUCTOR_DECISION = ("inductor owns the op by default on CUDA once a GPU run shows torch.compile of its reference "
+                     "taking less forward+backward GPU time than its best backend at B/16 and L/14 (bench_<op>.py "
+                     "rows inductor against cuda / triton) and the fused training step faster with it "
+                     "(bench_e2e.py fused+inductor-<op> against fused)")
+
+
 @dataclass(frozen=True)
 class OpEntry:
     backends: tuple[str, ...]  # implemented; the reference runs everywhere
@@ -42,6 +52,9 @@ class OpEntry:
     auto_cuda: bool  # automatic selection picks cuda where it can run; else cuda is opt-in
     why: str  # why auto_cuda is what it is (GPU evidence lives in benchmarks/results/)
     limits: tuple[Limit, ...] = ()
+    # automatic selection picks inductor for CUDA tensors (never for CPU ones); else inductor is opt-in
+    auto_inductor: bool = False
+    inductor_why: str = "not measured on a GPU yet"  # why auto_inductor is what it is (see INDUCTOR_DECISION)
 
 
 def _dtype_limit(backend: str) -> Limit:
@@ -75,16 +88,20 @@ _KERNELS = (_dtype_limit("cuda"), _dtype_limit("triton"))
 
 OPS: dict[str, OpEntry] = {
     "clip_layer_norm": OpEntry(
-        ("cuda", "triton", "reference"), ("clip_layer_norm_fwd", "clip_layer_norm_bwd"), True,
+        ("cuda", "triton", "inductor", "reference"), ("clip_layer_norm_fwd", "clip_layer_norm_bwd"), True,
         "CUDA kernel tested on a GPU and not slower than Triton there", _KERNELS + (_LAYER_NORM_ROW,)),
     "fused_ffn": OpEntry(
-        ("cuda", "triton", "reference"), ("fused_ffn_fwd", "fused_ffn_bwd"), True,
-        "CUDA kernel tested on a GPU and not slower than Triton there", _KERNELS + (_LAYER_NORM_ROW,)),
+        ("cuda", "triton", "inductor", "reference"), ("fused_ffn_fwd", "fused_ffn_bwd"), True,
+        "CUDA kernel tested on a GPU and not slower than Triton there", _KERNELS + (_LAYER_NORM_ROW,),
+        inductor_why="torch.compile of the official branch took less forward+backward GPU time than every backend "
+                     "on the H100 (benchmarks/results/ffn_h100.md: B/16 1.505 ms against 1.673, L/14 3.082 "
+                     "against 3.293); through this backend and in the fused training step not measured yet"),
     "local_temporal_mhra": OpEntry(
-        ("cuda", "triton", "reference"), ("local_temporal_mhra_fwd", "local_temporal_mhra_bwd"), True,
+        ("cuda", "triton", "inductor", "reference"), ("local_temporal_mhra_fwd", "local_temporal_mhra_bwd"), True,
         "CUDA kernel tested on a GPU and not slower than Triton there", _KERNELS),
     "global_query_attention": OpEntry(
-        ("cuda", "triton", "reference"), ("global_query_attention_fwd", "global_query_attention_bwd"), False,
+        ("cuda", "triton", "inductor", "reference"), ("global_query_attention_fwd", "global_query_attention_bwd"),
+        False,
         "CUDA kernel tested on a GPU but slower than Triton there (it computes the DPE on the fly)",
         _KERNELS + (
             Limit("triton", f"C <= {GLOBAL_ATTENTION_TRITON_MAX_C}",
@@ -98,7 +115,7 @@ OPS: dict[str, OpEntry] = {
                   _global_attention_cuda_smem),
         )),
     "spatial_attention": OpEntry(
-        ("triton", "reference"), (), False, "no CUDA C++ kernel (the projections run on Triton or cuBLAS)",
+        ("triton", "inductor", "reference"), (), False, "no CUDA C++ kernel (the projections run on Triton or cuBLAS)",
         (_dtype_limit("triton"), _LAYER_NORM_ROW)),
 }
 
@@ -135,8 +152,34 @@ MODEL_RULES = (
 )
 
 
-def spatial_attention_backend(backend: str | None) -> str | None:
+def op_backend(backend: str | dict | None, op: str) -> str | None:
+    """The backend a model set to ``backend`` passes to ``op``: one name for every op, or a dict op -> name
+    (the ops it does not name: automatic); None: automatic (or UNIFORMERV2_BACKEND)."""
+    return backend.get(op) if isinstance(backend, dict) else backend
+
+
+def check_model_backend(backend) -> str | dict | None:
+    """``backend`` as the model keeps it (a mapping becomes a dict), after checking it: None, a backend name
+    (or "auto"), or a mapping from fused op names to backends that op implements."""
+    if backend is None or isinstance(backend, str):
+        settings.backend(backend)  # raises ValueError naming the accepted values
+        return backend
+    if not isinstance(backend, Mapping):
+        raise TypeError(f"backend must be None, a backend name or a dict op -> backend name, got "
+                        f"{type(backend).__name__}")
+    unknown = sorted(set(backend) - set(OPS))
+    if unknown:
+        raise ValueError(f"backend: unknown op(s) {unknown}; the fused ops are {sorted(OPS)}")
+    for op, name in backend.items():
+        chosen = None if name is None else settings.backend(name)
+        if chosen is not None and chosen not in OPS[op].backends:
+            raise ValueError(f"backend: {op} has no {chosen!r} backend; it implements {OPS[op].backends}")
+    return dict(backend)
+
+
+def spatial_attention_backend(backend: str | dict | None) -> str | None:
     """The backend the model passes to the spatial attention for its ``backend`` (first MODEL_RULES row)."""
+    backend = op_backend(backend, "spatial_attention")
     return "triton" if settings.backend(backend) == "cuda" else backend
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-BACKENDS = ("cuda", "triton", "reference")
+# in the order automatic selection tries them: inductor only for ops the selection table gives it (none yet),
+# cuda only for ops whose CUDA kernels passed on a GPU (uniformerv2_kernels.selection)
+BACKENDS = ("inductor", "cuda", "triton", "reference")
 
 ENV_BACKEND = "UNIFORMERV2_BACKEND"
 ENV_TRITON_GEMM = "UNIFORMERV2_TRITON_GEMM"
@@ -27,7 +29,8 @@ ENV_BUILD_CUDA = "UNIFORMERV2_BUILD_CUDA"
 
 # variable -> what it selects (the values each accepts are in its reader's error)
 DESCRIPTIONS = {
-    ENV_BACKEND: "backend of every fused op call without backend=: cuda, triton, reference or auto (unset)",
+    ENV_BACKEND: "backend of every fused op call without backend=: cuda, triton, inductor, reference or auto "
+                 "(unset)",
     ENV_TRITON_GEMM: "the Triton backend's fused GEMMs: cublas (default; cuBLAS + a Triton epilogue pass) or "
                      "triton (one autotuned Triton GEMM each)",
     ENV_AUTOTUNE: "Triton GEMM autotuning (UNIFORMERV2_TRITON_GEMM=triton only): full (default, nine "

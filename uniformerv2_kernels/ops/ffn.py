@@ -1,11 +1,12 @@
 """Fused FFN of the CLIP blocks: ``x + row_scale * c_proj(quick_gelu(c_fc(ln_2(x))))``.
 
 Public API: :func:`fused_ffn`. Registered as ``torch.ops.uniformerv2.fused_ffn_fwd`` / ``fused_ffn_bwd``
-(operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`). GEMM placement (Triton GEMMs with fused epilogues for c_fc,
-c_proj and the activation gradient; cuBLAS for the weight gradients) is explained in
-:mod:`uniformerv2_kernels.triton.ffn`. The forward saves x, the LN mean/rstd (fp32) and the
-pre-activation h; the backward recomputes the LN output and the activation (nothing of size
-(rows, 4C) besides h is kept between forward and backward).
+(operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`); the ``inductor`` backend is
+torch.compile of :func:`..reference.ffn.fused_ffn`, outside them (:mod:`uniformerv2_kernels.inductor`).
+GEMM placement (Triton GEMMs with fused epilogues for c_fc, c_proj and the activation gradient; cuBLAS for
+the weight gradients) is explained in :mod:`uniformerv2_kernels.triton.ffn`. The forward saves x, the LN
+mean/rstd (fp32) and the pre-activation h; the backward recomputes the LN output and the activation
+(nothing of size (rows, 4C) besides h is kept between forward and backward).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends, library, selection
+from .. import backends, inductor, library, selection
 from ..checks import FLOAT_DTYPES, check_same, check_tensor
 from ..reference import ffn as reference
 
@@ -195,6 +196,10 @@ def fused_ffn(
     name = select_backend(x, (ln_weight, ln_bias, *linear_params), backend)
     if row_scale is not None and row_scale.dtype != x.dtype:
         row_scale = row_scale.to(x.dtype)
+    if name == "inductor" and library.recording_for() is None:  # compiled, outside the operators
+        with backends.op_body(x):
+            return inductor.run(OP_NAME, reference.fused_ffn, x, ln_weight, ln_bias, *linear_params, float(eps),
+                                row_scale)
     tensors = (x, ln_weight, ln_bias, *linear_params) + ((row_scale,) if row_scale is not None else ())
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fc_w, fc_b, proj_w, proj_b = (p.contiguous() for p in linear_params)

@@ -2,7 +2,9 @@
 
 Public API: :func:`global_query_attention`. Registered as ``torch.ops.uniformerv2.global_query_attention_fwd``
 and ``global_query_attention_bwd`` (operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`), so
-``torch.compile(fullgraph=True)`` traces through it without a graph break.
+``torch.compile(fullgraph=True)`` traces through it without a graph break. The ``inductor`` backend is
+torch.compile of the reference backend's forward (:func:`_reference_forward`, the folded form), outside the
+operators (:mod:`uniformerv2_kernels.inductor`).
 
 The forward op returns (out (1, N, C), z (N, H, C), lse (N, H)); z = sum_j a_h(j) xhat_j and lse (the
 log-sum-exp of the folded scores) are what the backward starts from, in fp32 (fp64 for fp64 inputs on the
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends, library, selection
+from .. import backends, inductor, library, selection
 from ..checks import check_positive_int, check_same, check_tensor, square_side
 from ..reference import global_query_attention as reference
 
@@ -36,6 +38,17 @@ def _triton_backward():
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reference_forward(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias,
+                       num_heads, eps):
+    """The reference backend's forward as one differentiable function (what the inductor backend compiles):
+    the folded form in fp32 for fp16/bf16 inputs (fp64 for fp64), the output cast back to x.dtype."""
+    dt = _stats_dtype(x)
+    out = reference.global_query_attention_folded(
+        x.to(dt), T, dpe_weight.to(dt), dpe_bias.to(dt), ln_weight.to(dt), ln_bias.to(dt), query.to(dt),
+        in_proj_weight.to(dt), in_proj_bias.to(dt), num_heads, eps)
+    return out.to(x.dtype)
 
 
 @library.custom_op("uniformerv2::global_query_attention_fwd")
@@ -208,6 +221,10 @@ def global_query_attention(
     check_inputs(x, T, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias, num_heads, eps)
     tensors = (x, dpe_weight, dpe_bias, ln_weight, ln_bias, query, in_proj_weight, in_proj_bias)
     name = select_backend(tensors, x, num_heads, backend)
+    if name == "inductor" and library.recording_for() is None:  # compiled, outside the operators
+        with backends.op_body(x):
+            return inductor.run(OP_NAME, _reference_forward, x, int(T), dpe_weight, dpe_bias, ln_weight, ln_bias,
+                                query, in_proj_weight, in_proj_bias, int(num_heads), float(eps))
     out, _, _ = _global_query_attention_fwd(
         x.contiguous(), int(T), dpe_weight.contiguous(), dpe_bias.contiguous(), ln_weight.contiguous(),
         ln_bias.contiguous(), query.contiguous(), in_proj_weight.contiguous(), in_proj_bias.contiguous(),

@@ -1,16 +1,18 @@
 """Fused CLIP LayerNorm: ``F.layer_norm(x.float(), (C,), weight, bias, eps).to(x.dtype)`` in one pass.
 
 Public API: :func:`clip_layer_norm`. Registered as ``torch.ops.uniformerv2.clip_layer_norm_fwd`` /
-``clip_layer_norm_bwd`` (operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`), so ``torch.compile(fullgraph=True)``
-traces through it. The forward saves fp32 per-row mean and rstd; the backward computes grad_x in one pass
-and the weight/bias gradients through per-program partial sums reduced in a fixed order (deterministic).
+``clip_layer_norm_bwd`` (operators with fake kernels and autograd, :mod:`uniformerv2_kernels.library`), so
+``torch.compile(fullgraph=True)`` traces through it; the ``inductor`` backend is torch.compile of
+:func:`..reference.layer_norm.clip_layer_norm`, outside them (:mod:`uniformerv2_kernels.inductor`). The
+forward saves fp32 per-row mean and rstd; the backward computes grad_x in one pass and the weight/bias
+gradients through per-program partial sums reduced in a fixed order (deterministic).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import backends, library, selection
+from .. import backends, inductor, library, selection
 from ..checks import FLOAT_DTYPES, check_same, check_tensor
 from ..reference import layer_norm as reference
 
@@ -117,5 +119,8 @@ def clip_layer_norm(
     """
     check_inputs(x, weight, bias, eps)
     name = select_backend(x, weight, bias, backend)
+    if name == "inductor" and library.recording_for() is None:  # compiled, outside the operators
+        with backends.op_body(x):
+            return inductor.run(OP_NAME, reference.clip_layer_norm, x, weight, bias, float(eps))
     y, _, _ = _clip_layer_norm_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps), name)
     return y

@@ -8,7 +8,9 @@ Public API: :func:`local_temporal_mhra`. Registered ops (:mod:`uniformerv2_kerne
 ``uniformerv2::local_temporal_mhra_fwd`` and ``uniformerv2::local_temporal_mhra_bwd``. The running
 statistics update (training) happens in :func:`local_temporal_mhra`, outside the custom ops, with in-place
 torch ops exactly like ``nn.BatchNorm3d`` (so the ops mutate nothing and torch.compile functionalises the
-update).
+update). The ``inductor`` backend is torch.compile of the reference backend's math
+(:func:`..reference.local_temporal_mhra.local_temporal_mhra_reference`), outside the operators
+(:mod:`uniformerv2_kernels.inductor`); the running statistics are updated the same way after it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import backends, library, selection
+from .. import backends, inductor, library, selection
 from ..checks import check_positive_int, check_same, check_tensor
 from ..reference import local_temporal_mhra as reference
 
@@ -308,11 +310,18 @@ def local_temporal_mhra(
                                                    conv1_bias, dw_weight, dw_bias, conv2_weight, conv2_bias,
                                                    branch_scale) if t is not None]
     name = select_backend(tensors, x, backend)
-    out, mean, var, _ = _fwd_op(
-        x.contiguous(), T, bn_weight, bn_bias, running_mean if not training else None,
-        running_var if not training else None, conv1_weight, conv1_bias, dw_weight, dw_bias, conv2_weight,
-        conv2_bias, bool(training), float(eps), branch_scale, name,
-    )
+    if name == "inductor" and library.recording_for() is None:  # compiled, outside the operators
+        with backends.op_body(x):
+            out, mean, var = inductor.run(
+                OP_NAME, reference.local_temporal_mhra_reference, x, T, bn_weight, bn_bias,
+                running_mean if not training else None, running_var if not training else None, conv1_weight,
+                conv1_bias, dw_weight, dw_bias, conv2_weight, conv2_bias, bool(training), float(eps), branch_scale)
+    else:
+        out, mean, var, _ = _fwd_op(
+            x.contiguous(), T, bn_weight, bn_bias, running_mean if not training else None,
+            running_var if not training else None, conv1_weight, conv1_bias, dw_weight, dw_bias, conv2_weight,
+            conv2_bias, bool(training), float(eps), branch_scale, name,
+        )
     if training and running_mean is not None:
         _update_running_stats(mean, var, running_mean, running_var, num_batches_tracked, momentum,
                               count=(x.shape[0] - 1) * x.shape[1])

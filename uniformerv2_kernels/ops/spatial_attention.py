@@ -11,6 +11,8 @@ straight through:
   (both bring their own autograd); the "reference" backend uses the literal softmax math;
 - ``uniformerv2::spatial_attention_out_fwd/_bwd``: out_proj, storing rows back in stream order.
 The packed ``in_proj_weight`` / ``in_proj_bias`` and ``out_proj`` parameters are used as they are.
+The ``inductor`` backend is torch.compile of :func:`..reference.spatial_attention.spatial_attention_sdpa` (the
+SDPA core, as nn.MultiheadAttention runs it), outside the operators (:mod:`uniformerv2_kernels.inductor`).
 
 Determinism: the projections' backward is deterministic; the attention core's backward is whatever the
 chosen SDPA / xformers kernel does (CPU SDPA is deterministic; on CUDA, set
@@ -24,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import backends, library, selection, settings
+from .. import backends, inductor, library, selection, settings
 from ..checks import check_positive_int, check_same, check_tensor
 from ..reference import spatial_attention as reference
 from ..settings import ENV_ATTENTION
@@ -300,6 +302,10 @@ def spatial_attention(
     proj = [p if p.dtype == x.dtype else p.to(x.dtype)
             for p in (in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)]
     name = select_backend(x, (ln_weight, ln_bias, *proj), backend)
+    if name == "inductor" and library.recording_for() is None:  # compiled, outside the operators
+        with backends.op_body(x):
+            return inductor.run(OP_NAME, reference.spatial_attention_sdpa, x, ln_weight, ln_bias, *proj,
+                                int(num_heads), float(eps))
     in_w, in_b, out_w, out_b = (p.contiguous() for p in proj)
     qkv, _, _ = _qkv_fwd(x.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), in_w, in_b, float(eps), name)
     with backends.op_body(x):  # the core computes in x.dtype as well (qkv is already x.dtype)

@@ -28,17 +28,26 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 def spatial_attention(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
-                      num_heads: int, eps: float = 1e-5):
-    """attn(ln_1(x)) for x (L, B, C), as nn.MultiheadAttention computes it (need_weights aside)."""
+                      num_heads: int, eps: float = 1e-5, core=attention_core):
+    """attn(ln_1(x)) for x (L, B, C), as nn.MultiheadAttention computes it (need_weights aside); ``core``
+    maps q, k, v (B*H, L, d) to the attention output."""
     L, B, C = x.shape
     d = C // num_heads
     x_normed = ref_layer_norm.clip_layer_norm(x, ln_weight, ln_bias, eps)
     q, k, v = F.linear(x_normed, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
     # (L, B, C) -> (B*H, L, d), the layout nn.MultiheadAttention uses
     q, k, v = (t.reshape(L, B * num_heads, d).transpose(0, 1) for t in (q, k, v))
-    o = attention_core(q, k, v)  # (B*H, L, d)
+    o = core(q, k, v)  # (B*H, L, d)
     o = o.transpose(0, 1).reshape(L, B, C)
     return F.linear(o, out_proj_weight, out_proj_bias)
+
+
+def spatial_attention_sdpa(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                           num_heads: int, eps: float = 1e-5):
+    """:func:`spatial_attention` with the core nn.MultiheadAttention runs when no weights are asked for,
+    ``F.scaled_dot_product_attention`` (the form the op's inductor backend compiles)."""
+    return spatial_attention(x, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                             num_heads, eps, core=F.scaled_dot_product_attention)
 
 
 # ---- explicit pieces in the fused layout (the registered ops' reference backend) ----
