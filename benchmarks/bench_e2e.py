@@ -15,6 +15,10 @@ Providers (one freshly built model each, same seed, so the same weights):
                        fuses the glue between them
 - ``fused+compile-reduce-overhead``: the same with ``mode="reduce-overhead"`` (inductor's CUDA graphs)
 - ``fused-cuda``:      the fused model asked for the CUDA C++ kernels (the spatial attention on Triton)
+- ``fused+inductor-ffn``: ``fused`` with the FFN on its inductor backend (``backend={"fused_ffn": "inductor"}``:
+                       torch.compile of the FFN's reference inside the otherwise eager fused model, the other
+                       ops as in ``fused``): the end-to-end half of deciding whether inductor owns the FFN
+                       (``OP_BACKENDS`` holds such providers; ``--compile-backend`` applies to them too)
 - ``fused-triton-gemm``: ``fused`` with UNIFORMERV2_TRITON_GEMM=triton (the Triton backend's GEMMs with
                        fused epilogues as one autotuned Triton kernel each, instead of the default cuBLAS +
                        a Triton epilogue pass; kept to be timed against the default on each GPU)
@@ -52,9 +56,10 @@ credited the same work. Peak memory: ``torch.cuda.max_memory_allocated`` over on
 state and activations), CUDA only. After the table, the comparison (``comparison_markdown``): per case every
 row's time against eager and against the best compile row, wall and GPU.
 
-On CPU with --quick the compile providers are skipped unless named in --providers (compiling a whole model,
-training graph included, takes minutes on a small CPU); ``--compile-backend aot_eager`` runs them without
-code generation (a check that the paths run, not a timing of inductor).
+On CPU with --quick the compile providers (and ``OP_BACKENDS``' inductor rows) are skipped unless named in
+--providers (compiling a whole model, training graph included, takes minutes on a small CPU);
+``--compile-backend aot_eager`` runs them without code generation (a check that the paths run, not a timing of
+inductor).
 
     python benchmarks/bench_e2e.py                       # CPU: quick, well under a minute
     python benchmarks/bench_e2e.py --device cuda         # GPU: the official batches, every provider
@@ -83,12 +88,14 @@ QUICK_CONFIGS = {
 }
 FULL_CONFIGS = ("k400_b16_f8x224", "ssv2_b16_f16x224")
 PROVIDERS = ("eager", "compile", "compile-max-autotune", "fused", "fused+compile", "fused+compile-reduce-overhead",
-             "fused-cuda", "fused-triton-gemm", "fused+graph")
+             "fused-cuda", "fused+inductor-ffn", "fused-triton-gemm", "fused+graph")
 # provider -> the torch.compile mode it forces (None: --compile-mode, torch's default when not given)
 COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune", "fused+compile": None,
                  "fused+compile-reduce-overhead": "reduce-overhead"}
 # the rows "the best compile row" is chosen from: torch.compile of the reference model
 REFERENCE_COMPILE = ("compile", "compile-max-autotune")
+# provider -> the model's per-op backends (uniformerv2_kernels.selection.OPS names; the other ops automatic)
+OP_BACKENDS = {"fused+inductor-ffn": {"fused_ffn": "inductor"}}
 TASKS = {"forward": "inference", "forward+backward": "train"}
 TRITON_GEMM_AT_START = settings.triton_gemm()  # the fused providers' GEMM plan, as set when the run started
 
@@ -317,6 +324,8 @@ def main(argv=None):
 def _skip_reason(prov: str, args) -> str | None:
     if prov in COMPILE_MODES and args.quick and args.device.type == "cpu" and not args.providers:
         return "torch.compile of a whole model takes minutes on the CPU; ask for it with --providers"
+    if prov in OP_BACKENDS and args.quick and args.device.type == "cpu" and not args.providers:
+        return "inductor compiles C++ for each op shape on the CPU (minutes in all); ask for it with --providers"
     if prov == "fused-cuda":
         return _cuda_backend_unavailable(args)
     if prov in ("fused+graph", "fused+compile-reduce-overhead") and args.device.type != "cuda":
@@ -339,10 +348,17 @@ def run_case(case: E2ECase, frames, providers, args) -> list[dict]:
             rows.append(row)
             continue
         model = run_model = step = None
+        compiler_before = None  # uniformerv2_kernels.inductor.COMPILER, put back after an OP_BACKENDS row
         try:
             model = build(case.preset, case.overrides, frames, fused, args, seed=args.seed)
             if prov == "fused-cuda":  # the spatial attention on Triton: see uniformerv2.model
                 model.set_fused(True, backend="cuda")
+            elif prov in OP_BACKENDS:
+                from uniformerv2_kernels import inductor
+
+                compiler_before, inductor.COMPILER = inductor.COMPILER, args.compile_backend
+                torch._dynamo.reset()  # fresh dynamo caches: the first call compiles, as in the compile rows
+                model.set_fused(True, backend=OP_BACKENDS[prov])
             randomise_buffers(model)
             x, labels, t_in, res = make_inputs(model, batch, args, seed=args.seed + 1)
             row["shape"] = (f"config={case.preset} N={batch} T_in={t_in} res={res} width={model.config.get('width')} "
@@ -384,6 +400,10 @@ def run_case(case: E2ECase, frames, providers, args) -> list[dict]:
                 _append_timeline(args.timeline, f"{case_name}, {task}, {prov}", step, args.device)
             if prov == "fused-cuda":
                 note.append("fused ops backend: cuda (spatial attention: triton)")
+            elif prov in OP_BACKENDS:
+                note.append("fused ops backend: " + ", ".join(f"{op}: {b}" for op, b in OP_BACKENDS[prov].items())
+                            + f" (torch.compile backend={args.compile_backend}), the others "
+                            + _fused_backend(args))
             elif fused:
                 note.append("fused ops backend: " + _fused_backend(args))
             if fused and args.device.type == "cuda":
@@ -403,6 +423,10 @@ def run_case(case: E2ECase, frames, providers, args) -> list[dict]:
                 traceback.print_exc()
         finally:
             model = run_model = step = None  # noqa: F841  (a graphed step holds its graph's memory pool)
+            if compiler_before is not None:
+                from uniformerv2_kernels import inductor
+
+                inductor.COMPILER = compiler_before
             import gc
             gc.collect()
             if args.device.type == "cuda":

@@ -10,6 +10,9 @@ Providers:
 - ``triton-triton-gemm``: the same with UNIFORMERV2_TRITON_GEMM=triton: Triton GEMMs with the epilogues
                inside (cuBLAS for the weight gradients; kept to time both plans on each GPU)
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension has it)
+- ``inductor``: the same op on its inductor backend: ``torch.compile`` of ``reference.ffn.fused_ffn`` through
+               the public call (what a model with ``backend={"fused_ffn": "inductor"}`` runs; ``compile``
+               compiles the branch directly). On the CPU only when named in --providers
 
 Shapes: the stream (L, N*T, C) of the harness's shape set (rows = L*N*T, hidden 4C). x and the Linear
 weights in --dtype, the LN weight/bias in fp32.
@@ -89,6 +92,7 @@ PROVIDERS = [
     H.Provider("triton", H.with_triton_gemm(fused("triton"), "cublas"), requires=("triton",)),
     H.Provider("triton-triton-gemm", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",)),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:fused_ffn_fwd",)),
+    H.Provider("inductor", fused("inductor"), requires=("inductor",)),
 ]
 
 

@@ -7,6 +7,9 @@ Providers:
 - ``folded``:  the folded formulation in plain PyTorch (no K/V; the algebra the kernels use), eager
 - ``triton``:  ``ops.global_query_attention.global_query_attention(..., backend="triton")``
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension registers it)
+- ``inductor``: the same op on its inductor backend: ``torch.compile`` of the reference backend's folded form
+               (fp32 inside) through the public call (``compile`` compiles the literal form). On the CPU only
+               when named in --providers
 
 Shapes: the harness's shape set; the stream x is (L, N*T, C), one learnable query per clip, H heads.
 All tensors in --dtype (the op requires one dtype).
@@ -101,6 +104,7 @@ PROVIDERS = [
     H.Provider("folded", folded),
     H.Provider("triton", fused("triton"), requires=("triton",)),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:global_query_attention_fwd",)),
+    H.Provider("inductor", fused("inductor"), requires=("inductor",)),
 ]
 
 

@@ -7,6 +7,9 @@ Providers:
                    issue names)
 - ``triton``:      ``uniformerv2_kernels.ops.layer_norm.clip_layer_norm(..., backend="triton")``
 - ``cuda``:        the same op on the CUDA C++ backend (skipped until the extension has it)
+- ``inductor``:    the same op on its inductor backend: ``torch.compile`` of ``reference.layer_norm.clip_layer_norm``
+                   through the public call (``compile`` compiles the formula directly). On the CPU only when
+                   named in --providers
 
 Shapes: the stream (L, N*T, C) of the harness's shape set (rows = L*N*T; C = 768 for B/16, 1024 for L/14).
 x in --dtype; the LN weight and bias in fp32 (CLIP's LayerNorm params stay fp32 under autocast).
@@ -77,6 +80,7 @@ PROVIDERS = [
     H.Provider("F.layer_norm", native),
     H.Provider("triton", fused("triton"), requires=("triton",)),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:clip_layer_norm_fwd",)),
+    H.Provider("inductor", fused("inductor"), requires=("inductor",)),
 ]
 
 

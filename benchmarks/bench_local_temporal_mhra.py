@@ -12,6 +12,9 @@ Providers:
                 mix kernel -> cuBLAS -> epilogue kernel (the CUDA backend's plan)
 - ``triton-triton-gemm``: the same with UNIFORMERV2_TRITON_GEMM=triton: one fused Triton GEMM kernel each
 - ``cuda``:     the same op on the CUDA C++ backend (skipped until the extension has it)
+- ``inductor``: the same op on its inductor backend: ``torch.compile`` of the native-layout reference (the
+                ``native`` row's math) through the public call (``compile`` compiles the official form). On
+                the CPU only when named in --providers
 
 Shapes: the harness's shape set, stream (L, N*T, C), C' = int(C // 1.5) (512 for B/16, 682 for L/14).
 Each shape runs with BatchNorm in training mode (batch statistics, running statistics updated in place)
@@ -142,6 +145,7 @@ PROVIDERS = [
     H.Provider("triton-triton-gemm", H.with_triton_gemm(fused("triton"), "triton"), requires=("triton",),
                skip_if=_skip_triton_dtype),
     H.Provider("cuda", fused("cuda"), requires=("cuda_op:local_temporal_mhra_fwd",)),
+    H.Provider("inductor", fused("inductor"), requires=("inductor",)),
 ]
 
 

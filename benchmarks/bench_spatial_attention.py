@@ -14,6 +14,9 @@ Providers:
 - ``triton-triton-gemm``: the same with UNIFORMERV2_TRITON_GEMM=triton (Triton GEMMs with the reordering
                and epilogue inside; kept to time both plans on each GPU)
 - ``cuda``:    the same op on the CUDA C++ backend (skipped until the extension has it)
+- ``inductor``: the same op on its inductor backend: ``torch.compile`` of
+               ``reference.spatial_attention.spatial_attention_sdpa`` (the SDPA core) through the public call
+               (``compile`` compiles the official form). On the CPU only when named in --providers
 
 Shapes: the stream (L, N*T, C) of the harness's shape set (L = 197 for B/16, 257 for L/14, head dim 64).
 x and the projection weights in --dtype, the LN weight/bias in fp32.
@@ -126,6 +129,7 @@ PROVIDERS = [
     H.Provider("triton-triton-gemm", H.with_triton_gemm(_PerCase(lambda h: fused_fn(h, "triton")), "triton"),
                requires=("triton",)),
     H.Provider("cuda", _PerCase(lambda h: fused_fn(h, "cuda")), requires=("cuda_op:spatial_attention_qkv_fwd",)),
+    H.Provider("inductor", _PerCase(lambda h: fused_fn(h, "inductor")), requires=("inductor",)),
 ]
 
 

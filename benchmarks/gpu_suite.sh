@@ -16,6 +16,8 @@
 #
 #   GIT_COMMIT=... bash benchmarks/gpu_suite.sh profile  # optional 4th call: overhead, timeline and
 #                                                        # Nsight Compute per kernel
+#   GIT_COMMIT=... bash benchmarks/gpu_suite.sh inductor # issue 20 item 3, one call: whether inductor owns
+#                                                        # an op (benchmarks/README.md, next GPU session)
 #
 # With no argument (or `all`) every step except profile runs in one call, cut by the time budget.
 #
@@ -47,6 +49,13 @@
 #            official per-GPU batches, $SUITE_E2E_ARGS, and one profiled step per provider  -> e2e_timeline.md
 #   e2e_compile  bench_e2e.py compile (default and max-autotune) + fused+compile (default and reduce-overhead)
 #            on every official case (slow: compilation; `lease`: default mode, Kinetics B/16 only)
+#   ops_inductor  bench_<op>.py for $SUITE_INDUCTOR_OPS (default ffn,layer_norm,spatial_attention: the ops
+#            where torch.compile was ahead or even on the H100) with the rows $SUITE_INDUCTOR_OP_PROVIDERS
+#            (default compile, inductor (the op's inductor backend), triton and cuda), $SUITE_OP_ARGS
+#   e2e_inductor  bench_e2e.py fused and fused+inductor-ffn training steps at the Kinetics B/16 (32 clips)
+#            and L/14 (16 clips) official batches -> e2e_inductor table (rows join e2e.csv)
+# (`inductor` runs env, build, ops_inductor, e2e_inductor in one 600 s call: ~6 min on the H100 estimate,
+# not measured yet; it does not fit `lease`, whose budget the tests already take to the end)
 # Everything finishes inside $SUITE_BUDGET_S (default 560 s, for a 10-minute call): each step gets a
 # `timeout` of min(its cap, what is left minus a reserve for the summary). A benchmark cut short keeps the
 # rows it measured (<name>.partial.csv).
@@ -87,7 +96,8 @@ case "${1:-all}" in
     e2e) DEFAULT_STEPS="env,build,tests_triton_gemm,e2e,timeline" ;;
     lease) DEFAULT_STEPS="env,build,cuda_tests,e2e_tests,e2e,e2e_compile,tests,tests_triton_gemm,overhead" ;;
     profile) DEFAULT_STEPS="env,build,overhead,timeline,profile" ;;
-    *) echo "usage: $0 [all|lease|tests|ops|e2e|e2e_compile|profile]" >&2; exit 2 ;;
+    inductor) DEFAULT_STEPS="env,build,ops_inductor,e2e_inductor" ;;
+    *) echo "usage: $0 [all|lease|tests|ops|e2e|e2e_compile|profile|inductor]" >&2; exit 2 ;;
 esac
 # step caps (seconds) and the e2e providers; `lease` shrinks them to share one 600 s call
 CAP_CUDA_TESTS=300 CAP_E2E_TESTS=240 CAP_TESTS=440 CAP_TRITON_GEMM=240 CAP_E2E=300 CAP_E2E_COMPILE=500
@@ -97,6 +107,12 @@ E2E_PROVIDERS="eager,fused,fused-cuda,fused-triton-gemm,fused+graph"
 E2E_COMPILE_PROVIDERS="compile,compile-max-autotune,fused+compile,fused+compile-reduce-overhead"
 E2E_COMPILE_CONFIGS=""  # every official case
 E2E_TEST_FILES="tests/test_cuda_graph.py tests/test_fused_compile.py"
+# issue 20 item 3: does inductor own an op (selection.INDUCTOR_DECISION): each op's inductor backend against
+# our kernels and torch.compile, then the fused training step with the FFN on inductor against fused
+INDUCTOR_OPS="${SUITE_INDUCTOR_OPS:-ffn,layer_norm,spatial_attention}"
+INDUCTOR_OP_PROVIDERS="${SUITE_INDUCTOR_OP_PROVIDERS:-compile,inductor,triton,cuda}"
+INDUCTOR_E2E_PROVIDERS="fused,fused+inductor-ffn"
+INDUCTOR_E2E_CONFIGS="k400_b16_f8x224,k400_l14_f8x224"
 if [ "${1:-all}" = lease ]; then
     # the issue-20 comparison runs before the general tests: its decision tests, eager / fused / graph at the
     # official batches, then torch.compile (default mode) of the reference and the fused model on the
@@ -109,6 +125,11 @@ if [ "${1:-all}" = lease ]; then
     E2E_COMPILE_CONFIGS="k400_b16_f8x224"
     export UNIFORMERV2_AUTOTUNE="${UNIFORMERV2_AUTOTUNE:-quick}"
 fi
+if [ "${1:-all}" = inductor ]; then
+    BUDGET_DEFAULT=550
+    E2E_ARGS_DEFAULT="--rep 100 --warmup 10"
+    export UNIFORMERV2_AUTOTUNE="${UNIFORMERV2_AUTOTUNE:-quick}"
+fi
 STEPS=",${SUITE_STEPS:-$DEFAULT_STEPS},"
 OP_ARGS="${SUITE_OP_ARGS:---frames 8 --batch 16 --rep 30 --warmup 5 --mode fwd,fwd+bwd}"
 E2E_ARGS="${SUITE_E2E_ARGS:-${E2E_ARGS_DEFAULT:---rep 1000 --warmup 100}}"
@@ -118,6 +139,8 @@ if [ "$DEVICE" = cpu ] && [ -z "${SUITE_E2E_ARGS:-}" ]; then
     # dry run: the tiny model, one timed run, torch.compile through dynamo alone (inductor takes minutes here)
     E2E_ARGS="--configs tiny_k400 --mode fwd --rep 1 --no-flops --compile-backend eager"
     [ -n "$E2E_COMPILE_CONFIGS" ] && E2E_COMPILE_CONFIGS="tiny_k400"
+    INDUCTOR_E2E_CONFIGS="tiny_k400"
+    [ -z "${SUITE_OP_ARGS:-}" ] && OP_ARGS="--quick --models tiny --mode fwd --rep 1"
 fi
 START=$SECONDS
 STATUS_FILE="$STAGE/steps.tsv"
@@ -313,6 +336,21 @@ if want e2e; then
     [ "$E2E_TIMELINE" = 1 ] && E2E_TIMELINE_ARGS=(--timeline "$STAGE/results/e2e_timeline.md")
     run_step bench_e2e "$CAP_E2E" "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
         --providers "$E2E_PROVIDERS" --mode fwd,fwd+bwd ${E2E_TIMELINE_ARGS[@]+"${E2E_TIMELINE_ARGS[@]}"} $E2E_ARGS
+fi
+if want ops_inductor; then
+    for op in ${INDUCTOR_OPS//,/ }; do
+        # shellcheck disable=SC2086
+        run_step "bench_${op}_inductor" 110 "$PYTHON" "benchmarks/bench_${op}.py" --device "$DEVICE" \
+            --out "$STAGE/results" --providers "$INDUCTOR_OP_PROVIDERS" $OP_ARGS
+    done
+fi
+if want e2e_inductor; then
+    # training steps only (the decision's end-to-end half); the e2e and e2e_compile steps' rows of the same
+    # commit join these in the report
+    # shellcheck disable=SC2086
+    run_step bench_e2e_inductor 240 "$PYTHON" benchmarks/bench_e2e.py --device "$DEVICE" --out "$STAGE/results" \
+        --providers "$INDUCTOR_E2E_PROVIDERS" --configs "$INDUCTOR_E2E_CONFIGS" --mode fwd+bwd --table e2e_inductor \
+        $E2E_ARGS
 fi
 if want e2e_compile; then
     # its own table name keeps the e2e step's table; the rows join e2e.csv (the report reads both)

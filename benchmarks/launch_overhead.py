@@ -324,6 +324,8 @@ def fused_op_rows(device: torch.device, dtype: torch.dtype, reps: int) -> list[d
     rows = []
     for name, call in ops.items():
         for backend in backends.BACKENDS:
+            if backend == "inductor":  # compiles per op and shape (minutes on a CPU); its host time is in the op
+                continue               # benchmarks' and bench_e2e's host ms
             interpreted = backend == "triton" and (device.type != "cuda" or backends.triton_interpret())
             try:
                 out = call(backend)  # interpreted Triton too: tiny inputs, and it says whether the call runs

@@ -271,11 +271,17 @@ def test_e2e_compile_providers_run_on_the_cpu_with_aot_eager(tmp_path):
     import bench_e2e
 
     rows = bench_e2e.main(["--device", "cpu", "--quick", "--configs", "tiny_k400", "--mode", "fwd", "--rep", "1",
-                           "--providers", "eager,compile,fused+compile,fused+compile-reduce-overhead",
-                           "--compile-backend", "aot_eager", "--no-flops", "--out", str(tmp_path)])
+                           "--providers", "eager,compile,fused+compile,fused+compile-reduce-overhead,"
+                           "fused+inductor-ffn", "--compile-backend", "aot_eager", "--no-flops", "--out",
+                           str(tmp_path)])
     by = {r["provider"]: r for r in rows}
     assert by["compile"]["status"] == "ok" and by["fused+compile"]["status"] == "ok", by
     assert "torch.compile mode=default backend=aot_eager" in by["fused+compile"]["note"]
+    # the FFN on its inductor backend inside the fused model (compiled with aot_eager here)
+    assert by["fused+inductor-ffn"]["status"] == "ok", by["fused+inductor-ffn"]
+    assert "fused_ffn: inductor (torch.compile backend=aot_eager)" in by["fused+inductor-ffn"]["note"]
+    from uniformerv2_kernels import inductor
+    assert inductor.COMPILER == "inductor" and inductor.compiled_count("fused_ffn") > 0
     assert by["compile"]["first_ms"] > by["eager"]["first_ms"]  # the compilation is in the first call
     assert by["fused+compile-reduce-overhead"]["status"] == "skipped"  # CUDA graphs: GPU only
     written = (tmp_path / "e2e_cpu_quick.md").read_text()
@@ -422,6 +428,23 @@ def test_script_runs_quick_on_cpu(script, tmp_path):
     assert any(r["status"] == "ok" for r in rows), "no provider ran on the CPU"
 
 
+def test_op_benchmark_times_the_inductor_backend_when_named():
+    """The ``inductor`` row (each op script has one): the public op on backend="inductor", here the FFN with
+    inductor's C++ on the CPU (one compile, forward+backward at the tiny shape). A CPU run that does not
+    name it skips it with the reason (the quick runs above)."""
+    import bench_ffn
+
+    argv = ["--device", "cpu", "--quick", "--models", "tiny", "--mode", "forward+backward", "--rep", "5", "--no-save"]
+    provider = next(p for p in bench_ffn.PROVIDERS if p.name == "inductor")
+    assert "name the provider in --providers" in H.provider_skip_reason(provider, None, H.parse_args("", argv))
+    args = H.parse_args("", argv + ["--providers", "eager,inductor"])
+    rows = H.run_benchmark("ffn", [bench_ffn.make_case(s, args.dtype) for s in H.shapes(args)], bench_ffn.PROVIDERS,
+                           args)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"eager", "inductor"} and by["inductor"]["status"] == "ok", by
+    assert by["inductor"]["first_ms"] > by["eager"]["first_ms"]  # the compilation is in the first call
+
+
 # ---- the profiling driver (benchmarks/profile_kernels.py) without a GPU ----
 
 
@@ -535,6 +558,27 @@ def test_gpu_suite_lease_call_dry_run(tmp_path):
     bad = subprocess.run(["bash", script, "no-such-call"], capture_output=True, text=True, env=env,
                          timeout=SUBPROCESS_LIMIT_S)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_gpu_suite_inductor_call_dry_run(tmp_path):
+    """`gpu_suite.sh inductor` (issue 20 item 3's measurement, one call): each op's inductor row beside
+    compile and our kernels, then fused against fused+inductor-ffn end to end. On the CPU: the LayerNorm's
+    eager row only (test_op_benchmark_times_the_inductor_backend_when_named compiles one), the tiny shapes,
+    and the model's FFN compiled by dynamo alone."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SUITE_DEVICE="cpu", PYTHON=sys.executable,
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), SUITE_STEPS="env,ops_inductor,e2e_inductor",
+               SUITE_INDUCTOR_OPS="layer_norm", SUITE_INDUCTOR_OP_PROVIDERS="eager,cuda", GIT_COMMIT="dry-run")
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_suite.sh"), "inductor"], capture_output=True, text=True,
+                          env=env, timeout=SUBPROCESS_LIMIT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    log = (tmp_path / "out" / "suite.log").read_text()
+    assert "of a 550 s budget" in summary, summary
+    assert "| bench_layer_norm_inductor | rc=0 |" in summary and "| bench_e2e_inductor | rc=0 |" in summary, summary
+    assert "bench_layer_norm.py --device cpu" in log and "--providers fused,fused+inductor-ffn" in log, log
+    assert "[layer_norm] tiny T=3 N=2 | forward | eager: " in log and "| fused+inductor-ffn: " in log, log
+    report = summary.split("against eager and the best torch.compile row (issue 20)")[1].split("## Benchmarks")[0]
+    assert "| fused+inductor-ffn |" in report and "| fused |" in report, report
 
 
 # ---- the input pipeline benchmark (benchmarks/data_pipeline.py) on tiny synthetic videos ----

@@ -43,7 +43,9 @@ as the scripts put it; scripts run as ``python benchmarks/bench_<op>.py``)
     must be present, each skipped with a reason when missing: ``"gpu"`` (a CUDA device is benchmarked),
     ``"triton"`` (Triton on CUDA, or on CPU only under --interpret), ``"cuda_ext"`` (the compiled
     extension loads), ``"cuda_op:<name>"`` (the extension registers ``torch.ops.uniformerv2_cuda.<name>``),
-    ``"xformers"`` (xformers imports and its memory_efficient_attention runs on CUDA). ``compile=True``
+    ``"xformers"`` (xformers imports and its memory_efficient_attention runs on CUDA), ``"inductor"`` (the
+    fused ops' inductor backend can run: torch.compile here, Triton for CUDA; on the CPU only when
+    ``--providers`` names ``inductor``, its C++ compile taking tens of seconds per shape). ``compile=True``
     wraps ``fn`` in ``torch.compile`` (compile time is kept out of the timing; see ``first_ms``).
     ``prepare(inputs) -> inputs`` runs once, untimed (e.g. a layout change a real caller would keep).
     ``skip_if(case, args) -> str | None`` gives case-specific reasons (dtype limits...).

@@ -268,6 +268,7 @@ def summarize(paths: Sequence[str], all_runs: bool = False) -> str:
 VARIANTS = {
     "triton-triton-gemm": "triton",
     "fused-triton-gemm": "fused",
+    "fused+inductor-ffn": "fused",  # the FFN on its inductor backend (issue 20 item 3's end-to-end half)
     # the same comparison in runs before cuBLAS became the default GEMM plan (results of 2026-11-25/26)
     "triton-cublas-gemm": "triton",
     "fused-cublas-gemm": "fused",

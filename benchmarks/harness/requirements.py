@@ -68,6 +68,17 @@ def _requirement_reason(req: str, args) -> str | None:
         return None
     if req == "xformers":
         return xformers_error()
+    if req == "inductor":  # the fused ops' inductor backend (torch.compile of their references)
+        err = backends.torch_compile_error()
+        if err:
+            return err
+        if dev == "cuda":
+            err = backends._triton_import_error()
+            return f"inductor generates Triton kernels for CUDA tensors: {err}" if err else None
+        if "inductor" not in (args.providers or ()):
+            return ("inductor compiles C++ for each shape on the CPU (tens of seconds): name the provider in "
+                    "--providers to run it")
+        return backends.cpp_compiler_error()
     raise ValueError(f"unknown requirement {req!r}")
 
 
