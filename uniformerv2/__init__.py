@@ -15,12 +15,13 @@ __all__ = [
 
 
 def build_model(name: str, num_classes: int | None = None, num_frames: int | None = None, fused: bool = False,
-                pretrained=None, backend: str | None = None, **overrides) -> UniFormerV2:
+                pretrained=None, backend: str | dict | None = None, **overrides) -> UniFormerV2:
     """Builds a named configuration (see `list_models()`).
 
     num_classes / num_frames (= t_size, input frames) and `overrides` (any official constructor argument)
     replace the preset's values; an unknown override is an error. `pretrained` is a checkpoint path or
-    state dict loaded strictly with `load_checkpoint`. `fused=True` runs the blocks on the fused ops.
+    state dict loaded strictly with `load_checkpoint`. `fused=True` runs the blocks on the fused ops, on
+    `backend`: None (automatic), one backend for every op, or a dict op -> backend (`UniFormerV2.set_fused`).
     """
     config = get_config(name)
     unknown = sorted(set(overrides) - constructor_args())

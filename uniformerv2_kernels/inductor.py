@@ -7,9 +7,9 @@ public function, so the gradients are the compiled function's own (AOTAutograd's
 by inductor too); the operators never see the name "inductor". Where a program is being recorded instead:
 - inside a ``torch.compile`` trace the plain reference runs inline (no nested compile): the enclosing
   compile traces its torch ops into its own graph and fuses them with the rest;
-- under ``torch.export`` / ``torch.jit.trace`` / ONNX export the op's public function records its operator
-  as for any other backend (with backend "auto"; :func:`.library.recording_for`), so a saved program does
-  not depend on this process's compiled code.
+- under ``torch.export`` / ``torch.jit.trace`` / ONNX export the op's public function calls its operator,
+  which records itself as for any other backend (with backend "auto"; ONNX: its reference math;
+  :func:`.library.recording_for`), so a saved program does not depend on this process's compiled code.
 
 Recompiles: dynamo keeps its compiled entries, and its recompile limit (8 by default; past it the function
 silently runs uncompiled), per code object. The model calls one op at several input signatures (the CLIP

@@ -161,7 +161,9 @@ def op_backend(backend: str | dict | None, op: str) -> str | None:
 def check_model_backend(backend) -> str | dict | None:
     """``backend`` as the model keeps it (a mapping becomes a dict), after checking it: None, a backend name
     (or "auto"), or a mapping from fused op names to backends that op implements."""
-    if backend is None or isinstance(backend, str):
+    if backend is None:
+        return None
+    if isinstance(backend, str):
         settings.backend(backend)  # raises ValueError naming the accepted values
         return backend
     if not isinstance(backend, Mapping):
