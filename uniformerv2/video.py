@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import functools
 
-import numpy as np
 import torch
 
 
@@ -46,8 +45,24 @@ def _rgb_options() -> dict:
     return {"format": "rgb24", "threads": 1}
 
 
-def _rgb(frame) -> np.ndarray:
-    return frame.to_ndarray(**_rgb_options())
+class _RGBFrames:
+    """The wanted frames in RGB, each converted straight into its row of one uint8 (K, H, W, 3) tensor: one
+    allocation per clip, and each converted frame's buffer is freed (and reused by the next) at once, where
+    keeping K arrays to stack them touched fresh memory for each."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.tensor: torch.Tensor | None = None
+
+    def put(self, row: int, frame) -> None:
+        rgb = frame.to_ndarray(**_rgb_options())
+        if self.tensor is None:
+            self.tensor = torch.empty((self.count, *rgb.shape), dtype=torch.uint8)
+            self._rows = self.tensor.numpy()
+        elif rgb.shape != self._rows.shape[1:]:
+            raise VideoDecodeError(f"the frame size changes within the video: {self._rows.shape[1:]}, then "
+                                   f"{rgb.shape}")
+        self._rows[row] = rgb
 
 
 def open_video_stream(path):
@@ -74,19 +89,22 @@ def count_frames(path: str) -> int:
         container.close()
 
 
-def _frame_index(container, stream) -> tuple[list[int], list[int]] | None:
-    """(every frame's pts in display order, the keyframes' pts), from the packets alone (no decoding; the
-    mp4 / webm demuxer reads ~1 ms per 10 s clip), or None when a packet has no pts."""
-    pts, keys = [], []
+def _packet_index(container, stream) -> tuple[list, list[int], list[int]] | None:
+    """(the stream's packets in decode order, every frame's pts in display order, the keyframes' pts), from one
+    pass of the demuxer (no decoding; the mp4 / webm demuxer reads ~1 ms per 10 s clip), or None when a packet
+    has no pts. The packets are kept: decoding from a keyframe is then a decoder flush and a jump in the list
+    (what a container seek leads to, without demuxing those packets a second time)."""
+    packets, pts, keys = [], [], []
     for packet in container.demux(stream):
         if packet.size == 0:  # the demuxer's final empty packet
             continue
         if packet.pts is None:
             return None
+        packets.append(packet)
         pts.append(packet.pts)
         if packet.is_keyframe:
             keys.append(packet.pts)
-    return sorted(pts), sorted(keys)
+    return packets, sorted(pts), sorted(keys)
 
 
 # A seek restarts the decoder: about as costly as decoding this many frames (measured on the development
@@ -111,11 +129,12 @@ def _seek_plan(pts: list[int], keys: list[int], unique: list[int]) -> list[int |
     return plan if decoded < unique[-1] + 1 else None
 
 
-def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], unique: list[int]) -> list | None:
-    """The frames ``unique`` (sorted display indices), seeking to the keyframe before a wanted frame where that
-    skips enough frames (``_seek_plan``); None where seeking does not pay or anything does not go as the
-    packet index says (the caller then decodes sequentially). A frame's display index is the rank of its pts
-    among all packets' pts."""
+def _decode_by_seeking(codec, packets: list, pts: list[int], keys: list[int], unique: list[int],
+                       out: _RGBFrames) -> _RGBFrames | None:
+    """``out`` with the frames ``unique`` (sorted display indices) put in, decoding ``packets`` (decode order)
+    from the keyframe before a wanted frame where that skips enough frames (``_seek_plan``); None where seeking
+    does not pay or anything does not go as the packet index says (the caller then decodes sequentially). A frame's
+    display index is the rank of its pts among all packets' pts."""
     plan = _seek_plan(pts, keys, unique)
     if plan is None:
         return None
@@ -124,31 +143,32 @@ def _decode_by_seeking(container, stream, pts: list[int], keys: list[int], uniqu
     # unseen; nothing refers to them, so every decoded frame is as in sequential decoding). That decision is
     # per packet, which frame threads (decoding packets later, on other threads) would not honour; decoding on
     # one thread also spends less CPU time per clip than FFmpeg's threads restarted at every seek.
-    stream.thread_type = "NONE"
-    codec = stream.codec_context
-    wanted = {pts[i] for i in unique}
-    got = []
-    packets, ahead = None, {}  # ahead: wanted frames that came out of the decoder with an earlier one
+    codec.thread_type = "NONE"
+    position_of = {p.pts: i for i, p in enumerate(packets) if p.is_keyframe}
+    row_of = {pts[i]: row for row, i in enumerate(unique)}
+    done = set()
+    next_packet = len(packets)
     for index, key in zip(unique, plan):
         target = pts[index]
-        if key is not None:
-            container.seek(key, stream=stream, backward=True, any_frame=False)
-            packets, ahead = container.demux(stream), {}
-        found = ahead.pop(target, None)
-        while found is None:
-            packet = next(packets, None)
-            if packet is None:
+        if target in done:  # it came out of the decoder with an earlier wanted frame
+            continue
+        if key is not None:  # what a seek to the keyframe does: flush the decoder, demux from that packet on
+            codec.flush_buffers()
+            next_packet = position_of[key]
+        while target not in done:
+            if next_packet > len(packets):
                 return None
-            codec.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+            # past the last packet: None drains the decoder (the frames it holds back to reorder them)
+            packet = packets[next_packet] if next_packet < len(packets) else None
+            next_packet += 1
+            codec.skip_frame = "DEFAULT" if packet is None or packet.pts in row_of else "NONREF"
             for frame in codec.decode(packet):
                 if frame.pts is None:
                     return None
-                if frame.pts == target:
-                    found = _rgb(frame)
-                elif frame.pts > target and frame.pts in wanted:
-                    ahead[frame.pts] = _rgb(frame)
-        got.append(found)
-    return got
+                if frame.pts >= target and frame.pts in row_of:  # the wanted one, or a later wanted one
+                    out.put(row_of[frame.pts], frame)
+                    done.add(frame.pts)
+    return out
 
 
 # A header may count a frame or two more than decode (a container's count of packets, say): such a clip is
@@ -178,15 +198,16 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
         wanted = index_fn(n)
         unique = sorted(set(wanted))
         if decoded is None:
-            index = _frame_index(container, stream)
-            arrays = None
-            if index is not None and len(index[0]) == n and len(index[1]) > 1:
-                arrays = _decode_by_seeking(container, stream, index[0], index[1], unique)
-            if arrays is None:  # sequential, from the start (a fresh container: no seek state to undo)
+            index = _packet_index(container, stream)
+            out = _RGBFrames(len(unique))
+            if (index is None or len(index[1]) != n or len(index[2]) < 2
+                    or _decode_by_seeking(stream.codec_context, *index, unique, out) is None):
+                # sequential, from the start (a fresh container: no seek state to undo)
                 container.close()
                 container, stream = open_video_stream(path)
-                arrays, count = _decode_sequentially(container, stream, unique)
-                if arrays is None:  # the stream ended before the last wanted frame
+                out = _RGBFrames(len(unique))
+                count = _decode_sequentially(container, stream, unique, out)
+                if count is not None:  # the stream ended before the last wanted frame
                     if n - count > _HEADER_SLACK_FRAMES:
                         raise VideoDecodeError(f"truncated: its header promises {n} frames, {count} decode")
                     container.close()
@@ -195,16 +216,17 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
                     wanted = index_fn(len(decoded))
                     unique = sorted(set(wanted))
         if decoded is not None:
-            arrays = [_rgb(decoded[i]) for i in unique]
+            out = _RGBFrames(len(unique))
+            for row, i in enumerate(unique):
+                out.put(row, decoded[i])
     except VideoDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt stream, bad packet, ...
         raise VideoDecodeError(f"decode failed: {type(exc).__name__}: {exc}") from exc
     finally:
         container.close()
-    frames = torch.from_numpy(np.stack(arrays))
     row = {i: r for r, i in enumerate(unique)}
-    return frames, [row[i] for i in wanted]
+    return out.tensor, [row[i] for i in wanted]
 
 
 def _decode_all(container, stream) -> list:
@@ -214,18 +236,17 @@ def _decode_all(container, stream) -> list:
     return frames
 
 
-def _decode_sequentially(container, stream, unique: list[int]) -> tuple[list | None, int]:
-    """(the frames ``unique`` (sorted display indices), the number of frames decoded), decoding every frame
-    up to the last one; (None, every frame the stream has) when it ends before that one."""
-    want = set(unique)
-    got: dict[int, np.ndarray] = {}
+def _decode_sequentially(container, stream, unique: list[int], out: _RGBFrames) -> int | None:
+    """Put the frames ``unique`` (sorted display indices) into ``out``, decoding every frame up to the last one;
+    None when done, else (the stream ends before the last one) the number of frames the stream has."""
+    row_of = {i: row for row, i in enumerate(unique)}
     count = 0
     for i, frame in enumerate(container.decode(stream)):
-        if i in want:
-            got[i] = _rgb(frame)
+        if i in row_of:
+            out.put(row_of[i], frame)
         count = i + 1
         if i >= unique[-1]:
-            return [got[i] for i in unique], count
+            return None
     if count == 0:
         raise VideoDecodeError("no frames decoded")
-    return None, count
+    return count
