@@ -267,6 +267,59 @@ def test_reencoding_keeps_every_frame_and_adds_keyframes(tmp_path, capsys, monke
     assert "would both be written to" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_reencoding_for_fast_decoding_keeps_the_frames_exact(tmp_path, fast_decode, monkeypatch):
+    """--fast-decode (the default) asks x264 for tune=fastdecode and no B-frame pyramid, --no-fast-decode for
+    x264's defaults (the encoder's settings, which x264 writes into the stream, say which it got); either way the
+    seeking decoder gives exactly the frames of sequential decoding."""
+    from uniformerv2 import reencode, video
+
+    src = _short_gop_video(str(tmp_path / "src.mp4"), 64, "h264", gop=100, step=3)
+    dst = str(tmp_path / "out.mp4")
+    assert reencode.reencode_video(src, dst, gop=16, fast_decode=fast_decode) == "written"
+    settings = open(dst, "rb").read()
+    for option, fast_value, default_value in (("cabac", 0, 1), ("deblock", 0, 1), ("b_pyramid", 0, 2),
+                                              ("weightp", 0, 2), ("keyint", 16, 16)):
+        assert f" {option}={fast_value if fast_decode else default_value}".encode() in settings, option
+    with av.open(dst) as c:
+        stream = c.streams.video[0]
+        assert stream.frames == 64 and sum(p.is_keyframe for p in c.demux(stream) if p.size) == 4
+    draws = [[3, 20, 37, 50], [15, 16, 17, 63], [8, 9]]
+    seeks = []
+    real_seek = video._decode_by_seeking
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: seeks.append(real_seek(*a)) or seeks[-1])
+    seeked = [decode_video(dst, lambda n, idx=idx: idx) for idx in draws]
+    assert seeks[0] is not None  # the sparse draw seeks
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: None)
+    for idx, (frames, rows) in zip(draws, seeked):
+        expected, expected_rows = decode_video(dst, lambda n, idx=idx: idx)
+        assert rows == expected_rows and torch.equal(frames, expected), idx
+        levels = frames[rows].float().flatten(1).median(dim=1).values
+        assert torch.allclose(levels, torch.tensor([3.0 * i + 4 for i in idx]), atol=6), idx
+    parser = reencode.build_parser()
+    assert parser.parse_args(["l.txt", "o"]).fast_decode is True
+    assert parser.parse_args(["l.txt", "o", "--no-fast-decode"]).fast_decode is False
+
+
+def test_a_training_clip_is_the_sampled_frames(tmp_path, monkeypatch):
+    """decode_train_clip returns the decoded tensor itself when the draw has T distinct frames (no copy), and
+    repeats rows where the draw repeats a frame (segments share their end frames; a short video)."""
+    from uniformerv2 import data
+
+    decoded = []
+    real_decode = data.decode_video
+    monkeypatch.setattr(data, "decode_video", lambda *a: decoded.append(real_decode(*a)) or decoded[-1])
+    for n, seed, distinct in ((24, 0, True), (24, 5, False), (3, 0, False)):
+        path = _frame_id_video(str(tmp_path / f"ids{n}.mp4"), n)
+        idx = segment_indices(n, 8, -1, 1, np.random.default_rng(seed))
+        assert (len(set(idx)) == 8) == distinct
+        clip = data.decode_train_clip(path, 8, np.random.default_rng(seed))
+        assert clip.shape == (8, 40, 56, 3) and clip.dtype == torch.uint8
+        assert (clip.data_ptr() == decoded[-1][0].data_ptr()) == distinct
+        levels = clip.float().mean(dim=(1, 2, 3))
+        assert torch.allclose(levels, torch.tensor([8.0 * i + 4 for i in idx]), atol=3), (n, idx)
+
+
 def test_unreadable_videos_are_reported_once_and_skipped(tmp_path, caplog):
     good = [_frame_id_video(str(tmp_path / f"g{i}.mp4"), 12) for i in range(3)]
     (tmp_path / "garbage.mp4").write_bytes(os.urandom(3000))

@@ -446,6 +446,14 @@ class TestTransform:
         return [normalize(uniform_crop(x, self.crop_size, p)) for p in positions]
 
 
+def decode_train_clip(path: str, num_frames: int, rng: np.random.Generator) -> torch.Tensor:
+    """The frames of one training clip, a random sparse (TSN) draw from ``rng``: uint8 (T, H, W, 3)."""
+    frames, rows = decode_video(path, lambda n: segment_indices(n, num_frames, -1, 1, rng))
+    if rows == list(range(len(frames))):  # T distinct frames (the usual draw): the decoded tensor is the clip
+        return frames
+    return frames[rows]
+
+
 def decode_test_clips(path: str, num_frames: int, num_clips: int) -> torch.Tensor:
     """The frames of every test clip of one video: uint8 (num_clips, T, H, W, 3)."""
 
@@ -515,10 +523,10 @@ class VideoListDataset(torch.utils.data.Dataset):
     def _load(self, index: int, rng):
         path, label = self.items[index]
         if self.train:
-            frames, rows = decode_video(path, lambda n: segment_indices(n, self.num_frames, -1, 1, rng))
+            frames = decode_train_clip(path, self.num_frames, rng)
             if self.raw_frames:
-                return DecodedClip(frames[rows], self.train_transform.sample(*frames.shape[1:3], rng)), label
-            return self.train_transform(frames[rows], rng), label
+                return DecodedClip(frames, self.train_transform.sample(*frames.shape[1:3], rng)), label
+            return self.train_transform(frames, rng), label
         if self.raw_frames:
             return DecodedClip(decode_test_clips(path, self.num_frames, self.num_clips)), label
         return load_test_views(path, self.num_frames, self.num_clips, self.test_transform), label
