@@ -45,6 +45,7 @@ sys.path.insert(0, HERE)
 import harness as H  # noqa: E402  (puts the repository on sys.path)
 from uniformerv2 import augment as A  # noqa: E402
 from uniformerv2 import data as D  # noqa: E402
+from uniformerv2.reencode import x264_options  # noqa: E402
 
 
 def _natural_frames(rng: np.random.Generator, frames: int, width: int, height: int):
@@ -67,9 +68,10 @@ def _natural_frames(rng: np.random.Generator, frames: int, width: int, height: i
 
 
 def write_synthetic_videos(out_dir: str, count: int, frames: int, width: int, height: int, codec: str,
-                           fps: int, gop: int | None = None) -> str:
+                           fps: int, gop: int | None = None, fast_decode: bool = True) -> str:
     """``count`` synthetic videos (``_natural_frames``) and a list file; ``gop``: a keyframe every gop frames
-    (default: the encoder's, 250 for H.264, which is what downloaded clips mostly have)."""
+    (default: the encoder's, 250 for H.264, which is what downloaded clips mostly have), for H.264 with the x264
+    options of ``uniformerv2-reencode`` (``fast_decode``: its ``--fast-decode``)."""
     import av
 
     rng = np.random.default_rng(0)
@@ -81,6 +83,8 @@ def write_synthetic_videos(out_dir: str, count: int, frames: int, width: int, he
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if gop:
                 stream.codec_context.gop_size = gop
+                if stream.codec_context.name == "libx264":
+                    stream.options = x264_options(gop, 23, fast_decode)
             for frame in _natural_frames(rng, frames, width, height):
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)
@@ -164,8 +168,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--codec", default="h264", help="codec of the synthetic videos")
     p.add_argument("--fps", type=int, default=30)
     p.add_argument("--gop", type=int, default=None,
-                   help="synthetic videos: a keyframe every GOP frames (as `uniformerv2-reencode --gop` writes; "
+                   help="synthetic videos: a keyframe every GOP frames, as `uniformerv2-reencode --gop` writes them ("
                         "default: the encoder's)")
+    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="synthetic H.264 videos with --gop: x264 options of `uniformerv2-reencode --fast-decode` "
+                        "(the default) or of --no-fast-decode")
     p.add_argument("--num-frames", type=int, default=8, help="frames per clip (the model's T)")
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--randaugment", default="rand-m7-n4-mstd0.5-inc1",
@@ -204,11 +211,14 @@ def main(argv=None) -> list[dict]:
                 p.error(f"--size must look like 340x256, got {args.size!r}")
             t0 = time.perf_counter()
             list_file = write_synthetic_videos(tmp, args.videos, args.frames, width, height, args.codec, args.fps,
-                                               args.gop)
+                                               args.gop, args.fast_decode)
             root = None
+            size = np.mean([os.path.getsize(path) for path, _ in D.read_video_list(list_file)]) / 1e3
             source = (f"{args.videos} synthetic {args.codec} videos, {args.frames} frames of {width}x{height} at "
-                      f"{args.fps} fps, keyframe every {args.gop or 'default'} frames "
-                      f"(written in {time.perf_counter() - t0:.1f} s)")
+                      f"{args.fps} fps, keyframe every {args.gop or 'default'} frames"
+                      + (f" (`uniformerv2-reencode --{'' if args.fast_decode else 'no-'}fast-decode` x264 options)"
+                         if args.gop else "")
+                      + f", {size:.0f} kB per video (written in {time.perf_counter() - t0:.1f} s)")
         paths = [path for path, _ in D.read_video_list(list_file, root)]
         if not paths:
             p.error(f"{list_file} lists no videos")
@@ -228,13 +238,13 @@ def measure(args, list_file: str, root: str | None, randaugment: str | None) -> 
     device = torch.device(args.device)
     paths = [path for path, _ in D.read_video_list(list_file, root)]
     rng = np.random.default_rng(0)
-    sample = lambda n: D.segment_indices(n, args.num_frames, -1, 1, rng)  # noqa: E731
-    decoded = {path: D.decode_video(path, sample) for path in paths}
+    load_before = os.getloadavg()[0]
+    decoded = {path: D.decode_train_clip(path, args.num_frames, rng) for path in paths}
     train_tf = D.TrainTransform(args.crop_size, randaugment=randaugment)
     test_tf = D.TestTransform(args.crop_size, args.crop_size, args.crops)
 
-    decode = per_clip_ms(lambda path: D.decode_video(path, sample), paths, args.reps)
-    transform = per_clip_ms(lambda path: train_tf(decoded[path][0][decoded[path][1]], rng), paths, args.reps)
+    decode = per_clip_ms(lambda path: D.decode_train_clip(path, args.num_frames, rng), paths, args.reps)
+    transform = per_clip_ms(lambda path: train_tf(decoded[path], rng), paths, args.reps)
     views_decode = per_clip_ms(lambda path: D.decode_test_clips(path, args.num_frames, args.clips), paths,
                                args.reps)
     views = per_clip_ms(lambda path: D.load_test_views(path, args.num_frames, args.clips, test_tf), paths, args.reps)
@@ -251,10 +261,10 @@ def measure(args, list_file: str, root: str | None, randaugment: str | None) -> 
     ]
     for row in rows:
         row["rate"] = 1e3 / row["ms"]
+    load_after = os.getloadavg()[0]
 
     # the batched transform of data.augment_on=gpu, on one batch of the decoded clips (repeated to fill it)
-    clips = [D.DecodedClip(decoded[p][0][decoded[p][1]], train_tf.sample(*decoded[p][0].shape[1:3], rng))
-             for p in paths]
+    clips = [D.DecodedClip(decoded[p], train_tf.sample(*decoded[p].shape[1:3], rng)) for p in paths]
     clips = (clips * args.batch_size)[:args.batch_size]
     train_batch = A.ClipBatch.collate(clips).to(device)
     test_batch = A.ClipBatch.collate([D.DecodedClip(D.decode_test_clips(p, args.num_frames, args.clips))
@@ -284,7 +294,10 @@ def measure(args, list_file: str, root: str | None, randaugment: str | None) -> 
     lines = [
         f"`benchmarks/data_pipeline.py`, {time.strftime('%Y-%m-%d', time.gmtime())}, commit {H.git_commit()}, "
         f"CPU {H._cpu_name()} ({os.cpu_count()} visible), torch {torch.__version__}; {args.num_frames} frames "
-        f"per clip, crop {args.crop_size}; per clip in one process (median of {args.reps}).",
+        f"per clip, crop {args.crop_size}; per clip in one process (median of {args.reps}); load average (1 min) "
+        f"{load_before:.1f} before and {load_after:.1f} after the per-clip rows on {os.cpu_count()} cores" + (
+            " (other processes shared the cores: the CPU times are the steadier figures)."
+            if max(load_before, load_after) > os.cpu_count() else "."),
         "",
         "| stage | CPU ms per clip (all threads) | wall ms per clip | clips/s per core |",
         "| --- | ---: | ---: | ---: |",

@@ -6,6 +6,8 @@ every ``--gop`` frames (H.264), ``uniformerv2.video.decode_video`` starts at the
 frame instead: 2-3x faster decoding of 8 of 300 frames at GOPs of 8-32 on the development machine
 (``benchmarks/data_pipeline.py``; the files grow by 1.3-2x). ``--short-side`` also scales the videos down,
 as mmaction2's Kinetics preparation does (e.g. 320 for 224 crops); decoding time scales with the pixels.
+``--fast-decode`` (the default) trades file size for decoding time: x264's ``tune=fastdecode`` and no B-frame
+pyramid (``x264_options``); ``--no-fast-decode`` keeps x264's defaults.
 
     uniformerv2-reencode k400/train.txt k400_fast/ --gop 16 --short-side 320 --workers 8
     uniformerv2-train ... data.train_list=k400_fast/train.txt
