@@ -29,7 +29,6 @@
 namespace uniformerv2 {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr float kQuickGeluAlpha = 1.702f;
 
 __device__ __forceinline__ float sigmoid_quick(float z) { return 1.0f / (1.0f + __expf(-kQuickGeluAlpha * z)); }

@@ -44,8 +44,6 @@
 namespace uniformerv2 {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTile = 8;  // tokens per tile (reduced when shared memory is short)
 constexpr int kDpeThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -506,10 +504,6 @@ FoldedQuery folded_query(const at::Tensor& query, const at::Tensor& in_proj_weig
   f.r = at::einsum("nhd,hdc->nhc", {f.qh, f.w_k}).div(std::sqrt(static_cast<double>(d)));
   f.u = f.r.mul(f.gamma).contiguous();
   return f;
-}
-
-at::Tensor fresh(const at::Tensor& t, at::ScalarType dtype) {
-  return t.contiguous().to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_query_attention_fwd(

@@ -21,6 +21,10 @@
 
 namespace uniformerv2 {
 
+// Threads per block of the extension's row and element kernels (8 warps).
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
 // ------------------------------------------------------------------------------------------------------
 // host helpers
 
@@ -49,6 +53,11 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 
 inline void check_numel(const at::Tensor& t, int64_t numel, const char* op, const char* name) {
   TORCH_CHECK(t.numel() == numel, op, ": ", name, " must have ", numel, " elements, got shape ", t.sizes());
+}
+
+// A fresh contiguous copy in dtype (outputs of a custom op must not alias each other or the inputs).
+inline at::Tensor fresh(const at::Tensor& t, at::ScalarType dtype) {
+  return t.contiguous().to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
 inline int device_sm_count() {

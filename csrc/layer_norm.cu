@@ -24,9 +24,6 @@
 namespace uniformerv2 {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
 template <typename T, int V>
 __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w,
                                       const float* __restrict__ b, T* __restrict__ y, float* __restrict__ mean_out,

@@ -40,8 +40,6 @@
 namespace uniformerv2 {
 namespace {
 
-constexpr int kThreads = 256;
-
 // ------------------------------------------------------------------------------------------------------
 // kernels
 
@@ -412,11 +410,6 @@ void rows_epilogue(const at::Tensor& acc, const at::Tensor& col_bias, const at::
 at::Tensor mm_fp32_out(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) return at::mm(a, b);
   return at::mm(a, b, at::kFloat);
-}
-
-// A fresh contiguous copy in dtype (outputs of a custom op must not alias each other or the inputs).
-at::Tensor fresh(const at::Tensor& t, at::ScalarType dtype) {
-  return t.contiguous().to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
 // X - mean per channel, computed in fp32 and stored in X's dtype.
