@@ -323,7 +323,7 @@ def linear_cases(dtypes, all_variants=True):
     for dt in dtypes:
         for v in variants:
             label = v[0]
-            for cfg in mod.gemm_configs():
+            for cfg in mod.gemm_configs(precision="ieee" if dt == "fp32" else "tf32"):
                 cases.append(_linear_case(mod, dt, *v, cfg, group=f"linear {label} {dt}"))
         # the default UNIFORMERV2_TRITON_GEMM=cublas plan's epilogue pass (after torch.addmm)
         p = _ptr(dt)

@@ -120,12 +120,23 @@ def test_triton_on_gpu_real_width(monkeypatch, dtype, gemm):
 
 
 # The GPU tests autotune among two configurations (UNIFORMERV2_AUTOTUNE=quick, tests/conftest.py); this runs
-# every configuration of the full list, which the benchmarks and training autotune among, once each.
-@pytest.mark.parametrize("config_index", range(len(triton_linear.GEMM_CONFIG_SHAPES)))
-def test_every_gemm_configuration_matches_float64(config_index):
-    config = triton_linear.gemm_configs()[config_index]
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # bf16 is wrong under the interpreter
+# every configuration of the full lists, which the benchmarks and training autotune among, once each: the
+# tensor-core list in 16 bits, the FMA list in fp32 without TF32.
+GEMM_CASES = ([(shape, "16-bit") for shape in triton_linear.GEMM_CONFIG_SHAPES]
+              + [(shape, "fp32") for shape in triton_linear.FP32_FMA_CONFIG_SHAPES])
+
+
+@pytest.mark.parametrize("shape,operands", GEMM_CASES, ids=[f"{'x'.join(map(str, s))}-{o}" for s, o in GEMM_CASES])
+def test_every_gemm_configuration_matches_float64(shape, operands):
+    config = triton_linear._config(shape)
+    if operands == "fp32":
+        dtype = torch.float32
+        assert triton_linear.input_precision(dtype) == "ieee"  # TF32 off: the FMA list
+    else:
+        dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # bf16 is wrong under the interpreter
     tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
+    if dtype == torch.float32:  # fp32 products summed in another order than float64's: K rounding steps
+        tol = dict(rtol=1e-5, atol=1e-5)
     M, N = 70, 96  # not multiples of any tile; K = 96: a partial last K block (EVEN_K off), K = 128: even
 
     def operands(K):
@@ -165,9 +176,21 @@ def test_autotune_setting_reads_the_environment_and_names_a_bad_value(monkeypatc
     monkeypatch.setenv("UNIFORMERV2_AUTOTUNE", "fast")
     with pytest.raises(ValueError, match="UNIFORMERV2_AUTOTUNE='fast'"):
         triton_linear.autotune_setting()
-    quick = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
-             for c in triton_linear.gemm_configs(quick=True)}
-    assert quick <= set(triton_linear.GEMM_CONFIG_SHAPES)  # the tests' subset: configurations of the full list
+    # the tests' subsets: configurations of the full lists
+    assert set(triton_linear.gemm_config_shapes("tf32", quick=True)) <= set(triton_linear.GEMM_CONFIG_SHAPES)
+    assert set(triton_linear.gemm_config_shapes("ieee", quick=True)) <= set(triton_linear.FP32_FMA_CONFIG_SHAPES)
+
+
+def test_the_autotuner_times_only_the_configurations_of_the_call_precision():
+    """The one autotuned kernel holds both lists; its early pruning keeps the list of the call's precision."""
+    for quick in (False, True):
+        every = [triton_linear._config(s) for s in dict.fromkeys(triton_linear.gemm_config_shapes("tf32", quick)
+                                                                 + triton_linear.gemm_config_shapes("ieee", quick))]
+        for precision in ("ieee", "tf32"):
+            kept = triton_linear._configs_for_the_call_precision(every, {}, quick=quick, INPUT_PRECISION=precision)
+            shapes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+                      for c in kept]
+            assert sorted(shapes) == sorted(triton_linear.gemm_config_shapes(precision, quick)), (precision, quick)
 
 
 def test_inference_path_matches_training_path():

@@ -5,7 +5,8 @@
   FFN's c_fc / c_proj / dgrad and the spatial attention's QKV / out_proj use it.
 - The plan (``UNIFORMERV2_TRITON_GEMM``, :func:`gemm_plan`): "cublas" runs the product on cuBLAS and the
   epilogue as one Triton pass (``_linear_epilogue_kernel``); "triton" runs both in ``_linear_kernel``,
-  autotuned among :data:`GEMM_CONFIG_SHAPES` (``UNIFORMERV2_AUTOTUNE=quick``: :data:`QUICK_CONFIG_SHAPES`).
+  autotuned among :data:`GEMM_CONFIG_SHAPES` (``UNIFORMERV2_AUTOTUNE=quick``: :data:`QUICK_CONFIG_SHAPES`);
+  fp32 operands without TF32 among :data:`FP32_FMA_CONFIG_SHAPES` (:data:`FP32_FMA_QUICK_CONFIG_SHAPES`).
 - For GEMMs whose A operand is built while loading it (the local MHRA's temporal mix), a kernel of their
   own uses :func:`grouped_tile` and the fixed tiles of :func:`fixed_gemm_config`; their cuBLAS plan uses
   :func:`mm_fp32_out`.
@@ -17,6 +18,8 @@ compiles every tile table here for sm_90 and sm_80.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -113,6 +116,17 @@ GEMM_CONFIG_SHAPES = [
 # each new (shape, flags) key compiles and times every configuration, too slow for a cold GPU machine's
 # test time. tests/test_ffn.py runs every configuration of the full list once, directly.
 QUICK_CONFIG_SHAPES = [(128, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
+# fp32 operands without TF32 (input precision "ieee") multiply on the FMA units, each thread holding its
+# fp32 products and accumulators in registers: the tiles above with K steps of 64 or over 64 accumulators
+# per thread spill registers on sm_80 and sm_90, or exceed an A100's shared memory in fp32 (the ahead-of-time
+# compile check's report, benchmarks/results/kernel_notes.md). These tiles compile without spills.
+FP32_FMA_CONFIG_SHAPES = [
+    (128, 128, 32, 3, 8),
+    (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+]
+FP32_FMA_QUICK_CONFIG_SHAPES = [(128, 128, 32, 3, 8), (64, 64, 32, 4, 4)]
 
 
 def autotune_setting() -> str:
@@ -120,11 +134,30 @@ def autotune_setting() -> str:
     return settings.autotune()
 
 
-def gemm_configs(quick: bool = False) -> list[triton.Config]:
-    """The autotuner's configurations of ``_linear_kernel``."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=stages, num_warps=warps)
-            for bm, bn, bk, stages, warps in (QUICK_CONFIG_SHAPES if quick else GEMM_CONFIG_SHAPES)]
+def gemm_config_shapes(precision: str = "tf32", quick: bool = False) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) the autotuner chooses among for operands of this
+    :func:`input_precision` ("ieee": fp32 on the FMA units; else tensor cores)."""
+    if precision == "ieee":
+        return FP32_FMA_QUICK_CONFIG_SHAPES if quick else FP32_FMA_CONFIG_SHAPES
+    return QUICK_CONFIG_SHAPES if quick else GEMM_CONFIG_SHAPES
+
+
+def _config(shape) -> triton.Config:
+    bm, bn, bk, stages, warps = shape
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
+def gemm_configs(quick: bool = False, precision: str = "tf32") -> list[triton.Config]:
+    """The autotuner's configurations of ``_linear_kernel`` for operands of this input precision."""
+    return [_config(shape) for shape in gemm_config_shapes(precision, quick)]
+
+
+def _configs_for_the_call_precision(configs, named_args, *, quick: bool, **kwargs):
+    """The autotuner's early pruning: only the configurations of the call's INPUT_PRECISION."""
+    shapes = set(gemm_config_shapes(kwargs["INPUT_PRECISION"], quick))
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps) in shapes]
 
 
 @triton.jit
@@ -238,9 +271,12 @@ def _kernel_and_meta(config: triton.Config | None = None):
     if INTERPRETED:
         return _linear_kernel, dict(INTERPRET_META)
     if _autotuned_linear_kernel is None:
+        quick = autotune_setting() == "quick"
+        shapes = dict.fromkeys(gemm_config_shapes("tf32", quick) + gemm_config_shapes("ieee", quick))
         _autotuned_linear_kernel = triton.autotune(
-            configs=gemm_configs(quick=autotune_setting() == "quick"),
-            key=["M", "N", "K", "EPILOGUE", "HAS_RES", "HAS_ROW_SCALE", "SWAP_OUT_ROWS", "EVEN_K"],
+            configs=[_config(shape) for shape in shapes],
+            key=["M", "N", "K", "EPILOGUE", "HAS_RES", "HAS_ROW_SCALE", "SWAP_OUT_ROWS", "EVEN_K", "INPUT_PRECISION"],
+            prune_configs_by={"early_config_prune": functools.partial(_configs_for_the_call_precision, quick=quick)},
         )(_linear_kernel)
     return _autotuned_linear_kernel, {}
 
