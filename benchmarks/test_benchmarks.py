@@ -45,6 +45,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def _script_env(**extra) -> dict:
+    """The environment of a script run here: no GPU, and one torch thread, as the in-process tests (CI runs
+    these beside the ahead-of-time compile check: more threads than free cores wait on each other)."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra)
+
+
 L_SIDE, T, N, C, HEADS = 4, 3, 2, 128, 2  # L = 17 tokens, 6 frame rows, head dim 64
 L = 1 + L_SIDE * L_SIDE
 C_MID = int(C // 1.5)
@@ -414,7 +420,7 @@ SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "benc
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_runs_quick_on_cpu(script, tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env = _script_env()
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, os.path.join(HERE, script), "--device", "cpu", "--quick", "--mode", "forward",
            "--out", str(tmp_path), "--rep", "5"]
@@ -449,7 +455,7 @@ def test_op_benchmark_times_the_inductor_backend_when_named():
 
 
 def test_profile_driver_runs_every_op_interpreted():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env = _script_env()
     cmd = [sys.executable, os.path.join(HERE, "profile_kernels.py"), "--interpret", "--model", "tiny",
            "--frames", "3", "--batch", "2", "--dtype", "float32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=SUBPROCESS_LIMIT_S)
@@ -492,7 +498,7 @@ def test_profile_summary_of_ncu_csv(tmp_path):
 
 
 def test_launch_overhead_runs_on_cpu(tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env = _script_env()
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "launch_overhead.md"
     cmd = [sys.executable, os.path.join(HERE, "launch_overhead.py"), "--device", "cpu", "--reps", "30",
@@ -525,7 +531,7 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
 
 
 def test_gpu_suite_lease_call_dry_run(tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SUITE_DEVICE="cpu", PYTHON=sys.executable,
+    env = _script_env(SUITE_DEVICE="cpu", PYTHON=sys.executable,
                OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path),
                SUITE_STEPS="env,cuda_tests,e2e_tests,e2e,e2e_compile,tests,tests_triton_gemm",
                SUITE_TEST_ARGS="-k quick_gelu -n 0", GIT_COMMIT="dry-run")
@@ -625,7 +631,7 @@ host, wall, note = lo.stubbed_host_us(broken, torch.device("cpu"), reps=1, warmu
 assert host is None and note == "failed: RuntimeError: boom", note
 print("ok")
 """
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", PYTHONPATH=HERE)
+    env = _script_env(TRITON_INTERPRET="1", PYTHONPATH=HERE)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=SUBPROCESS_LIMIT_S, cwd=HERE)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

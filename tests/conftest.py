@@ -8,13 +8,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# On a GPU the Triton GEMM autotunes among two configurations, not nine: each new shape compiles and times
-# every one, which dominated the suite's time on a cold cache (uniformerv2_kernels/triton/ffn.py);
-# tests/test_ffn.py runs each of the nine once.
+# On a GPU the Triton GEMM autotunes among two configurations, not the full list: each new shape compiles and
+# times every one, which dominated the suite's time on a cold cache (uniformerv2_kernels/triton/linear.py);
+# tests/test_ffn.py runs each configuration of the full lists once.
 os.environ.setdefault("UNIFORMERV2_AUTOTUNE", "quick")
 
 # Tests of the Triton paths run on the GPU where there is one (real kernels), else interpreted on the CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# pytest-xdist's workers share the cores: each (and each process a test starts) takes its share of torch's
+# CPU threads. More OpenMP threads than cores wait on each other: on the 2-core CI machine two workers of two
+# threads each spent ~20% more CPU time on tests/test_model.py than of one thread each.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _threads = max(1, _cores // _XDIST_WORKERS)
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
