@@ -118,8 +118,9 @@ GEMM_CONFIG_SHAPES = [
 QUICK_CONFIG_SHAPES = [(128, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
 # fp32 operands without TF32 (input precision "ieee") multiply on the FMA units, each thread holding its
 # fp32 products and accumulators in registers: the tiles above with K steps of 64 or over 64 accumulators
-# per thread spill registers on sm_80 and sm_90, or exceed an A100's shared memory in fp32 (the ahead-of-time
-# compile check's report, benchmarks/results/kernel_notes.md). These tiles compile without spills.
+# per thread spill registers on sm_80 and sm_90 (1,000-9,000 spill stores), or exceed an A100's shared memory
+# in fp32 (the ahead-of-time compile check's report, benchmarks/results/kernel_notes.md). These tiles spill
+# nothing, or at most 64 stores in the dgrad and swapped-row epilogues.
 FP32_FMA_CONFIG_SHAPES = [
     (128, 128, 32, 3, 8),
     (64, 128, 32, 4, 4),
