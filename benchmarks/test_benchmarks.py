@@ -48,7 +48,7 @@ def _one_thread():
 def _script_env(**extra) -> dict:
     """The environment of a script run here: no GPU, and one torch thread, as the in-process tests (CI runs
     these beside the ahead-of-time compile check: more threads than free cores wait on each other)."""
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra)
+    return _script_env(OMP_NUM_THREADS="1", **extra)
 
 
 L_SIDE, T, N, C, HEADS = 4, 3, 2, 128, 2  # L = 17 tokens, 6 frame rows, head dim 64
@@ -573,7 +573,7 @@ def test_gpu_suite_inductor_call_dry_run(tmp_path):
     compile and our kernels, then fused against fused+inductor-ffn end to end. On the CPU: the LayerNorm's
     eager row only (test_op_benchmark_times_the_inductor_backend_when_named compiles one), the tiny shapes,
     and the model's FFN compiled by dynamo alone."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SUITE_DEVICE="cpu", PYTHON=sys.executable,
+    env = _script_env(SUITE_DEVICE="cpu", PYTHON=sys.executable,
                OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), SUITE_STEPS="env,ops_inductor,e2e_inductor",
                SUITE_INDUCTOR_OPS="layer_norm", SUITE_INDUCTOR_OP_PROVIDERS="eager,cuda", GIT_COMMIT="dry-run")
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_suite.sh"), "inductor"], capture_output=True, text=True,
