@@ -48,7 +48,7 @@ def _one_thread():
 def _script_env(**extra) -> dict:
     """The environment of a script run here: no GPU, and one torch thread, as the in-process tests (CI runs
     these beside the ahead-of-time compile check: more threads than free cores wait on each other)."""
-    return _script_env(OMP_NUM_THREADS="1", **extra)
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra)
 
 
 L_SIDE, T, N, C, HEADS = 4, 3, 2, 128, 2  # L = 17 tokens, 6 frame rows, head dim 64
