@@ -107,16 +107,23 @@ def test_triton_matches_float64_reference(monkeypatch, shape, dtype, use_row_sca
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 def test_triton_on_gpu_real_width(monkeypatch, dtype, gemm):
     monkeypatch.setenv("UNIFORMERV2_TRITON_GEMM", gemm)
+    _check_real_width_on_gpu("triton", dtype)
+
+
+def _check_real_width_on_gpu(backend, dtype):
+    """At the B/16 width on the GPU: forward and every gradient within the low-precision rule of the
+    reference. Returns (inputs x, params, row_scale, grad_out) and the backend's (out, *grads)."""
     L, B, C = 197, 6, 768
     x = torch.randn(L, B, C, device="cuda").to(dtype)
     params = _params(C, dtype)
     rs = _row_scale(L).to(dtype)
     g = torch.randn_like(x)
-    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="triton"), x, params, rs, g)
+    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend=backend), x, params, rs, g)
     ref64 = _run(reference.fused_ffn, x.double(), [p.double() for p in params], rs.double(), g.double())
     ref_lowp = _run(reference.fused_ffn, x, params, rs, g)
     for i, (o, r64, rl) in enumerate(zip(out, ref64, ref_lowp)):
         assert_close(o, r64, rl, name="out" if i == 0 else GRAD_NAMES[i - 1], grad=i > 0)
+    return (x, params, rs, g), out
 
 
 # The GPU tests autotune among two configurations (UNIFORMERV2_AUTOTUNE=quick, tests/conftest.py); this runs
@@ -184,12 +191,10 @@ def test_autotune_setting_reads_the_environment_and_names_a_bad_value(monkeypatc
 def test_the_autotuner_times_only_the_configurations_of_the_call_precision():
     """The one autotuned kernel holds both lists; its early pruning keeps the list of the call's precision."""
     for quick in (False, True):
-        every = [triton_linear._config(s) for s in dict.fromkeys(triton_linear.gemm_config_shapes("tf32", quick)
-                                                                 + triton_linear.gemm_config_shapes("ieee", quick))]
+        every = triton_linear.autotuned_configs(quick)
         for precision in ("ieee", "tf32"):
             kept = triton_linear._configs_for_the_call_precision(every, {}, quick=quick, INPUT_PRECISION=precision)
-            shapes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
-                      for c in kept]
+            shapes = [triton_linear.config_shape(c) for c in kept]
             assert sorted(shapes) == sorted(triton_linear.gemm_config_shapes(precision, quick)), (precision, quick)
 
 
@@ -398,16 +403,7 @@ def test_inductor_backend_records_the_operator_for_export():
 def test_inductor_backend_bf16_real_width_and_cuda_graph_replay():
     """At the B/16 width in bf16: within the low-precision rule of the reference; and the compiled forward
     and backward, warmed up on a side stream, replay from a CUDA graph (the graphed training step's path)."""
-    L, B, C = 197, 6, 768
-    x = torch.randn(L, B, C, device="cuda").to(torch.bfloat16)
-    params = _params(C, torch.bfloat16)
-    rs = _row_scale(L).to(torch.bfloat16)
-    g = torch.randn_like(x)
-    out = _run(lambda *a, **k: fused_ffn(*a, **k, backend="inductor"), x, params, rs, g)
-    ref64 = _run(reference.fused_ffn, x.double(), [p.double() for p in params], rs.double(), g.double())
-    ref_lowp = _run(reference.fused_ffn, x, params, rs, g)
-    for i, (o, r64, rl) in enumerate(zip(out, ref64, ref_lowp)):
-        assert_close(o, r64, rl, name="out" if i == 0 else GRAD_NAMES[i - 1], grad=i > 0)
+    (x, params, rs, g), out = _check_real_width_on_gpu("inductor", torch.bfloat16)
 
     leaves = [t.detach().requires_grad_() for t in (x, *params, rs)]
 

@@ -149,16 +149,26 @@ def _config(shape) -> triton.Config:
                          num_stages=stages, num_warps=warps)
 
 
+def config_shape(config: triton.Config) -> tuple[int, int, int, int, int]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of a configuration: :func:`_config`'s inverse."""
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, config.num_warps
+
+
 def gemm_configs(quick: bool = False, precision: str = "tf32") -> list[triton.Config]:
     """The autotuner's configurations of ``_linear_kernel`` for operands of this input precision."""
     return [_config(shape) for shape in gemm_config_shapes(precision, quick)]
 
 
+def autotuned_configs(quick: bool = False) -> list[triton.Config]:
+    """The autotuned kernel's configurations: both lists, each tile once (the call's precision prunes them)."""
+    return [_config(s) for s in dict.fromkeys(gemm_config_shapes("tf32", quick) + gemm_config_shapes("ieee", quick))]
+
+
 def _configs_for_the_call_precision(configs, named_args, *, quick: bool, **kwargs):
     """The autotuner's early pruning: only the configurations of the call's INPUT_PRECISION."""
     shapes = set(gemm_config_shapes(kwargs["INPUT_PRECISION"], quick))
-    return [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps) in shapes]
+    return [c for c in configs if config_shape(c) in shapes]
 
 
 @triton.jit
@@ -273,9 +283,8 @@ def _kernel_and_meta(config: triton.Config | None = None):
         return _linear_kernel, dict(INTERPRET_META)
     if _autotuned_linear_kernel is None:
         quick = autotune_setting() == "quick"
-        shapes = dict.fromkeys(gemm_config_shapes("tf32", quick) + gemm_config_shapes("ieee", quick))
         _autotuned_linear_kernel = triton.autotune(
-            configs=[_config(shape) for shape in shapes],
+            configs=autotuned_configs(quick),
             key=["M", "N", "K", "EPILOGUE", "HAS_RES", "HAS_ROW_SCALE", "SWAP_OUT_ROWS", "EVEN_K", "INPUT_PRECISION"],
             prune_configs_by={"early_config_prune": functools.partial(_configs_for_the_call_precision, quick=quick)},
         )(_linear_kernel)
