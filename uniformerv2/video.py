@@ -138,36 +138,54 @@ def _decode_by_seeking(codec, packets: list, pts: list[int], keys: list[int], un
     plan = _seek_plan(pts, keys, unique)
     if plan is None:
         return None
+    position_of = {p.pts: i for i, p in enumerate(packets) if p.is_keyframe}
+    runs = []  # (the position of the keyframe to decode from, the wanted frames' pts decoded from it)
+    for index, key in zip(unique, plan):
+        if key is not None:
+            runs.append((position_of[key], []))
+        runs[-1][1].append(pts[index])
+    return _decode_runs(codec, packets, runs, {pts[i]: row for row, i in enumerate(unique)}, out)
+
+
+def _decode_runs(codec, packets: list, runs: list, row_of: dict, out: _RGBFrames) -> _RGBFrames | None:
+    """Decode ``packets`` (decode order) in runs, each from a flushed decoder (what a seek leads to) at the
+    keyframe ``packets[start]`` on to its wanted frames (``runs``: (start, their pts in display order)), and put
+    each wanted frame (``row_of``: pts -> row) into ``out``; None if a wanted frame does not come out."""
     # Between a keyframe and a wanted frame only the frames that others are predicted from need decoding: each
-    # packet but the wanted one is sent with FFmpeg's skip_frame=NONREF (non-reference B-frames are dropped
+    # packet but a wanted one is sent with FFmpeg's skip_frame=NONREF (non-reference B-frames are dropped
     # unseen; nothing refers to them, so every decoded frame is as in sequential decoding). That decision is
     # per packet, which frame threads (decoding packets later, on other threads) would not honour; decoding on
     # one thread also spends less CPU time per clip than FFmpeg's threads restarted at every seek.
     codec.thread_type = "NONE"
-    position_of = {p.pts: i for i, p in enumerate(packets) if p.is_keyframe}
-    row_of = {pts[i]: row for row, i in enumerate(unique)}
     done = set()
-    next_packet = len(packets)
-    for index, key in zip(unique, plan):
-        target = pts[index]
-        if target in done:  # it came out of the decoder with an earlier wanted frame
-            continue
-        if key is not None:  # what a seek to the keyframe does: flush the decoder, demux from that packet on
-            codec.flush_buffers()
-            next_packet = position_of[key]
-        while target not in done:
-            if next_packet > len(packets):
-                return None
-            # past the last packet: None drains the decoder (the frames it holds back to reorder them)
-            packet = packets[next_packet] if next_packet < len(packets) else None
-            next_packet += 1
-            codec.skip_frame = "DEFAULT" if packet is None or packet.pts in row_of else "NONREF"
-            for frame in codec.decode(packet):
-                if frame.pts is None:
+    decoding_wanted = None  # skip_frame as last set: DEFAULT (True) or NONREF (False)
+    for start, targets in runs:
+        codec.flush_buffers()
+        next_packet, drained = start, False
+        for t, target in enumerate(targets):
+            # After the run's last wanted packet the decoder is drained (None): the frames it holds back for
+            # reordering come out without decoding the packets that follow (the next run starts from a flush).
+            drain_after_target = t + 1 == len(targets)
+            target_sent = False
+            while target not in done:
+                if drained:
                     return None
-                if frame.pts >= target and frame.pts in row_of:  # the wanted one, or a later wanted one
-                    out.put(row_of[frame.pts], frame)
-                    done.add(frame.pts)
+                if next_packet < len(packets) and not (target_sent and drain_after_target):
+                    packet = packets[next_packet]
+                    next_packet += 1
+                    wanted = packet.pts in row_of
+                    target_sent = target_sent or packet.pts == target
+                else:  # the last packet is in, or the target: None drains the decoder
+                    packet, wanted, drained = None, True, True
+                if decoding_wanted is not wanted:  # a call into PyAV: made only when it changes
+                    codec.skip_frame = "DEFAULT" if wanted else "NONREF"
+                    decoding_wanted = wanted
+                for frame in codec.decode(packet):
+                    if frame.pts is None:
+                        return None
+                    if frame.pts >= target and frame.pts in row_of:  # the wanted one, or a later wanted one
+                        out.put(row_of[frame.pts], frame)
+                        done.add(frame.pts)
     return out
 
 
