@@ -194,6 +194,39 @@ def test_seeking_past_non_reference_frames_gives_the_frames_of_sequential_decodi
         assert rows == expected_rows and torch.equal(frames, expected), idx
 
 
+@pytest.mark.parametrize("open_gop", [False, True])
+def test_h264_in_mp4_seeks_from_the_container_index_where_keyframes_are_idr_pictures(tmp_path, open_gop,
+                                                                                     monkeypatch):
+    """H.264 in mp4 is read from the demuxer's sample table: only the runs from the IDR picture before a wanted
+    frame are demuxed, and a frame's display index is the IDR's position plus its rank in the run. With open
+    GOPs (keyframes that are not IDR pictures: frames after one may be shown before it) that does not hold: the
+    whole stream is demuxed for the pts order instead. Either way the frames are those of sequential decoding,
+    for draws within one run, across a run's end and at the last frame."""
+    from uniformerv2 import video
+
+    path = _short_gop_video(str(tmp_path / "gop.mp4"), 120, "h264", gop=16, step=2,
+                            options={"x264-params": f"bframes=3:b-adapt=0:open-gop={int(open_gop)}"})
+    with av.open(path) as c:
+        stream = c.streams.video[0]
+        idr = [video._is_idr(p, 4) for p in c.demux(stream) if p.size and p.is_keyframe]
+    assert len(idr) >= 7 and idr[0] and all(idr) == (not open_gop), idr  # the case under test
+    calls = []
+    for name in ("_runs_from_container_index", "_packet_index", "_decode_by_seeking"):
+        real = getattr(video, name)
+        monkeypatch.setattr(video, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
+    draws = [[3, 40, 70, 100], [14, 15, 16, 17, 60, 119], [20, 36, 52, 68, 84]]
+    seeked = []
+    for idx in draws:
+        calls.clear()
+        seeked.append(decode_video(path, lambda n, idx=idx: idx))
+        assert calls == (["_decode_by_seeking", "_runs_from_container_index"]
+                         + ["_packet_index"] * open_gop), (idx, calls)
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: None)
+    for idx, (frames, rows) in zip(draws, seeked):
+        expected, expected_rows = decode_video(path, lambda n, idx=idx: idx)
+        assert rows == expected_rows and torch.equal(frames, expected), idx
+
+
 def test_a_video_without_a_frame_count_in_its_header(tmp_path):
     """webm (Something-Something's format) has no frame count: the clip is decoded once and only the wanted
     frames are converted to RGB."""
@@ -217,8 +250,11 @@ def test_a_single_keyframe_video_decodes_sequentially(tmp_path, monkeypatch):
     from uniformerv2 import video
 
     path = _short_gop_video(str(tmp_path / "one_gop.mp4"), 20, "h264", gop=100)
-    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: pytest.fail("seek path used with one keyframe"))
+    results = []
+    real_seek = video._decode_by_seeking
+    monkeypatch.setattr(video, "_decode_by_seeking", lambda *a: results.append(real_seek(*a)) or results[-1])
     frames, rows = decode_video(path, lambda n: [3, 19])
+    assert results == [None]  # the seeking decoder declines: one keyframe
     levels = frames[rows].float().flatten(1).median(dim=1).values
     assert torch.allclose(levels, torch.tensor([28.0, 156.0]), atol=6)
 

@@ -112,45 +112,181 @@ def _packet_index(container, stream) -> tuple[list, list[int], list[int]] | None
 _SEEK_COST_FRAMES = 8
 
 
-def _seek_plan(pts: list[int], keys: list[int], unique: list[int]) -> list[int | None] | None:
-    """For each wanted frame (sorted display indices), the pts of the keyframe to seek to before decoding on to
-    it, or None to continue from the last frame; None (the whole plan) where no keyframe precedes a wanted
-    frame, or where the plan would not decode fewer frames than reading sequentially to the last one."""
+def _seek_plan(unique: list[int], key_before) -> list[int | None] | None:
+    """For each wanted frame (sorted display indices), the display index of the keyframe to decode from
+    (``key_before(index)``: the last keyframe at or before it, or None), or None to continue from the last frame;
+    None (the whole plan) where no keyframe precedes a wanted frame, or where the plan would not decode fewer
+    frames than reading sequentially to the last one."""
     plan, decoded, position = [], 0, None
     for index in unique:
-        k = bisect.bisect_right(keys, pts[index]) - 1
-        if k < 0:
+        key_index = key_before(index)
+        if key_index is None:
             return None
-        key_index = bisect.bisect_left(pts, keys[k])
         seek = position is None or key_index - position - 1 > _SEEK_COST_FRAMES
         decoded += (index - key_index + 1 + _SEEK_COST_FRAMES) if seek else (index - position)
-        plan.append(keys[k] if seek else None)
+        plan.append(key_index if seek else None)
         position = index
     return plan if decoded < unique[-1] + 1 else None
 
 
-def _decode_by_seeking(codec, packets: list, pts: list[int], keys: list[int], unique: list[int],
-                       out: _RGBFrames) -> _RGBFrames | None:
-    """``out`` with the frames ``unique`` (sorted display indices) put in, decoding ``packets`` (decode order)
-    from the keyframe before a wanted frame where that skips enough frames (``_seek_plan``); None where seeking
-    does not pay or anything does not go as the packet index says (the caller then decodes sequentially). A frame's
-    display index is the rank of its pts among all packets' pts."""
-    plan = _seek_plan(pts, keys, unique)
+def _decode_by_seeking(container, stream, n: int, unique: list[int], out: _RGBFrames) -> _RGBFrames | None:
+    """``out`` with the frames ``unique`` (sorted display indices of the ``n``) put in, each decoded from the
+    keyframe before it where that skips enough frames (``_seek_plan``); None where seeking does not pay or
+    anything does not go as the index says (the caller then decodes sequentially from a fresh container).
+
+    H.264 in mp4 is read from the container's own index (``_runs_from_container_index``): only the keyframe
+    runs that hold wanted frames are demuxed; other videos are demuxed whole once (``_packet_index``)."""
+    runs = _runs_from_container_index(container, stream, n, unique)
+    if runs is _INDEX_MISMATCH:  # (a keyframe that is not an IDR picture, say) back to the first packet
+        try:
+            container.seek(_BEFORE_THE_FIRST_FRAME, stream=stream, backward=True)
+        except Exception:  # noqa: BLE001 - the caller then decodes sequentially
+            return None
+    if runs is _NO_CONTAINER_INDEX or runs is _INDEX_MISMATCH:
+        runs = _runs_from_packet_index(container, stream, n, unique)
+    if runs is None:
+        return None
+    return _decode_runs(stream.codec_context, runs, out)
+
+
+def _runs_from_packet_index(container, stream, n: int, unique: list[int]) -> list | None:
+    """The runs for ``_decode_runs`` from every packet of the stream (``_packet_index``): a frame's display
+    index is the rank of its pts among all packets' pts. None where there is no such index, fewer than two
+    keyframes, or seeking does not pay."""
+    index = _packet_index(container, stream)
+    if index is None or len(index[1]) != n or len(index[2]) < 2:
+        return None
+    packets, pts, keys = index
+
+    def key_before(i):
+        k = bisect.bisect_right(keys, pts[i]) - 1
+        return bisect.bisect_left(pts, keys[k]) if k >= 0 else None
+
+    plan = _seek_plan(unique, key_before)
     if plan is None:
         return None
     position_of = {p.pts: i for i, p in enumerate(packets) if p.is_keyframe}
-    runs = []  # (the position of the keyframe to decode from, the wanted frames' pts decoded from it)
-    for index, key in zip(unique, plan):
+    runs = []
+    for row, (index, key) in enumerate(zip(unique, plan)):
         if key is not None:
-            runs.append((position_of[key], []))
-        runs[-1][1].append(pts[index])
-    return _decode_runs(codec, packets, runs, {pts[i]: row for row, i in enumerate(unique)}, out)
+            runs.append((packets, position_of[pts[key]], {}))
+        runs[-1][2][pts[index]] = row
+    return runs
 
 
-def _decode_runs(codec, packets: list, runs: list, row_of: dict, out: _RGBFrames) -> _RGBFrames | None:
-    """Decode ``packets`` (decode order) in runs, each from a flushed decoder (what a seek leads to) at the
-    keyframe ``packets[start]`` on to its wanted frames (``runs``: (start, their pts in display order)), and put
-    each wanted frame (``row_of``: pts -> row) into ``out``; None if a wanted frame does not come out."""
+_NO_CONTAINER_INDEX, _INDEX_MISMATCH = object(), object()
+# a timestamp before any frame's: the mp4 demuxer seeks to its first sample
+_BEFORE_THE_FIRST_FRAME = -(1 << 62)
+
+# NAL unit types (H.264, table 7-1): the first slice of a coded picture says whether it is an IDR picture
+_NAL_SLICE, _NAL_IDR_SLICE = 1, 5
+
+
+def _is_idr(packet, length_size: int) -> bool:
+    """Whether an H.264 packet in mp4 form (NAL units each prefixed by its ``length_size``-byte length) codes an
+    IDR picture: the decoder then holds no earlier frame, and outputs every earlier frame before it."""
+    data = bytes(packet)
+    pos = 0
+    while pos + length_size < len(data):
+        nal_type = data[pos + length_size] & 0x1F
+        if nal_type in (_NAL_SLICE, _NAL_IDR_SLICE):
+            return nal_type == _NAL_IDR_SLICE
+        pos += length_size + int.from_bytes(data[pos:pos + length_size], "big")
+    return False
+
+
+def _runs_from_container_index(container, stream, n: int, unique: list[int]):
+    """The runs for ``_decode_runs`` for H.264 in mp4, whose demuxer reads the sample table (every frame's dts
+    and keyframe flag, in decode order) when the file is opened, without demuxing every packet: only each run's
+    packets, from the IDR picture before a wanted frame to the next IDR picture. Frames before an IDR picture in
+    decode order are all output before it and those after it after, so a frame's display index is the IDR's
+    position in decode order plus the rank of the frame's pts within its run. ``_NO_CONTAINER_INDEX`` for other
+    videos or where the index does not count ``n`` frames; None where seeking does not pay; ``_INDEX_MISMATCH``
+    where the packets do not match the index (a keyframe that is not an IDR picture, a packet without pts, ...)."""
+    extradata = stream.codec_context.extradata
+    # avcC extradata (version 1): the packets' NAL units are length-prefixed, of (byte 4 & 3) + 1 bytes
+    if (stream.codec_context.name != "h264" or not container.format.name.startswith("mov,")
+            or not extradata or len(extradata) < 7 or extradata[0] != 1):
+        return _NO_CONTAINER_INDEX
+    entries = stream.index_entries
+    if len(entries) != n:
+        return _NO_CONTAINER_INDEX
+    length_size = (extradata[4] & 3) + 1
+
+    def key_before(i):  # the keyframe at or before decode position i
+        k = entries.search_timestamp(entries[i].timestamp, backward=True)
+        return k if 0 <= k <= i else None
+
+    if _seek_plan(unique, key_before) is None:
+        return None
+    runs, key_delay = [], None  # (key position, its run's packets, their pts sorted, wanted pts -> row)
+    for row, index in enumerate(unique):
+        key = key_before(index)  # a run ends at the next IDR picture: a frame past it starts a run of its own
+        if not runs or key != runs[-1][0]:
+            packets, key_delay = _demux_run(container, stream, entries, key, key_delay, length_size)
+            if packets is None:
+                return _INDEX_MISMATCH
+            runs.append((key, packets, sorted(p.pts for p in packets), {}))
+        key_position, packets, pts, targets = runs[-1]
+        if index - key_position >= len(packets):
+            return _INDEX_MISMATCH
+        targets[pts[index - key_position]] = row
+    return [(packets, 0, targets) for _, packets, _, targets in runs]
+
+
+_LANDED_LATE = object()
+
+
+def _demux_run(container, stream, entries, key: int, key_delay, length_size: int):
+    """(the packets from the IDR picture at decode position ``key`` up to the next IDR picture, the key packet's
+    pts - dts), or (None, None) where they do not match the index. The mp4 demuxer seeks by presentation
+    time: to a keyframe's dts plus its pts - dts (``key_delay``: the last run's, the same in a constant-delay
+    stream); a seek that lands earlier is demuxed forward to the key, one that lands later is redone at the
+    dts (which lands at or before the key)."""
+    dts = entries[key].timestamp
+    for target in ([dts + key_delay, dts] if key_delay else [dts]):
+        try:
+            container.seek(target, stream=stream, backward=True)
+        except Exception:  # noqa: BLE001 - the caller then decodes sequentially
+            return None, None
+        packets = _read_run(container, stream, entries, key, length_size)
+        if packets is not _LANDED_LATE:
+            return (packets, packets[0].pts - dts) if packets else (None, None)
+    return None, None
+
+
+def _read_run(container, stream, entries, key: int, length_size: int):
+    """The packets from the IDR picture at decode position ``key`` up to the next IDR picture or the end of the
+    stream, demuxed from where the last seek landed; ``_LANDED_LATE`` past the key; None where the packets do
+    not match the index."""
+    dts = entries[key].timestamp
+    packets = []
+    for packet in container.demux(stream):
+        end_of_stream = packet.size == 0  # the demuxer's final empty packet
+        if not end_of_stream and (packet.pts is None or packet.dts is None or packet.is_discard):
+            return None
+        if not packets:
+            if end_of_stream:
+                return None
+            if packet.dts < dts:  # landed at an earlier keyframe
+                continue
+            if packet.dts > dts:
+                return _LANDED_LATE
+            if not (packet.is_keyframe and _is_idr(packet, length_size)):
+                return None
+        elif end_of_stream or (packet.is_keyframe and _is_idr(packet, length_size)):
+            end = key + len(packets)  # the run ends where the index says the stream or the next IDR begins
+            if end_of_stream:
+                return packets if end == len(entries) else None
+            return packets if end < len(entries) and entries[end].timestamp == packet.dts else None
+        packets.append(packet)
+    return None
+
+
+def _decode_runs(codec, runs: list, out: _RGBFrames) -> _RGBFrames | None:
+    """Decode runs of packets, each from a flushed decoder (what a seek leads to): ``runs`` holds (packets in
+    decode order, the position of the keyframe to start from, the wanted frames' pts -> row in ``out``, in
+    display order); each wanted frame is put into its row of ``out``. None if a wanted frame does not come out."""
     # Between a keyframe and a wanted frame only the frames that others are predicted from need decoding: each
     # packet but a wanted one is sent with FFmpeg's skip_frame=NONREF (non-reference B-frames are dropped
     # unseen; nothing refers to them, so every decoded frame is as in sequential decoding). That decision is
@@ -159,9 +295,10 @@ def _decode_runs(codec, packets: list, runs: list, row_of: dict, out: _RGBFrames
     codec.thread_type = "NONE"
     done = set()
     decoding_wanted = None  # skip_frame as last set: DEFAULT (True) or NONREF (False)
-    for start, targets in runs:
+    for packets, start, row_of in runs:
         codec.flush_buffers()
         next_packet, drained = start, False
+        targets = sorted(row_of)
         for t, target in enumerate(targets):
             # After the run's last wanted packet the decoder is drained (None): the frames it holds back for
             # reordering come out without decoding the packets that follow (the next run starts from a flush).
@@ -216,10 +353,8 @@ def decode_video(path: str, index_fn) -> tuple[torch.Tensor, list[int]]:
         wanted = index_fn(n)
         unique = sorted(set(wanted))
         if decoded is None:
-            index = _packet_index(container, stream)
             out = _RGBFrames(len(unique))
-            if (index is None or len(index[1]) != n or len(index[2]) < 2
-                    or _decode_by_seeking(stream.codec_context, *index, unique, out) is None):
+            if _decode_by_seeking(container, stream, n, unique, out) is None:
                 # sequential, from the start (a fresh container: no seek state to undo)
                 container.close()
                 container, stream = open_video_stream(path)
