@@ -529,6 +529,45 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
         assert float(fused[2]) > 0 and int(fused[7]) > 10 and "launches stubbed" in fused[8]
 
 
+# ---- the ahead-of-time compile check's cases (benchmarks/aot_compile_check.py; CI runs the compiles) ----
+
+
+def test_aot_compile_check_light_variants_keep_every_other_gemm_tile():
+    """--light-variants edges (what CI runs): the light GEMM variants at the smallest and largest tile of
+    their lists, every other variant at every tile; none drops them; a bad value is refused. In a subprocess:
+    importing the script sets Triton's compile environment."""
+    code = r"""
+import collections, aot_compile_check as A
+def tiles(light):
+    counts = collections.Counter()
+    for c in A.linear_cases(["fp32", "fp16"], light_variants=light):
+        if c.kernel == "_linear_kernel":
+            counts[(c.dtype, c.config.split(" ")[0])] += 1
+    return counts
+full, edges, none = tiles("all"), tiles("edges"), tiles("none")
+mod = A._module("linear")
+for dt, precision in (("fp32", "ieee"), ("fp16", "tf32")):
+    n = len(mod.gemm_configs(precision=precision))
+    for label in ("c_fc(gelu,pre)", "c_proj(res,scale)", "dgrad(gelu')", "out_proj(swap)"):
+        assert full[(dt, label)] == edges[(dt, label)] == none[(dt, label)] == n, (dt, label)
+    for label in ("c_fc(gelu)", "c_proj(res)", "qkv"):
+        assert full[(dt, label)] == n and edges[(dt, label)] == 2 and (dt, label) not in none, (dt, label)
+edge_tiles = {c.config for c in A.linear_cases(["fp16"], light_variants="edges") if c.config.startswith("qkv ")}
+assert edge_tiles == {"qkv 64x64x32 s4 w4", "qkv 128x256x64 s3 w8"}, edge_tiles
+try:
+    A.linear_cases(["fp16"], light_variants="some")
+except ValueError as e:
+    assert "light_variants" in str(e)
+else:
+    raise AssertionError("no error")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                          env=_script_env(PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)])),
+                          timeout=SUBPROCESS_LIMIT_S)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 # ---- the GPU suite script, dry-run on the CPU (a broken script would waste a rare GPU lease) ----
 
 
