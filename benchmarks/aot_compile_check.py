@@ -321,13 +321,13 @@ def linear_cases(dtypes, light_variants="all"):
     compiled by the full variant at every tile, and their own epilogue at both ends of the list; what is not
     compiled is their register report at the other tiles (a run with "all", triton 3.8, found their shared
     memory equal to the full variant's at every tile and arch, and their registers within 10 of it)."""
+    if light_variants not in ("all", "edges", "none"):
+        raise ValueError(f"light_variants: all, edges or none, not {light_variants!r}")
     mod = _module("linear")
     C, m = 768, MODELS[768]
     M = m["L"] * m["NT"]
     base = dict(HAS_BIAS=True, EPILOGUE=0, STORE_PRE=False, HAS_RES=False, HAS_ROW_SCALE=False, SWAP_OUT_ROWS=False)
     # (label, M, N, K, strides a (m, k), strides w (n, k), n_outer, n_inner, rows_per_scale, flags)
-    if light_variants not in ("all", "edges", "none"):
-        raise ValueError(f"light_variants: all, edges or none, not {light_variants!r}")
     variants = [
         ("c_fc(gelu,pre)", M, 4 * C, C, C, 1, C, 1, 1, 1, 1, dict(base, EPILOGUE=1, STORE_PRE=True)),
         ("c_proj(res,scale)", M, C, 4 * C, 4 * C, 1, 4 * C, 1, 1, 1, m["NT"],
@@ -345,10 +345,10 @@ def linear_cases(dtypes, light_variants="all"):
     cases = []
     for dt in dtypes:
         configs = mod.gemm_configs(precision="ieee" if dt == "fp32" else "tf32")
-        for v in variants + light:
-            label = v[0]
-            for cfg in (_edge_tiles(configs) if v in light and light_variants == "edges" else configs):
-                cases.append(_linear_case(mod, dt, *v, cfg, group=f"linear {label} {dt}"))
+        light_configs = _edge_tiles(configs) if light_variants == "edges" else configs
+        for v, tiles in [(v, configs) for v in variants] + [(v, light_configs) for v in light]:
+            for cfg in tiles:
+                cases.append(_linear_case(mod, dt, *v, cfg, group=f"linear {v[0]} {dt}"))
         # the default UNIFORMERV2_TRITON_GEMM=cublas plan's epilogue pass (after torch.addmm)
         p = _ptr(dt)
         for label, N, n_outer, n_inner, rows_per_scale, flags in (
