@@ -23,7 +23,7 @@ Cases whose arguments specialise alike (the same kernel, constexprs, launch opti
 integer divisibility / unit values: e.g. most C = 768 and C = 1024 cases) give the same binary and compile
 once per arch; the table lists the cases each compile stands for. The GEMM's three light epilogue variants
 (another variant's kernel with less epilogue work) compile every tile by default and the smallest and largest
-only with ``--light-variants edges`` (CI; see ``linear_cases``).
+only with ``--light-variants edges`` (a quicker local check; see ``linear_cases``).
 
 Specialisation mimics a real launch: torch allocations are 16-byte aligned (pointer divisibility 16),
 integer arguments divisible by 16 get the divisibility hint, and integer arguments equal to 1 (unit strides,
@@ -31,8 +31,8 @@ integer arguments divisible by 16 get the divisibility hint, and integer argumen
 log (``TRITON_DUMP_PTXAS_LOG``); TRITON_ALWAYS_COMPILE makes ptxas run every time.
 
 Usage:
-    python benchmarks/aot_compile_check.py                       # sm_90 and sm_80, everything
-    python benchmarks/aot_compile_check.py --light-variants edges  # what CI runs
+    python benchmarks/aot_compile_check.py                       # sm_90 and sm_80, everything (what CI runs)
+    python benchmarks/aot_compile_check.py --light-variants edges  # fewer tiles of the light GEMM variants
     python benchmarks/aot_compile_check.py --arch 90 --ops layer_norm,linear --dtypes bf16 --jobs 2
 """
 
@@ -317,7 +317,7 @@ def linear_cases(dtypes, light_variants="all"):
     ``light_variants``: the three variants whose kernel is another's with epilogue work removed (qkv and
     c_fc(gelu) are c_fc(gelu,pre) without the pre-activation store, and qkv also without the GELU; c_proj(res) is
     c_proj(res,scale) without the row scale) with every config ("all"), with the list's smallest and largest
-    tile only ("edges", what CI runs), or not at all ("none"). With "edges" their main loop and pipelining are
+    tile only ("edges", a quicker local check), or not at all ("none"). With "edges" their main loop and pipelining are
     compiled by the full variant at every tile, and their own epilogue at both ends of the list; what is not
     compiled is their register report at the other tiles (a run with "all", triton 3.8, found their shared
     memory equal to the full variant's at every tile and arch, and their registers within 10 of it)."""

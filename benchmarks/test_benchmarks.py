@@ -533,7 +533,7 @@ def test_launch_overhead_runs_on_cpu(tmp_path):
 
 
 def test_aot_compile_check_light_variants_keep_every_other_gemm_tile():
-    """--light-variants edges (what CI runs): the light GEMM variants at the smallest and largest tile of
+    """--light-variants edges: the light GEMM variants at the smallest and largest tile of
     their lists, every other variant at every tile; none drops them; a bad value is refused. In a subprocess:
     importing the script sets Triton's compile environment."""
     code = r"""
