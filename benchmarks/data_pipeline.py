@@ -134,9 +134,11 @@ def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int, pre
     its workers have started. With ``step_clips_per_s`` each batch also feeds an emulated training step that
     takes ``clips / step_clips_per_s`` seconds of device time: a step starts when both its batch and the device
     are ready, and the host goes on to the next batch meanwhile (the rate is then that of the whole run)."""
+    # Persistent workers: a short list is a batch or two per pass, and restarting the workers for each pass
+    # would be timed as throughput.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          collate_fn=A.collate_fn(dataset), drop_last=False, pin_memory=pin,
-                                         persistent_workers=False)
+                                         persistent_workers=workers > 0)
     prepare = prepare or (lambda video: video)
     it = iter(loader)
     prepare(next(it)["video"])  # worker start-up and the first batch are not throughput
