@@ -557,3 +557,33 @@ def test_synthetic_motion_direction_is_in_the_frame_order():
             assert np.sign(step_x) == sx and abs(step_x) > 1.0 and abs(step_y) < 0.5
         else:
             assert np.sign(step_y) == sy and abs(step_y) > 1.0 and abs(step_x) < 0.5
+
+
+class _Clips(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        video = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) + i
+        return {"video": video, "label": i % 2, "index": i, "failed": []}
+
+
+def _collate_and_see_where(batch):
+    out = collate_videos(batch)
+    out["shared_where_stacked"] = out["video"].is_shared()  # before the batch is sent
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_workers_batch_is_stacked_into_shared_memory(workers):
+    """In a DataLoader worker the batch is stacked straight into shared memory (sending it then copies nothing);
+    in the main process it is an ordinary tensor. Either way it is the samples stacked."""
+    dataset = _Clips()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=workers,
+                                         collate_fn=_collate_and_see_where)
+    batches = list(loader)
+    assert [len(b["video"]) for b in batches] == [3, 1]
+    expected = torch.stack([dataset[i]["video"] for i in range(4)])
+    assert torch.equal(torch.cat([b["video"] for b in batches]), expected)
+    assert [b["shared_where_stacked"] for b in batches] == [workers > 0] * 2
+    assert [b["label"].tolist() for b in batches] == [[0, 1, 0], [1]]

@@ -90,7 +90,7 @@ class ClipBatch:
         by_size: dict[tuple, list[int]] = {}
         for i, clip in enumerate(clips):
             by_size.setdefault(tuple(clip.frames.shape), []).append(i)
-        groups = [torch.stack([clips[i].frames for i in rows]) for rows in by_size.values()]
+        groups = [D.stack_for_the_loader([clips[i].frames for i in rows]) for rows in by_size.values()]
         rows = [torch.tensor(r, dtype=torch.long) for r in by_size.values()]
         if clips[0].params is None:
             return cls(groups, rows)

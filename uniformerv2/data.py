@@ -551,7 +551,18 @@ class VideoListDataset(torch.utils.data.Dataset):
         return {"video": None, "label": self.items[index][1], "index": index, "failed": failed}
 
 
-def collate_videos(batch: list[dict], stack=torch.stack) -> dict:
+def stack_for_the_loader(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; in a DataLoader worker, into shared memory, as ``default_collate`` does: the batch then
+    goes to the main process without the copy into shared memory that sending it would make."""
+    if torch.utils.data.get_worker_info() is None or tensors[0].device.type != "cpu":
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new_empty(0).set_(storage).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
+def collate_videos(batch: list[dict], stack=stack_for_the_loader) -> dict:
     """Stack samples; drop those whose video is None (unreadable, test mode). video is None if empty.
     ``stack`` joins the videos (``augment.collate_decoded_clips`` passes its own for ``DecodedClip`` items)."""
     failed = [f for item in batch for f in item["failed"]]
