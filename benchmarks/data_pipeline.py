@@ -134,11 +134,12 @@ def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int, pre
     its workers have started. With ``step_clips_per_s`` each batch also feeds an emulated training step that
     takes ``clips / step_clips_per_s`` seconds of device time: a step starts when both its batch and the device
     are ready, and the host goes on to the next batch meanwhile (the rate is then that of the whole run)."""
-    # Persistent workers: a short list is a batch or two per pass, and restarting the workers for each pass
-    # would be timed as throughput.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         collate_fn=A.collate_fn(dataset), drop_last=False, pin_memory=pin,
-                                         persistent_workers=workers > 0)
+    # A short list is repeated to last the whole run: at the end of each pass over it the workers would wait
+    # for the next pass to start (a list of one batch keeps one worker busy at a time), or restart.
+    passes = -(-(batches + 1) * batch_size // len(dataset))
+    listed = torch.utils.data.ConcatDataset([dataset] * passes) if passes > 1 else dataset
+    loader = torch.utils.data.DataLoader(listed, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         collate_fn=A.collate_fn(dataset), drop_last=False, pin_memory=pin)
     prepare = prepare or (lambda video: video)
     it = iter(loader)
     prepare(next(it)["video"])  # worker start-up and the first batch are not throughput
@@ -146,12 +147,7 @@ def loader_clips_per_s(dataset, batch_size: int, workers: int, batches: int, pre
     device_free = t0
     clips = 0
     for _ in range(batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        n = len(prepare(batch["video"]))
+        n = len(prepare(next(it)["video"]))
         clips += n
         if step_clips_per_s:
             device_free = max(device_free, time.perf_counter()) + n / step_clips_per_s
