@@ -4,6 +4,7 @@
 import functools
 import glob
 import json
+import logging
 import os
 import re
 import socket
@@ -189,6 +190,19 @@ def test_schedule_param_groups_and_sampler():
 
 
 # ---------------------------------------------------------------------------------------- real videos
+
+
+def test_a_run_without_a_validation_set_says_so(tmp_path, caplog, recwarn):
+    pytest.importorskip("av", reason="PyAV (av) is not installed: real videos cannot be written or read")
+    train_list, _ = write_videos(str(tmp_path / "videos"), 4, num_frames=12, resolution=40, codec="mpeg4")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="uniformerv2"):
+        assert train.main(["--preset", "synthetic", "--output-dir", str(out), *TINY, "data.dataset=video_list",
+                           f"data.train_list={train_list}", "train.batch_size=4", "train.max_steps=1"]) == 0
+    assert _rows(out, "val") == [] and (out / "curves.png").stat().st_size > 0
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert len(done) == 1 and done[0].endswith("; no validation"), done
+    assert not [w for w in recwarn if "legend" in str(w.message)]
 
 
 def test_real_videos_train_two_steps_evaluate_predict(tmp_path, capsys):

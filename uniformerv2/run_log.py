@@ -72,7 +72,10 @@ def plot_curves(rows: list[dict], path: str) -> None:
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("accuracy (%)")
     axes[1].set_ylim(0, 100)
-    axes[1].legend()
+    if val:
+        axes[1].legend()
+    else:
+        axes[1].text(0.5, 0.5, "no validation", ha="center", va="center", transform=axes[1].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

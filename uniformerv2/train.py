@@ -481,8 +481,8 @@ class Trainer:
                 logger.warning("could not plot curves: %s", exc)
             with open(os.path.join(out_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)
-            logger.info("done: %d steps in %.1f s; best val top-1 %.2f%%", self.global_step, elapsed,
-                        self.best_acc1)
+            best = f"best val top-1 {self.best_acc1:.2f}%" if val_rows or self.best_acc1 >= 0 else "no validation"
+            logger.info("done: %d steps in %.1f s; %s", self.global_step, elapsed, best)
         if self.t_cfg.get("rank_report"):
             with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as fh:
                 json.dump({"rank": info.rank, "world_size": info.world_size, "local_losses": self.rank_losses,
