@@ -653,7 +653,7 @@ def test_data_pipeline_benchmark_runs_on_tiny_videos(tmp_path):
 
 
 def test_real_video_training_compares_the_videos_run_with_one_repeated_batch(tmp_path):
-    """Both runs train (the tiny video-list model on the CPU), each rate comes from its metrics after the first
+    """The three runs train (the tiny video-list model on the CPU), each rate comes from its metrics after the first
     window, and the share is their ratio; bad arguments are usage errors."""
     pytest.importorskip("av")
     import data_pipeline
@@ -665,11 +665,12 @@ def test_real_video_training_compares_the_videos_run_with_one_repeated_batch(tmp
     out = tmp_path / "real.md"
     rows = real_video_training.main(["--list", list_file, "--workers", "1", "--batch", "2", "--steps", "4",
                                      "--log-every", "1", "--out", str(out), "train.seed=3"])
-    assert [r["run"] for r in rows] == ["videos", "one batch"]
+    assert [r["run"] for r in rows] == ["videos", "one batch", "device batch"]
     assert all(r["clips_per_s"] > 0 and r["windows"] == 3 and 0 <= r["data_wait"] <= 1 for r in rows)
-    assert rows[0]["share"] == pytest.approx(rows[0]["clips_per_s"] / rows[1]["clips_per_s"])
+    assert [r["share"] for r in rows] == pytest.approx([r["clips_per_s"] / rows[2]["clips_per_s"] for r in rows])
     text = out.read_text()
-    assert "| videos |" in text and "| one batch |" in text and "Overrides: train.seed=3" in text
+    assert "| videos |" in text and "| one batch |" in text and "| device batch |" in text
+    assert "Overrides: train.seed=3" in text
     for bad in (["--workers", "0"], ["--steps", "3", "--log-every", "2"], ["--list", str(tmp_path / "none.txt")]):
         with pytest.raises(SystemExit) as exc:
             real_video_training.main(bad)
