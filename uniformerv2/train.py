@@ -481,7 +481,7 @@ class Trainer:
                 logger.warning("could not plot curves: %s", exc)
             with open(os.path.join(out_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)
-            best = f"best val top-1 {self.best_acc1:.2f}%" if val_rows or self.best_acc1 >= 0 else "no validation"
+            best = f"best val top-1 {self.best_acc1:.2f}%" if self.best_acc1 >= 0 else "no validation"  # -1: none
             logger.info("done: %d steps in %.1f s; %s", self.global_step, elapsed, best)
         if self.t_cfg.get("rank_report"):
             with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as fh:
